@@ -1,0 +1,85 @@
+//! `cgroup/connect4` and `cgroup/connect6`: rewrite the destination port of a
+//! TCP or UDP `connect()` whose port is mapped.
+//!
+//! The rewrite happens once, at connect time; no packet of the connection is
+//! touched afterwards. The original port is kept in socket storage so that
+//! `getpeername()` can report it (see `getpeername.rs`).
+//!
+//! One worker serves both families: only the port changes, and a dual-stack
+//! socket connecting to `::ffff:a.b.c.d` arrives here through connect6.
+
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_log_ebpf::debug;
+use redirect_common::{Counter, MappingKey, OrigDst};
+
+use crate::{
+    ALLOW,
+    ctx::{self, IPPROTO_TCP, IPPROTO_UDP},
+    maps::{MAPPINGS, ORIG_DST, count},
+};
+
+/// Minimum kernel version: 4.17 (sk_storage from connect: 5.2).
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    count(redirect_connect(&ctx, 4));
+    ALLOW
+}
+
+/// Minimum kernel version: 4.17 (sk_storage from connect: 5.2).
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    count(redirect_connect(&ctx, 6));
+    ALLOW
+}
+
+/// Rewrites the port if it is mapped; returns what happened, to be counted.
+#[inline(always)]
+fn redirect_connect(ctx: &SockAddrContext, family: u8) -> Counter {
+    match try_redirect_connect(ctx, family) {
+        Ok(c) | Err(c) => c,
+    }
+}
+
+#[inline(always)]
+fn try_redirect_connect(ctx: &SockAddrContext, family: u8) -> Result<Counter, Counter> {
+    let proto = ctx::protocol(ctx);
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return Err(Counter::SkipProtocol);
+    }
+    let from = ctx::dst_port(ctx);
+    // SAFETY: the value is copied out at once; userspace may replace it
+    // concurrently, which at worst yields the old or the new target.
+    let Some(to) = (unsafe { MAPPINGS.get(MappingKey::new(from)) }).map(|v| v.port) else {
+        forget(ctx);
+        return Ok(Counter::ConnectUnmapped);
+    };
+    // SAFETY: `ctx` is this program's context; the helper checks the socket.
+    let slot = unsafe { ORIG_DST.get_or_insert_ptr_mut(ctx, None) };
+    if slot.is_null() {
+        // Without the record getpeername would reveal TO: leave it alone.
+        return Err(Counter::ErrStorage);
+    }
+    // SAFETY: non-null storage returned by the kernel for this socket.
+    unsafe {
+        *slot = OrigDst {
+            orig_port: from,
+            new_port: to,
+        }
+    };
+    ctx::set_dst_port(ctx, to);
+    debug!(ctx, "connect{}: port {} -> {}", family, from, to);
+    Ok(Counter::ConnectRedirected)
+}
+
+/// A socket that connects again (UDP can) to an unmapped port must not keep
+/// the record of an earlier rewrite, or getpeername would lie about the new
+/// peer.
+#[inline(always)]
+fn forget(ctx: &SockAddrContext) {
+    // SAFETY: lookup only (no create); a null result means no record.
+    let slot = unsafe { ORIG_DST.get_ptr_mut(ctx) };
+    if !slot.is_null() {
+        // SAFETY: non-null storage returned by the kernel for this socket.
+        unsafe { (*slot).orig_port = 0 };
+    }
+}

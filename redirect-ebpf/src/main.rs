@@ -1,0 +1,33 @@
+//! eBPF programs of redirect: connect-time port rewriting in a cgroup.
+//!
+//! Each hook lives in its own module with a thin entry point; maps are in
+//! [`maps`], context quirks in [`ctx`]. Names and layouts come from
+//! `redirect-common`, so the loader and these programs cannot drift.
+//!
+//! Every program fails open: a miss or an error lets the syscall proceed
+//! unchanged, and is counted in `COUNTERS`.
+
+#![no_std]
+#![no_main]
+
+mod connect;
+mod ctx;
+mod getpeername;
+mod maps;
+
+/// Verdict of a cgroup sock_addr program that lets the syscall proceed.
+///
+/// Returning 0 would fail the syscall with EPERM; redirect never does that.
+const ALLOW: i32 = 1;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any reachable panic, so this is never executed.
+    loop {}
+}
+
+/// The kernel only lets GPL-compatible programs call some helpers.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,145 @@
+//! The library's error type.
+//!
+//! Every variant a user can hit says what failed, where, and what to do about
+//! it. [`Error::is_bad_input`] separates the user's input (a CLI exits 2)
+//! from the environment (a CLI exits 1).
+
+use std::{io, path::PathBuf};
+
+use crate::mapping::MappingError;
+
+/// Errors returned by the library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The mappings given are invalid; nothing was attached.
+    #[error(transparent)]
+    Mapping(#[from] MappingError),
+
+    /// The process lacks the capabilities needed to load and attach eBPF
+    /// programs.
+    #[error(
+        "missing privileges: this process lacks {missing}; run as root (for example with sudo) \
+         or grant CAP_BPF and CAP_NET_ADMIN"
+    )]
+    Privileges {
+        /// The capabilities that are missing, comma-separated.
+        missing: String,
+    },
+
+    /// The kernel lacks a feature redirect needs.
+    #[error(
+        "this kernel does not support {feature}: redirect needs Linux >= 5.8 built with \
+         CONFIG_CGROUP_BPF=y and CONFIG_BPF_SYSCALL=y{detail}"
+    )]
+    KernelUnsupported {
+        /// The missing feature, such as "cgroup sock_addr programs".
+        feature: &'static str,
+        /// Extra detail from the probe, starting with "; ", or empty.
+        detail: String,
+    },
+
+    /// The directory given as scope is not a cgroup v2 directory.
+    #[error(
+        "{path} is not a cgroup v2 directory ({reason}); pass --cgroup with a directory of the \
+         cgroup2 mount{hint}"
+    )]
+    NotCgroup2 {
+        /// The directory given.
+        path: PathBuf,
+        /// Why it was rejected.
+        reason: String,
+        /// ", such as /sys/fs/cgroup/unified", or empty when no cgroup2 is
+        /// mounted.
+        hint: String,
+    },
+
+    /// No cgroup v2 hierarchy is mounted, and mounting one failed.
+    #[error(
+        "cgroup v2 not found in /proc/self/mountinfo, and mounting it at {path} failed: {source}; \
+         mount it (`mount -t cgroup2 none {path}`) or pass --cgroup"
+    )]
+    MountCgroup2 {
+        /// Where the mount was tried.
+        path: PathBuf,
+        /// The failure.
+        source: io::Error,
+    },
+
+    /// Loading the embedded eBPF object failed.
+    #[error("loading the eBPF object: {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+
+    /// Loading one eBPF program into the kernel failed.
+    #[error("loading eBPF program {program}: {source}")]
+    LoadProgram {
+        /// The program's name.
+        program: &'static str,
+        /// The failure, with the verifier's log when there is one.
+        source: Box<aya::programs::ProgramError>,
+    },
+
+    /// Attaching one eBPF program failed; everything attached before it has
+    /// been detached again.
+    #[error("attaching {program} to {path}: {source}{hint}")]
+    Attach {
+        /// The program's name.
+        program: &'static str,
+        /// The cgroup it was attached to.
+        path: PathBuf,
+        /// The failure.
+        source: Box<aya::programs::ProgramError>,
+        /// What to try, starting with "; ", or empty.
+        hint: &'static str,
+    },
+
+    /// Reading or writing a BPF map failed.
+    #[error("{op} map {map}: {source}")]
+    Map {
+        /// What was being done ("writing", "reading").
+        op: &'static str,
+        /// The map's name.
+        map: &'static str,
+        /// The failure.
+        source: Box<aya::maps::MapError>,
+    },
+
+    /// A map or program expected in the embedded object is missing: the
+    /// object and this library were built from different sources.
+    #[error("the embedded eBPF object has no {kind} named {name}; rebuild redirect")]
+    Missing {
+        /// "map" or "program".
+        kind: &'static str,
+        /// The name looked up.
+        name: &'static str,
+    },
+
+    /// A file-system or system call failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done, such as "creating cgroup".
+        op: &'static str,
+        /// The path involved.
+        path: PathBuf,
+        /// The failure.
+        source: io::Error,
+    },
+}
+
+impl Error {
+    /// Whether the error is the caller's input (exit code 2) rather than the
+    /// environment (exit code 1).
+    pub fn is_bad_input(&self) -> bool {
+        matches!(self, Error::Mapping(_))
+    }
+
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// The library's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,50 @@
+//! redirect: send connections aimed at one port (443) to another (8443),
+//! transparently, with eBPF.
+//!
+//! A [`Redirector`] attaches cgroup `connect4/6` programs that rewrite the
+//! destination port of a TCP or UDP `connect()` once, at connect time (no
+//! per-packet work afterwards), and `getpeername4/6` programs that make the
+//! client see the port it asked for. Only processes in the chosen cgroup v2
+//! directory (and its descendants) are affected.
+//!
+//! ```no_run
+//! use redirect::{MappingSet, Options, Redirector};
+//!
+//! let mappings = MappingSet::parse(["443:8443"])?;
+//! let redirector =
+//!     Redirector::attach("/sys/fs/cgroup/unified".as_ref(), mappings, &Options::default())?;
+//! // Connections from the cgroup to port 443 now reach port 8443.
+//! drop(redirector); // detached
+//! # Ok::<(), redirect::Error>(())
+//! ```
+//!
+//! # Layout
+//!
+//! - [`mapping`]: `FROM:TO` parsing and validation of a set of mappings.
+//! - [`cgroup`]: finding cgroup v2, opening a scope, child cgroups for `exec`.
+//! - [`ebpf`]: loading, attaching and owning the programs; counters; which
+//!   programs a cgroup carries.
+//! - [`error`]: the [`Error`] type; every variant names the cause and a fix.
+//!
+//! # Minimum kernel version
+//!
+//! Linux 5.8 (getpeername hooks), with cgroup v2 and CONFIG_CGROUP_BPF.
+//!
+//! # Lifetime
+//!
+//! Nothing outlives the [`Redirector`]: its links are not pinned, so the
+//! kernel detaches the programs when it is dropped or the process dies.
+
+#![deny(missing_docs)]
+
+pub mod cgroup;
+#[cfg(target_os = "linux")]
+pub mod ebpf;
+pub mod error;
+pub mod mapping;
+
+#[cfg(target_os = "linux")]
+pub use ebpf::{Counters, Options, Redirector};
+pub use error::{Error, Result};
+pub use mapping::{Mapping, MappingError, MappingSet};
+pub use redirect_common::Counter;

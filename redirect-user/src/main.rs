@@ -1,0 +1,322 @@
+//! The `redirect` command: a thin CLI over the `redirect` library.
+//!
+//! Exit codes: 0 on success (for `exec`, the command's own status), 2 for bad
+//! input (nothing is attached), 1 for an environment problem (privileges,
+//! kernel, cgroup), 126/127 when `exec` cannot start its command.
+
+use std::{
+    ffi::OsString,
+    io::{self, Write as _},
+    os::fd::AsRawFd as _,
+    path::PathBuf,
+    process::ExitCode,
+};
+
+use anyhow::Context as _;
+use clap::{ArgAction, Args, Parser, Subcommand};
+use redirect::{
+    MappingSet, Options, Redirector,
+    cgroup::{ChildCgroup, cgroup2_root, own_cgroup},
+    ebpf::{Logger, check_privileges},
+};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{Signal, SignalKind, signal},
+};
+
+const EXAMPLES: &str = "\
+Examples:
+  # Clients on this host that connect to port 443 reach the server on 8443:
+  sudo redirect run --map 443:8443
+
+  # Several mappings, only for processes of one cgroup (a service, a container):
+  sudo redirect run --map 443:8443 --map 80:8080 --cgroup /sys/fs/cgroup/unified/my.service
+
+  # Only this command and its children are redirected:
+  sudo redirect exec --map 443:8443 -- curl -s http://127.0.0.1:443/
+
+Requirements: Linux >= 5.8 with cgroup v2, and root or CAP_BPF + CAP_NET_ADMIN.
+Nothing outlives the process: the programs are detached when it exits.";
+
+/// Sends connections aimed at one port to another, transparently, with eBPF.
+///
+/// A connect() to port FROM made by a process in the scope reaches port TO
+/// instead; the rewrite happens once, at connect time, and the client's
+/// getpeername() still reports FROM.
+#[derive(Parser, Debug)]
+#[command(name = "redirect", version, after_help = EXAMPLES)]
+struct Cli {
+    /// Log more: -v shows every rewrite made by the eBPF programs.
+    #[arg(short, long, action = ArgAction::Count, global = true)]
+    verbose: u8,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Redirect for a cgroup until SIGINT or SIGTERM, then detach.
+    ///
+    /// Prints one line starting with `ready` once the redirect is live.
+    #[command(after_help = EXAMPLES)]
+    Run(RunArgs),
+    /// Run a command in a fresh cgroup with redirection, then clean up.
+    ///
+    /// Only CMD and its children are affected. Exits with CMD's status; once
+    /// CMD exits, whatever it left running in the cgroup is killed and the
+    /// cgroup removed.
+    #[command(after_help = EXAMPLES)]
+    Exec(ExecArgs),
+}
+
+#[derive(Args, Debug)]
+struct MapArgs {
+    /// Redirect connections to port FROM to port TO (repeatable).
+    #[arg(long = "map", value_name = "FROM:TO", required = true)]
+    maps: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    map: MapArgs,
+
+    /// The cgroup v2 directory whose processes are redirected [default: the
+    /// root of the cgroup v2 hierarchy, i.e. the whole host].
+    #[arg(long, value_name = "DIR")]
+    cgroup: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct ExecArgs {
+    #[command(flatten)]
+    map: MapArgs,
+
+    /// The command to run, and its arguments.
+    #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
+    command: Vec<OsString>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("redirect: error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let options = Options {
+        ebpf_debug_log: cli.verbose > 0,
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => run(args, &options).await,
+            Command::Exec(args) => exec(args, &options).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("redirect: error: {e:#}");
+            if is_bad_input(&e) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn is_bad_input(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<redirect::Error>()
+            .is_some_and(redirect::Error::is_bad_input)
+            || c.downcast_ref::<redirect::MappingError>().is_some()
+    })
+}
+
+/// Quiet by default (warnings and errors); `-v` adds redirect's debug log,
+/// eBPF events included; `-vv` everything. `RUST_LOG` overrides.
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "warn,redirect=debug",
+        _ => "debug",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
+        .format_timestamp_millis()
+        .init();
+}
+
+async fn run(args: RunArgs, options: &Options) -> anyhow::Result<ExitCode> {
+    let mappings = MappingSet::parse(&args.map.maps)?;
+    // Handlers first: a signal during attach is then handled like one after.
+    let mut shutdown = Shutdown::new()?;
+    check_privileges()?;
+    let cgroup = match args.cgroup {
+        Some(dir) => dir,
+        None => cgroup2_root()?,
+    };
+    let mut redirector = Redirector::attach(&cgroup, mappings, options)?;
+    ready(&redirector)?;
+    let logger = redirector.take_logger();
+    tokio::select! {
+        signal = shutdown.recv() => log::info!("{signal}: detaching"),
+        res = pump_logger(logger) => res?,
+    }
+    drop(redirector);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn exec(args: ExecArgs, options: &Options) -> anyhow::Result<ExitCode> {
+    let mappings = MappingSet::parse(&args.map.maps)?;
+    let mut shutdown = Shutdown::new()?;
+    check_privileges()?;
+    let root = cgroup2_root()?;
+    let parent = own_cgroup(&root)?;
+    let scope = ChildCgroup::create(&parent, &format!("redirect-exec-{}", std::process::id()))?;
+    let mut redirector = Redirector::attach(scope.path(), mappings, options)?;
+    log::debug!(
+        "redirecting {} for cgroup {}",
+        redirector.mappings(),
+        scope.path().display()
+    );
+
+    let procs = scope.procs_writer()?;
+    let procs_fd = procs.as_raw_fd();
+    let mut cmd = tokio::process::Command::new(&args.command[0]);
+    cmd.args(&args.command[1..]);
+    // SAFETY: the closure only calls write(2), which is async-signal-safe.
+    // Writing "0" to cgroup.procs moves the calling process (the forked
+    // child, before exec) into the scope, so CMD never runs outside it.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) == 1 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        });
+    }
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            let name = args.command[0].to_string_lossy();
+            eprintln!("redirect: error: cannot run {name}: {e}");
+            drop(redirector);
+            scope.remove()?;
+            return Ok(ExitCode::from(spawn_failure_code(&e)));
+        }
+    };
+    drop(procs);
+
+    let logger = redirector.take_logger();
+    let pid = child.id();
+    let logging = pump_logger(logger);
+    tokio::pin!(logging);
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status.context("waiting for the command")?,
+            signal = shutdown.recv() => forward(signal, pid),
+            res = &mut logging => res?,
+        }
+    };
+    drop(redirector);
+    scope.remove()?;
+    Ok(exit_code(status))
+}
+
+/// Prints the `ready` line, which scripts and tests wait for.
+fn ready(redirector: &Redirector) -> anyhow::Result<()> {
+    let mut out = io::stdout().lock();
+    writeln!(
+        out,
+        "ready: redirecting {} for cgroup {}",
+        redirector.mappings(),
+        redirector.cgroup().display()
+    )?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Forwards `signal` to the command; SIGINT is left alone because the
+/// terminal already sent it to the whole foreground process group.
+fn forward(signal: &'static str, pid: Option<u32>) {
+    let signo = match signal {
+        "SIGTERM" => libc::SIGTERM,
+        "SIGHUP" => libc::SIGHUP,
+        _ => return,
+    };
+    if let Some(pid) = pid {
+        // SAFETY: plain syscall; the pid is our own child, not yet reaped.
+        unsafe { libc::kill(pid as libc::pid_t, signo) };
+    }
+}
+
+fn exit_code(status: std::process::ExitStatus) -> ExitCode {
+    use std::os::unix::process::ExitStatusExt as _;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => ExitCode::from(code as u8),
+        (None, Some(sig)) => ExitCode::from(128u8.wrapping_add(sig as u8)),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+/// The shell's conventions: 127 for a command not found, 126 otherwise.
+fn spawn_failure_code(e: &io::Error) -> u8 {
+    if e.kind() == io::ErrorKind::NotFound {
+        127
+    } else {
+        126
+    }
+}
+
+/// The signals that end `run` (and that `exec` forwards).
+struct Shutdown {
+    int: Signal,
+    term: Signal,
+    hup: Signal,
+}
+
+impl Shutdown {
+    fn new() -> anyhow::Result<Self> {
+        let install = |kind| signal(kind).context("installing a signal handler");
+        Ok(Shutdown {
+            int: install(SignalKind::interrupt())?,
+            term: install(SignalKind::terminate())?,
+            hup: install(SignalKind::hangup())?,
+        })
+    }
+
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.hup.recv() => "SIGHUP",
+        }
+    }
+}
+
+/// Forwards eBPF log records to `log` for as long as the program runs;
+/// never returns without a logger.
+async fn pump_logger(logger: Option<Logger>) -> anyhow::Result<()> {
+    let Some(logger) = logger else {
+        return std::future::pending().await;
+    };
+    // SAFETY: the logger owns its ring buffer fd, which stays open and the
+    // same for as long as the logger (now owned by the AsyncFd) lives.
+    let mut fd = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+        .context("polling the eBPF log ring buffer")?;
+    loop {
+        let mut guard = fd.readable_mut().await?;
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}

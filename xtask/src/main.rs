@@ -1,0 +1,66 @@
+//! Developer tasks for redirect: `cargo xtask run|test|lint`.
+//!
+//! xtask builds and runs; it never links the workspace crates, so it stays
+//! fast to compile. The eBPF object itself is built by redirect-user's
+//! build.rs (aya-build); xtask only makes sure the toolchain that build
+//! needs is installed.
+
+mod lint;
+mod run;
+mod test;
+mod toolchain;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Build, run and test redirect")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build and run `redirect run ARGS…` in the foreground (as root; through
+    /// `sudo -E` when not root). Example: cargo xtask run --map 443:8443
+    Run(run::Options),
+    /// Install what the build needs, build everything and run the whole test
+    /// suite, the privileged eBPF tests included.
+    Test(test::Options),
+    /// rustfmt check and clippy (-D warnings) for userspace and eBPF.
+    Lint,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Run(opts) => run::run(opts),
+        Command::Test(opts) => test::run(opts),
+        Command::Lint => lint::run(),
+    }
+}
+
+/// Runs `cmd`, failing with its command line if it does not succeed.
+fn status(cmd: &mut std::process::Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .map_err(|e| anyhow::anyhow!("running {cmd:?}: {e}"))?;
+    anyhow::ensure!(status.success(), "{cmd:?} failed: {status}");
+    Ok(())
+}
+
+/// Whether this process runs as root.
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// The `cargo` that runs this xtask.
+fn cargo() -> std::process::Command {
+    std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}

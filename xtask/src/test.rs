@@ -1,0 +1,90 @@
+//! `cargo xtask test`: install what is needed, build everything, run the
+//! whole suite (privileged eBPF tests included) and print one summary line.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    process::Stdio,
+};
+
+use anyhow::Context as _;
+
+use crate::{cargo, is_root, status, toolchain};
+
+/// Arguments of `cargo xtask test`.
+#[derive(clap::Args)]
+pub struct Options {
+    /// Only run tests whose name contains this filter.
+    filter: Option<String>,
+}
+
+pub fn run(opts: Options) -> anyhow::Result<()> {
+    toolchain::ensure()?;
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    if ci && !is_root() {
+        anyhow::bail!("CI=true but not root: the privileged eBPF tests must run, never skip");
+    }
+    // The integration tests run the `redirect` and `probe` binaries.
+    status(cargo().args(["build", "--locked", "--bins"]))?;
+
+    let mut cmd = cargo();
+    cmd.args(["test", "--locked", "--no-fail-fast"]);
+    if let Some(filter) = &opts.filter {
+        cmd.arg(filter);
+    }
+    if !is_root() {
+        eprintln!("xtask: not root, running the test binaries through sudo -E");
+        cmd.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
+    }
+    cmd.stdout(Stdio::piped());
+    let mut child = cmd.spawn().context("running cargo test")?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let mut totals = Totals::default();
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        totals.add(&line);
+    }
+    let status = child.wait()?;
+    println!(
+        "summary: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
+    anyhow::ensure!(status.success(), "cargo test failed: {status}");
+    if ci {
+        anyhow::ensure!(
+            totals.ignored == 0,
+            "CI=true: {} test(s) were skipped",
+            totals.ignored
+        );
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Totals {
+    /// Adds one "test result: ok. 3 passed; 0 failed; 1 ignored; …" line.
+    fn add(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! Installs, idempotently, what building the eBPF programs needs: rust-src
+//! for `-Z build-std=core`, Debian's llvm-22-dev, and bpf-linker 0.13 built
+//! against it. Each install prints one line saying what and why.
+
+use std::{path::Path, process::Command};
+
+use anyhow::Context as _;
+
+use crate::{is_root, status};
+
+/// The toolchain aya-build runs (see redirect-user/build.rs).
+const TOOLCHAIN: &str = "stable";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PACKAGE: &str = "llvm-22-dev";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+/// Makes sure every piece is there; installs what is missing.
+pub fn ensure() -> anyhow::Result<()> {
+    ensure_rust_src()?;
+    ensure_bpf_linker()
+}
+
+fn ensure_rust_src() -> anyhow::Result<()> {
+    let out = Command::new("rustc")
+        .args([&format!("+{TOOLCHAIN}"), "--print", "sysroot"])
+        .output()
+        .context("running rustc; is rustup installed?")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "rustc +{TOOLCHAIN} failed: install the {TOOLCHAIN} toolchain with rustup"
+    );
+    let sysroot = String::from_utf8(out.stdout)?;
+    let src = Path::new(sysroot.trim()).join("lib/rustlib/src/rust/library/core");
+    if src.exists() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing rust-src (the eBPF build compiles core from source)");
+    status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", TOOLCHAIN]))
+}
+
+fn bpf_linker_ok() -> bool {
+    Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+        })
+}
+
+fn ensure_bpf_linker() -> anyhow::Result<()> {
+    if bpf_linker_ok() {
+        return Ok(());
+    }
+    ensure_llvm()?;
+    eprintln!(
+        "xtask: installing bpf-linker {BPF_LINKER_VERSION} against {LLVM_PACKAGE} (links the eBPF object)"
+    );
+    status(
+        crate::cargo()
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", LLVM_PREFIX)
+            // Not the workspace's: bpf-linker is a normal host build.
+            .env_remove("RUSTC_BOOTSTRAP"),
+    )?;
+    anyhow::ensure!(
+        bpf_linker_ok(),
+        "bpf-linker {BPF_LINKER_VERSION} was installed but is not on PATH: add ~/.cargo/bin to PATH"
+    );
+    Ok(())
+}
+
+fn ensure_llvm() -> anyhow::Result<()> {
+    if Path::new(LLVM_PREFIX).join("bin/llvm-config").exists() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {LLVM_PACKAGE} with apt-get (bpf-linker is built against it)");
+    apt_install(&[LLVM_PACKAGE])
+}
+
+/// Installs Debian packages (through sudo when not root).
+pub fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    let apt = |args: &[&str]| {
+        let mut cmd = if is_root() {
+            Command::new("apt-get")
+        } else {
+            let mut c = Command::new("sudo");
+            c.arg("apt-get");
+            c
+        };
+        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        cmd
+    };
+    status(&mut apt(&["update", "-qq"]))?;
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend_from_slice(packages);
+    status(&mut apt(&args))
+}
