@@ -243,3 +243,40 @@ fn a_directory_that_is_not_cgroup_v2_is_refused() {
     let out = redirect_output(run_args("1443:18443", "/nonexistent".as_ref()), false);
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// With no cgroup2 mounted (in a private mount namespace), redirect mounts
+/// one, says where, and works. `exec` is used so that only a child cgroup is
+/// ever attached to.
+#[test]
+fn a_missing_cgroup2_mount_is_mounted_and_reported() {
+    if !privileged("mount") {
+        return;
+    }
+    let servers = Pair::tcp("127.0.0.1");
+    let script = format!(
+        "findmnt -rn -t cgroup2 -o TARGET | while read -r m; do umount -l \"$m\" || exit 99; done; \
+         exec {redirect} exec --map {map} -- {probe} tcp {addr} hello",
+        redirect = binary("redirect").display(),
+        map = servers.mapping(),
+        probe = binary("probe").display(),
+        addr = servers.decoy.addr,
+    );
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .expect("run unshare");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The mount died with the namespace; remove the directories it needed.
+    let mount = std::path::Path::new(redirect::cgroup::FALLBACK_MOUNT);
+    let _ = std::fs::remove_dir(mount);
+    let _ = mount.parent().map(std::fs::remove_dir);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "mounted one at {}",
+            redirect::cgroup::FALLBACK_MOUNT
+        )),
+        "{stderr}"
+    );
+    assert_eq!(parse_probe(&out).reply(), "to:hello");
+}
