@@ -19,9 +19,20 @@ pub mod maps {
     /// Hash map from [`MappingKey`](crate::MappingKey) to
     /// [`MappingValue`](crate::MappingValue): the active mappings.
     pub const MAPPINGS: &str = "MAPPINGS";
+    /// Array of [`PORT_WORDS`](crate::PORT_WORDS) `u64` words: bit `p % 64`
+    /// of word `p / 64` is set when some mapping has FROM port `p`, so the
+    /// common case (an unmapped port) costs one array lookup.
+    pub const PORTS: &str = "PORTS";
     /// Socket storage holding an [`OrigDst`](crate::OrigDst) for every
     /// socket whose connect was rewritten; freed with the socket.
     pub const ORIG_DST: &str = "ORIG_DST";
+    /// LRU hash from [`RevNatKey`](crate::RevNatKey) to
+    /// [`RevNatValue`](crate::RevNatValue): how to report the source of a
+    /// UDP reply to a rewritten datagram.
+    pub const REV_NAT: &str = "REV_NAT";
+    /// Per-CPU array of [`MappingStats`](crate::MappingStats), indexed by
+    /// the mapping's slot.
+    pub const STATS: &str = "STATS";
     /// Per-CPU array of `u64`, indexed by [`Counter`](crate::Counter).
     pub const COUNTERS: &str = "COUNTERS";
 }
@@ -37,29 +48,77 @@ pub mod programs {
     pub const GETPEERNAME4: &str = "getpeername4";
     /// `cgroup/getpeername6`: reports the original port to the client.
     pub const GETPEERNAME6: &str = "getpeername6";
+    /// `cgroup/sendmsg4`: rewrites the destination of unconnected UDP.
+    pub const SENDMSG4: &str = "sendmsg4";
+    /// `cgroup/sendmsg6`: rewrites the destination of unconnected UDP.
+    pub const SENDMSG6: &str = "sendmsg6";
+    /// `cgroup/recvmsg4`: reports the original port as a reply's source.
+    pub const RECVMSG4: &str = "recvmsg4";
+    /// `cgroup/recvmsg6`: reports the original port as a reply's source.
+    pub const RECVMSG6: &str = "recvmsg6";
+    /// `sockops`: counts connections established through a redirect.
+    /// (A `#[sock_ops]` function named `sockops` would collide with its
+    /// section name.)
+    pub const SOCK_OPS: &str = "sockops_stats";
 }
 
-/// Upper bound on the number of mappings one redirector holds.
+/// Upper bound on the number of mappings one redirector holds; also the
+/// number of [`MappingStats`] slots.
 ///
 /// The mapping table is a preallocated hash map of this size; lookups stay
 /// O(1) whatever the number of mappings.
 pub const MAX_MAPPINGS: u32 = 16_384;
 
+/// Number of `u64` words in [`maps::PORTS`]: one bit per port.
+pub const PORT_WORDS: u32 = 65_536 / 64;
+
+/// Entries of [`maps::REV_NAT`]; the least recently used is evicted.
+pub const REV_NAT_ENTRIES: u32 = 65_536;
+
+/// [`MappingKey::proto`] for a mapping that applies to TCP and UDP.
+pub const PROTO_ANY: u8 = 0;
+/// [`MappingKey::proto`] for TCP (`IPPROTO_TCP`).
+pub const PROTO_TCP: u8 = 6;
+/// [`MappingKey::proto`] for UDP (`IPPROTO_UDP`).
+pub const PROTO_UDP: u8 = 17;
+
+/// An address as four 32-bit words in network byte order, the layout of
+/// `bpf_sock_addr.user_ip6`. IPv4 addresses are stored IPv4-mapped
+/// (`::ffff:a.b.c.d`), so that one key serves connect4 and a dual-stack
+/// connect6 to the same destination. All zeroes means "any address".
+pub type Addr = [u32; 4];
+
+/// The "any address" [`Addr`].
+pub const ADDR_ANY: Addr = [0; 4];
+
 /// Key of the [`maps::MAPPINGS`] table.
+///
+/// The programs look up, in order: (address, port, protocol), (address,
+/// port, any protocol), (any address, port, protocol), (any, port, any).
+/// Userspace rejects overlapping mappings, so at most one of these exists.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct MappingKey {
+    /// Destination address the mapping is scoped to, or [`ADDR_ANY`].
+    pub addr: Addr,
     /// Destination port the client asked for (FROM), host byte order.
     pub port: u16,
+    /// [`PROTO_TCP`], [`PROTO_UDP`] or [`PROTO_ANY`].
+    pub proto: u8,
     /// Always zero; keeps the key free of uninitialised padding, which would
     /// make otherwise equal keys hash differently.
-    pub _pad: u16,
+    pub _pad: u8,
 }
 
 impl MappingKey {
-    /// The key for destination port `port` (host byte order).
-    pub const fn new(port: u16) -> Self {
-        Self { port, _pad: 0 }
+    /// The key for `addr`, `port` (host byte order) and `proto`.
+    pub const fn new(addr: Addr, port: u16, proto: u8) -> Self {
+        Self {
+            addr,
+            port,
+            proto,
+            _pad: 0,
+        }
     }
 }
 
@@ -69,15 +128,34 @@ impl MappingKey {
 pub struct MappingValue {
     /// Port the connection is sent to instead (TO), host byte order.
     pub port: u16,
-    /// Always zero; see [`MappingKey::_pad`].
+    /// Always zero.
     pub _pad: u16,
+    /// Index of this mapping's [`MappingStats`] in [`maps::STATS`].
+    pub slot: u32,
+    /// Generation of the slot: bumped by userspace each time the slot is
+    /// given to a new mapping, so that late events of a removed mapping are
+    /// never counted against its successor.
+    pub generation: u32,
 }
 
-impl MappingValue {
-    /// The value that redirects to `port` (host byte order).
-    pub const fn new(port: u16) -> Self {
-        Self { port, _pad: 0 }
-    }
+/// Per-mapping statistics, one copy per CPU in [`maps::STATS`]; userspace
+/// sums the copies.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MappingStats {
+    /// The generation of the mapping these counts belong to; an event whose
+    /// generation differs is not counted here.
+    pub generation: u32,
+    /// Always zero.
+    pub _pad: u32,
+    /// Connects (TCP and connected UDP) rewritten.
+    pub connects: u64,
+    /// TCP connections established through this mapping and not yet closed.
+    /// Incremented and decremented on whichever CPU the event runs, so a
+    /// single CPU's copy may wrap below zero; the wrapping sum is exact.
+    pub established: u64,
+    /// Unconnected UDP datagrams rewritten (sendmsg).
+    pub datagrams: u64,
 }
 
 /// Per-socket record of a rewritten connect, kept in [`maps::ORIG_DST`].
@@ -92,6 +170,38 @@ pub struct OrigDst {
     pub orig_port: u16,
     /// Port the connect was rewritten to (TO), host byte order.
     pub new_port: u16,
+    /// The mapping's stats slot.
+    pub slot: u32,
+    /// The mapping's slot generation.
+    pub generation: u32,
+    /// 1 while this socket is counted in [`MappingStats::established`].
+    pub established: u32,
+}
+
+/// Key of [`maps::REV_NAT`]: a socket and the backend it sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RevNatKey {
+    /// `bpf_get_socket_cookie()` of the client socket (unique per boot).
+    pub cookie: u64,
+    /// Backend address (the destination, unchanged by the rewrite).
+    pub addr: Addr,
+    /// Backend port (TO), host byte order.
+    pub port: u16,
+    /// Always zero.
+    pub _pad: [u8; 6],
+}
+
+/// Value of [`maps::REV_NAT`]: what to report instead, and the mapping it
+/// came from, re-checked on every use so an entry never outlives a change.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RevNatValue {
+    /// The mapping that rewrote the datagram; `mapping.port` (FROM) is the
+    /// port reported as the reply's source.
+    pub mapping: MappingKey,
+    /// The mapping's slot generation when the entry was written.
+    pub generation: u32,
 }
 
 /// Index of each counter in [`maps::COUNTERS`].
@@ -103,7 +213,7 @@ pub struct OrigDst {
 pub enum Counter {
     /// A connect whose destination port was rewritten.
     ConnectRedirected = 0,
-    /// A connect whose destination port has no mapping (passed unchanged).
+    /// A connect whose destination has no mapping (passed unchanged).
     ConnectUnmapped = 1,
     /// A connect skipped because the socket is neither TCP nor UDP.
     SkipProtocol = 2,
@@ -112,11 +222,24 @@ pub enum Counter {
     ErrStorage = 3,
     /// A getpeername whose reported port was restored to the original.
     PeerRestored = 4,
+    /// A UDP connect or sendto to port 0 (glibc's source-address probe),
+    /// skipped.
+    SkipPortZero = 5,
+    /// An unconnected UDP datagram whose destination port was rewritten.
+    SendmsgRedirected = 6,
+    /// A UDP reply whose source was reported as the original port.
+    RecvmsgRestored = 7,
+    /// A reverse entry whose mapping was removed or changed: deleted, and
+    /// the reply's true source reported.
+    RevNatStale = 8,
+    /// A datagram left unchanged because its reverse entry could not be
+    /// written: failing open.
+    ErrRevNat = 9,
 }
 
 impl Counter {
     /// Number of counters; the length of [`maps::COUNTERS`].
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 10;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -125,6 +248,11 @@ impl Counter {
         Counter::SkipProtocol,
         Counter::ErrStorage,
         Counter::PeerRestored,
+        Counter::SkipPortZero,
+        Counter::SendmsgRedirected,
+        Counter::RecvmsgRestored,
+        Counter::RevNatStale,
+        Counter::ErrRevNat,
     ];
 
     /// Stable snake_case name, used in logs and status output.
@@ -135,6 +263,11 @@ impl Counter {
             Counter::SkipProtocol => "skip_protocol",
             Counter::ErrStorage => "err_storage",
             Counter::PeerRestored => "peer_restored",
+            Counter::SkipPortZero => "skip_port_zero",
+            Counter::SendmsgRedirected => "sendmsg_redirected",
+            Counter::RecvmsgRestored => "recvmsg_restored",
+            Counter::RevNatStale => "revnat_stale",
+            Counter::ErrRevNat => "err_revnat",
         }
     }
 }
@@ -146,4 +279,7 @@ mod pod {
     unsafe impl aya::Pod for super::MappingKey {}
     unsafe impl aya::Pod for super::MappingValue {}
     unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::MappingStats {}
+    unsafe impl aya::Pod for super::RevNatKey {}
+    unsafe impl aya::Pod for super::RevNatValue {}
 }

@@ -1,55 +1,65 @@
 //! `cgroup/connect4` and `cgroup/connect6`: rewrite the destination port of a
-//! TCP or UDP `connect()` whose port is mapped.
+//! TCP or UDP `connect()` whose destination is mapped.
 //!
 //! The rewrite happens once, at connect time; no packet of the connection is
 //! touched afterwards. The original port is kept in socket storage so that
 //! `getpeername()` can report it (see `getpeername.rs`).
 //!
-//! One worker serves both families: only the port changes, and a dual-stack
-//! socket connecting to `::ffff:a.b.c.d` arrives here through connect6.
+//! One worker serves both families: a dual-stack socket connecting to
+//! `::ffff:a.b.c.d` arrives here through connect6, and its address is
+//! already in the mapped form the table uses for IPv4.
 
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use aya_log_ebpf::debug;
-use redirect_common::{Counter, MappingKey, OrigDst};
+use redirect_common::{Counter, OrigDst};
 
 use crate::{
     ALLOW,
-    ctx::{self, IPPROTO_TCP, IPPROTO_UDP},
-    maps::{MAPPINGS, ORIG_DST, count},
+    ctx::{self, Family, IPPROTO_TCP, IPPROTO_UDP},
+    maps::{ORIG_DST, count, lookup, with_stats},
+    udp,
 };
 
 /// Minimum kernel version: 4.17 (sk_storage from connect: 5.2).
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    count(redirect_connect(&ctx, 4));
+    count(redirect_connect(&ctx, Family::V4));
     ALLOW
 }
 
 /// Minimum kernel version: 4.17 (sk_storage from connect: 5.2).
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
-    count(redirect_connect(&ctx, 6));
+    count(redirect_connect(&ctx, Family::V6));
     ALLOW
 }
 
 /// Rewrites the port if it is mapped; returns what happened, to be counted.
 #[inline(always)]
-fn redirect_connect(ctx: &SockAddrContext, family: u8) -> Counter {
+fn redirect_connect(ctx: &SockAddrContext, family: Family) -> Counter {
     match try_redirect_connect(ctx, family) {
-        Ok(c) | Err(c) => c,
+        Ok(c) => c,
+        Err(c) => {
+            debug!(ctx, "connect{}: skipped: {}", family.number(), c.name());
+            c
+        }
     }
 }
 
 #[inline(always)]
-fn try_redirect_connect(ctx: &SockAddrContext, family: u8) -> Result<Counter, Counter> {
+fn try_redirect_connect(ctx: &SockAddrContext, family: Family) -> Result<Counter, Counter> {
     let proto = ctx::protocol(ctx);
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return Err(Counter::SkipProtocol);
     }
     let from = ctx::dst_port(ctx);
-    // SAFETY: the value is copied out at once; userspace may replace it
-    // concurrently, which at worst yields the old or the new target.
-    let Some(to) = (unsafe { MAPPINGS.get(MappingKey::new(from)) }).map(|v| v.port) else {
+    if from == 0 {
+        // glibc's getaddrinfo connects a UDP socket to port 0 to learn the
+        // source address; never anything to redirect.
+        return Err(Counter::SkipPortZero);
+    }
+    let addr = ctx::dst_addr(ctx, family);
+    let Some((key, target)) = lookup(&addr, from, proto as u8) else {
         forget(ctx);
         return Ok(Counter::ConnectUnmapped);
     };
@@ -59,15 +69,29 @@ fn try_redirect_connect(ctx: &SockAddrContext, family: u8) -> Result<Counter, Co
         // Without the record getpeername would reveal TO: leave it alone.
         return Err(Counter::ErrStorage);
     }
+    if proto == IPPROTO_UDP {
+        // A connected UDP socket may still ask recvfrom() for the source.
+        udp::remember(ctx, &addr, key, &target)?;
+    }
     // SAFETY: non-null storage returned by the kernel for this socket.
     unsafe {
         *slot = OrigDst {
             orig_port: from,
-            new_port: to,
+            new_port: target.port,
+            slot: target.slot,
+            generation: target.generation,
+            established: 0,
         }
     };
-    ctx::set_dst_port(ctx, to);
-    debug!(ctx, "connect{}: port {} -> {}", family, from, to);
+    ctx::set_dst_port(ctx, target.port);
+    with_stats(target.slot, target.generation, |s| s.connects += 1);
+    debug!(
+        ctx,
+        "connect{}: port {} -> {}",
+        family.number(),
+        from,
+        target.port
+    );
     Ok(Counter::ConnectRedirected)
 }
 

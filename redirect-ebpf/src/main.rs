@@ -1,5 +1,10 @@
 //! eBPF programs of redirect: connect-time port rewriting in a cgroup.
 //!
+//! - `connect.rs`: connect4/6 rewrite TCP and connected UDP;
+//! - `getpeername.rs`: getpeername4/6 report the original port;
+//! - `udp.rs`: sendmsg4/6 and recvmsg4/6 for unconnected UDP;
+//! - `sockops.rs`: counts connections established through a redirect.
+//!
 //! Each hook lives in its own module with a thin entry point; maps are in
 //! [`maps`], context quirks in [`ctx`]. Names and layouts come from
 //! `redirect-common`, so the loader and these programs cannot drift.
@@ -14,6 +19,8 @@ mod connect;
 mod ctx;
 mod getpeername;
 mod maps;
+mod sockops;
+mod udp;
 
 /// Verdict of a cgroup sock_addr program that lets the syscall proceed.
 ///

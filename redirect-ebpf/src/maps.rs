@@ -1,4 +1,5 @@
-//! Every map of the object, in one place.
+//! Every map of the object, in one place, with the lookups shared by the
+//! hooks.
 //!
 //! Each static's identifier is the map's name, spelled as in
 //! `redirect_common::maps`.
@@ -6,18 +7,35 @@
 use aya_ebpf::{
     btf_maps::SkStorage,
     macros::{btf_map, map},
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
-use redirect_common::{Counter, MAX_MAPPINGS, MappingKey, MappingValue, OrigDst};
+use redirect_common::{
+    ADDR_ANY, Addr, Counter, MAX_MAPPINGS, MappingKey, MappingStats, MappingValue, OrigDst,
+    PORT_WORDS, PROTO_ANY, REV_NAT_ENTRIES, RevNatKey, RevNatValue,
+};
 
 /// The active mappings, written by userspace at any time.
 #[map]
 pub static MAPPINGS: HashMap<MappingKey, MappingValue> = HashMap::with_max_entries(MAX_MAPPINGS, 0);
 
+/// One bit per FROM port that has a mapping: the fast path for misses.
+#[map]
+pub static PORTS: Array<u64> = Array::with_max_entries(PORT_WORDS, 0);
+
 /// Original destination of every rewritten socket; freed with the socket,
 /// so nothing here outlives the connection.
 #[btf_map]
 pub static ORIG_DST: SkStorage<OrigDst> = SkStorage::new();
+
+/// Reverse translation for unconnected UDP, keyed by socket cookie and
+/// backend (Cilium's `LB4_REVERSE_NAT_SK_MAP`). Bounded: LRU.
+#[map]
+pub static REV_NAT: LruHashMap<RevNatKey, RevNatValue> =
+    LruHashMap::with_max_entries(REV_NAT_ENTRIES, 0);
+
+/// Per-mapping statistics, indexed by slot.
+#[map]
+pub static STATS: PerCpuArray<MappingStats> = PerCpuArray::with_max_entries(MAX_MAPPINGS, 0);
 
 /// Per-CPU event counters, indexed by [`Counter`].
 #[map]
@@ -30,4 +48,49 @@ pub fn count(c: Counter) {
         // SAFETY: per-CPU slot; programs do not migrate CPUs while running.
         unsafe { *slot += 1 };
     }
+}
+
+/// Applies `f` to this CPU's stats of the mapping in `slot`, if the slot
+/// still belongs to `generation`.
+#[inline(always)]
+pub fn with_stats(slot: u32, generation: u32, f: impl FnOnce(&mut MappingStats)) {
+    if let Some(stats) = STATS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, see `count`.
+        let stats = unsafe { &mut *stats };
+        if stats.generation == generation {
+            f(stats);
+        }
+    }
+}
+
+/// Whether any mapping has FROM port `port`: one array lookup.
+#[inline(always)]
+fn port_mapped(port: u16) -> bool {
+    let word = u32::from(port / 64);
+    let bit = u64::from(port % 64);
+    PORTS.get(word).is_some_and(|w| w & (1 << bit) != 0)
+}
+
+/// The mapping for a connection to (`addr`, `port`) over `proto`, most
+/// specific first; at most one can exist (userspace rejects overlaps).
+#[inline(always)]
+pub fn lookup(addr: &Addr, port: u16, proto: u8) -> Option<(MappingKey, MappingValue)> {
+    if !port_mapped(port) {
+        return None;
+    }
+    // Four explicit lookups: the verifier needs no loop bound this way.
+    let candidates = [
+        MappingKey::new(*addr, port, proto),
+        MappingKey::new(*addr, port, PROTO_ANY),
+        MappingKey::new(ADDR_ANY, port, proto),
+        MappingKey::new(ADDR_ANY, port, PROTO_ANY),
+    ];
+    for key in candidates {
+        // SAFETY: the value is copied out at once; userspace may replace it
+        // concurrently, which at worst yields the old or the new target.
+        if let Some(v) = unsafe { MAPPINGS.get(key) } {
+            return Some((key, *v));
+        }
+    }
+    None
 }

@@ -24,6 +24,8 @@
 //! - [`cgroup`]: finding cgroup v2, opening a scope, child cgroups for `exec`.
 //! - [`ebpf`]: loading, attaching and owning the programs; counters; which
 //!   programs a cgroup carries.
+//! - [`status`]: the status socket each live instance serves, and
+//!   collecting every instance's status for `redirect status`.
 //! - [`error`]: the [`Error`] type; every variant names the cause and a fix.
 //!
 //! # Minimum kernel version
@@ -42,9 +44,11 @@ pub mod cgroup;
 pub mod ebpf;
 pub mod error;
 pub mod mapping;
+#[cfg(target_os = "linux")]
+pub mod status;
 
 #[cfg(target_os = "linux")]
-pub use ebpf::{Counters, Options, Redirector};
+pub use ebpf::{Counters, MappingCounts, Options, Redirector};
 pub use error::{Error, Result};
-pub use mapping::{Mapping, MappingError, MappingSet};
+pub use mapping::{Mapping, MappingError, MappingSet, Proto};
 pub use redirect_common::Counter;

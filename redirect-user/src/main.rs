@@ -18,9 +18,11 @@ use redirect::{
     MappingSet, Options, Redirector,
     cgroup::{ChildCgroup, cgroup2_root, own_cgroup},
     ebpf::{Logger, check_privileges},
+    status::{self, InstanceStatus, Report, StatusSocket},
 };
 use tokio::{
-    io::{Interest, unix::AsyncFd},
+    io::{AsyncWriteExt as _, Interest, unix::AsyncFd},
+    net::{UnixListener, UnixStream},
     signal::unix::{Signal, SignalKind, signal},
 };
 
@@ -34,6 +36,12 @@ Examples:
 
   # Only this command and its children are redirected:
   sudo redirect exec --map 443:8443 -- curl -s http://127.0.0.1:443/
+
+  # DNS on an unprivileged port, for UDP only, and only to 127.0.0.1:
+  sudo redirect run --map 127.0.0.1:53:5353/udp
+
+  # What every live redirector is doing (no privileges needed):
+  redirect status --json
 
 Requirements: Linux >= 5.8 with cgroup v2, and root or CAP_BPF + CAP_NET_ADMIN.
 Nothing outlives the process: the programs are detached when it exits.";
@@ -68,12 +76,29 @@ enum Command {
     /// cgroup removed.
     #[command(after_help = EXAMPLES)]
     Exec(ExecArgs),
+    /// Show every live redirector on this host: scope, mappings with their
+    /// counters, attached programs.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug)]
+struct StatusArgs {
+    /// Print one JSON object with `mappings` and `instances` arrays.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
 struct MapArgs {
-    /// Redirect connections to port FROM to port TO (repeatable).
-    #[arg(long = "map", value_name = "FROM:TO", required = true)]
+    /// Redirect connections to port FROM to port TO (repeatable). Optional
+    /// scopes: a protocol (`443:8443/tcp`, `53:5353/udp`; default both) and
+    /// a destination address (`127.0.0.1:443:8443`, `[::1]:443:8443`;
+    /// default any).
+    #[arg(
+        long = "map",
+        value_name = "[ADDR:]FROM:TO[/tcp|/udp]",
+        required = true
+    )]
     maps: Vec<String>,
 }
 
@@ -118,6 +143,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run(args, &options).await,
             Command::Exec(args) => exec(args, &options).await,
+            Command::Status(args) => show_status(&args),
         }
     });
     match result {
@@ -164,12 +190,21 @@ async fn run(args: RunArgs, options: &Options) -> anyhow::Result<ExitCode> {
         None => cgroup2_root()?,
     };
     let mut redirector = Redirector::attach(&cgroup, mappings, options)?;
+    let status = StatusServer::start("run");
     ready(&redirector)?;
-    let logger = redirector.take_logger();
-    tokio::select! {
-        signal = shutdown.recv() => log::info!("{signal}: detaching"),
-        res = pump_logger(logger) => res?,
+    let logging = pump_logger(redirector.take_logger());
+    tokio::pin!(logging);
+    loop {
+        tokio::select! {
+            signal = shutdown.recv() => {
+                log::info!("{signal}: detaching");
+                break;
+            }
+            res = &mut logging => res?,
+            conn = status.accept() => status.serve(conn, &redirector),
+        }
     }
+    drop(status);
     drop(redirector);
     Ok(ExitCode::SUCCESS)
 }
@@ -216,20 +251,147 @@ async fn exec(args: ExecArgs, options: &Options) -> anyhow::Result<ExitCode> {
     };
     drop(procs);
 
-    let logger = redirector.take_logger();
+    let status_server = StatusServer::start("exec");
     let pid = child.id();
-    let logging = pump_logger(logger);
+    let logging = pump_logger(redirector.take_logger());
     tokio::pin!(logging);
     let status = loop {
         tokio::select! {
             status = child.wait() => break status.context("waiting for the command")?,
             signal = shutdown.recv() => forward(signal, pid),
             res = &mut logging => res?,
+            conn = status_server.accept() => status_server.serve(conn, &redirector),
         }
     };
+    drop(status_server);
     drop(redirector);
     scope.remove()?;
     Ok(exit_code(status))
+}
+
+/// `redirect status`: asks every live instance, prints a table or JSON.
+fn show_status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
+    let report = Report::new(status::collect()?);
+    let mut out = io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if report.instances.is_empty() {
+        writeln!(out, "no redirect instance is running")?;
+    }
+    for i in &report.instances {
+        print_instance(&mut out, i)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_instance(out: &mut impl io::Write, i: &InstanceStatus) -> io::Result<()> {
+    writeln!(
+        out,
+        "redirect {} (pid {}) for cgroup {}",
+        i.kind,
+        i.pid,
+        i.scope.display()
+    )?;
+    writeln!(
+        out,
+        "  {:<32} {:>5} {:>11} {:>12} {:>10}",
+        "MAPPING", "PROTO", "CONNECTS", "ESTABLISHED", "DATAGRAMS"
+    )?;
+    for m in &i.mappings {
+        writeln!(
+            out,
+            "  {:<32} {:>5} {:>11} {:>12} {:>10}",
+            m.mapping, m.proto, m.connects, m.established, m.datagrams
+        )?;
+    }
+    let programs: Vec<String> = i
+        .programs
+        .iter()
+        .map(|p| {
+            let state = if p.attached { "" } else { ", NOT attached" };
+            format!("{} (id {}{state})", p.name, p.id)
+        })
+        .collect();
+    writeln!(out, "  programs: {}", programs.join(", "))?;
+    let counters: Vec<String> = i
+        .counters
+        .iter()
+        .filter(|(_, v)| **v > 0)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    writeln!(out, "  counters: {}", counters.join(" "))
+}
+
+/// Serves this instance's status socket, if it could be bound (it needs
+/// write access to /run; without it `status` cannot see this instance,
+/// which is worth a warning, not a failure).
+struct StatusServer {
+    listener: Option<UnixListener>,
+    kind: &'static str,
+    started_unix: u64,
+    // Removes the socket file when dropped.
+    _socket: Option<StatusSocket>,
+}
+
+impl StatusServer {
+    fn start(kind: &'static str) -> Self {
+        let started_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let (listener, socket) = match StatusSocket::bind() {
+            Ok(mut socket) => {
+                let listener = socket
+                    .take_listener()
+                    .and_then(|l| UnixListener::from_std(l).ok());
+                (listener, Some(socket))
+            }
+            Err(e) => {
+                log::warn!("`redirect status` will not see this instance: {e}");
+                (None, None)
+            }
+        };
+        StatusServer {
+            listener,
+            kind,
+            started_unix,
+            _socket: socket,
+        }
+    }
+
+    /// The next status request; never resolves without a socket.
+    async fn accept(&self) -> io::Result<UnixStream> {
+        match &self.listener {
+            Some(l) => l.accept().await.map(|(stream, _)| stream),
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Answers one request with a JSON snapshot, without blocking the loop.
+    fn serve(&self, conn: io::Result<UnixStream>, redirector: &Redirector) {
+        let mut stream = match conn {
+            Ok(stream) => stream,
+            Err(e) => {
+                log::warn!("status socket: {e}");
+                return;
+            }
+        };
+        let body = redirector
+            .status(self.kind, self.started_unix)
+            .map_err(anyhow::Error::from)
+            .and_then(|s| Ok(serde_json::to_vec(&s)?));
+        match body {
+            Ok(body) => {
+                tokio::spawn(async move {
+                    let _ = stream.write_all(&body).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+            Err(e) => log::warn!("building the status: {e:#}"),
+        }
+    }
 }
 
 /// Prints the `ready` line, which scripts and tests wait for.

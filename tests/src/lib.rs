@@ -295,8 +295,13 @@ impl Drop for TcpServer {
     }
 }
 
+/// How long [`UdpServer`] waits before answering a datagram that starts
+/// with "slow".
+pub const SLOW_REPLY: Duration = Duration::from_millis(500);
+
 /// A UDP server answering each datagram with `label:datagram` to its
-/// sender, recording the sender addresses. Stops on drop.
+/// sender (after [`SLOW_REPLY`] for datagrams starting with "slow"),
+/// recording the sender addresses. Stops on drop.
 pub struct UdpServer {
     /// Where it listens.
     pub addr: SocketAddr,
@@ -322,8 +327,19 @@ impl UdpServer {
                 while !stop.load(Ordering::Relaxed) {
                     if let Ok((n, peer)) = socket.recv_from(&mut buf) {
                         peers.lock().unwrap().push(peer);
-                        let reply = format!("{label}:{}", String::from_utf8_lossy(&buf[..n]));
-                        let _ = socket.send_to(reply.as_bytes(), peer);
+                        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                        let reply = format!("{label}:{msg}");
+                        if msg.starts_with("slow") {
+                            // Lets a test change mappings while a reply is
+                            // in flight.
+                            let socket = socket.try_clone().expect("clone socket");
+                            thread::spawn(move || {
+                                thread::sleep(SLOW_REPLY);
+                                let _ = socket.send_to(reply.as_bytes(), peer);
+                            });
+                        } else {
+                            let _ = socket.send_to(reply.as_bytes(), peer);
+                        }
                     }
                 }
             })
@@ -363,16 +379,9 @@ pub struct Pair<S> {
 impl Pair<TcpServer> {
     /// Two TCP servers on free ports of `ip`.
     pub fn tcp(ip: &str) -> Self {
-        let any = |ip: &str| {
-            if ip.contains(':') {
-                format!("[{ip}]:0")
-            } else {
-                format!("{ip}:0")
-            }
-        };
         Pair {
-            decoy: TcpServer::start(&any(ip), "decoy"),
-            target: TcpServer::start(&any(ip), "to"),
+            decoy: TcpServer::start(&socket_addr(ip, 0), "decoy"),
+            target: TcpServer::start(&socket_addr(ip, 0), "to"),
         }
     }
 
@@ -382,12 +391,30 @@ impl Pair<TcpServer> {
     }
 }
 
+/// `ip:port`, with brackets for IPv6.
+pub fn socket_addr(ip: &str, port: u16) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    }
+}
+
 impl Pair<UdpServer> {
-    /// Two UDP servers on free ports of 127.0.0.1.
-    pub fn udp() -> Self {
+    /// Two UDP servers on free ports of `ip`.
+    pub fn udp(ip: &str) -> Self {
         Pair {
-            decoy: UdpServer::start("127.0.0.1:0", "decoy"),
-            target: UdpServer::start("127.0.0.1:0", "to"),
+            decoy: UdpServer::start(&socket_addr(ip, 0), "decoy"),
+            target: UdpServer::start(&socket_addr(ip, 0), "to"),
+        }
+    }
+
+    /// Two UDP servers on the same ports as the TCP `pair`.
+    pub fn udp_beside(pair: &Pair<TcpServer>) -> Self {
+        let ip = pair.decoy.addr.ip().to_string();
+        Pair {
+            decoy: UdpServer::start(&socket_addr(&ip, pair.decoy.addr.port()), "decoy"),
+            target: UdpServer::start(&socket_addr(&ip, pair.target.addr.port()), "to"),
         }
     }
 
@@ -511,4 +538,96 @@ where
     }
     .apply(&mut cmd);
     cmd.output().expect("run redirect")
+}
+
+/// An interactive `probe session` or `probe hold`, run as `nobody` inside a
+/// cgroup, driven line by line. Killed on drop.
+pub struct Interactive {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Interactive {
+    /// Starts `probe ARGS…` inside `cgroup`.
+    pub fn start(cgroup: &ChildCgroup, args: &[&str]) -> Self {
+        let mut cmd = Command::new(binary("probe"));
+        cmd.args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        Spawn {
+            cgroup: Some(cgroup),
+            unprivileged: true,
+        }
+        .apply(&mut cmd);
+        let mut child = cmd.spawn().expect("start probe");
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Interactive {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    /// Sends one command line.
+    pub fn send(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{line}").expect("write to probe");
+        stdin.flush().expect("flush probe stdin");
+    }
+
+    /// The next output line (waits up to 10 s).
+    pub fn line(&mut self) -> String {
+        self.lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("probe printed nothing")
+    }
+
+    /// Closes stdin and waits for the probe to exit.
+    pub fn finish(mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Interactive {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `redirect status --json`, parsed.
+pub fn status_json() -> serde_json::Value {
+    let out = redirect_output(["status", "--json"], false);
+    assert!(
+        out.status.success(),
+        "status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
+}
+
+/// The entries of `status --json`'s `mappings` array that belong to the
+/// instance with `pid`.
+pub fn status_mappings(pid: u32) -> Vec<serde_json::Value> {
+    status_json()["mappings"]
+        .as_array()
+        .expect("mappings array")
+        .iter()
+        .filter(|m| m["instance"] == pid)
+        .cloned()
+        .collect()
 }

@@ -184,6 +184,12 @@ fn bad_input_is_rejected_with_exit_code_2_and_nothing_attached() {
         (&["443:8443", "443:9443"], "mapped twice"),
         (&["443:8443", "8443:443"], "loop"),
         (&["443:8443", "8443:9443"], "chain"),
+        (&["443:8443", "127.0.0.1:443:9443"], "mapped twice"),
+        (&["443:8443", "443:9443/tcp"], "mapped twice"),
+        (&["127.0.0.1:443:8443", "8443:9443/tcp"], "chain"),
+        (&["443:8443/sctp"], "/tcp or /udp"),
+        (&["::1:443:8443"], "brackets"),
+        (&["300.0.0.1:443:8443"], "not an IPv4 address"),
     ];
     for (maps, message) in cases {
         let mut args = vec!["run".to_owned()];

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use redirect_tests::{
     Pair, attached, privileged, probe,
-    redirect::{Counter, Mapping, MappingSet, Options, Redirector},
+    redirect::{Counter, Mapping, MappingSet, Options, Redirector, ebpf::HOOKS},
     test_cgroup, wait_detached,
 };
 
@@ -86,7 +86,7 @@ fn connected_udp_is_redirected() {
     if !privileged("udp") {
         return;
     }
-    let servers = Pair::udp();
+    let servers = Pair::udp("127.0.0.1");
     let cgroup = test_cgroup("udp");
     let _redirector = attach(cgroup.path(), &servers.mapping());
 
@@ -115,12 +115,14 @@ fn mappings_change_at_run_time_without_reattaching() {
     let cgroup = test_cgroup("runtime");
     let mut redirector = attach(cgroup.path(), &servers.mapping());
     let programs = attached(cgroup.path());
-    assert_eq!(programs.len(), 4, "{programs:?}");
+    assert_eq!(programs.len(), HOOKS.len(), "{programs:?}");
 
     let from = servers.decoy.addr;
     assert_eq!(probe(Some(&cgroup), "tcp", from).reply(), "to:hello");
 
-    let removed = redirector.remove(from.port()).expect("remove");
+    let removed = redirector
+        .remove(&Mapping::new(from.port(), 0))
+        .expect("remove");
     assert!(removed.is_some());
     assert_eq!(
         probe(Some(&cgroup), "tcp", from).reply(),
@@ -129,10 +131,7 @@ fn mappings_change_at_run_time_without_reattaching() {
     );
 
     redirector
-        .insert(Mapping {
-            from: from.port(),
-            to: servers.target.addr.port(),
-        })
+        .insert(Mapping::new(from.port(), servers.target.addr.port()))
         .expect("insert");
     assert_eq!(probe(Some(&cgroup), "tcp", from).reply(), "to:hello");
     assert_eq!(
@@ -153,7 +152,7 @@ fn dropping_the_redirector_detaches() {
     }
     let cgroup = test_cgroup("drop");
     let redirector = attach(cgroup.path(), "1443:18443");
-    assert_eq!(attached(cgroup.path()).len(), 4);
+    assert_eq!(attached(cgroup.path()).len(), HOOKS.len());
     drop(redirector);
     assert_eq!(wait_detached(cgroup.path()), Vec::<String>::new());
 }
@@ -165,12 +164,7 @@ fn a_runtime_insert_is_validated() {
     }
     let cgroup = test_cgroup("validate");
     let mut redirector = attach(cgroup.path(), "1443:18443");
-    let err = redirector
-        .insert(Mapping {
-            from: 18443,
-            to: 1443,
-        })
-        .unwrap_err();
+    let err = redirector.insert(Mapping::new(18443, 1443)).unwrap_err();
     assert!(err.is_bad_input(), "{err}");
     assert!(err.to_string().contains("loop"), "{err}");
     assert_eq!(redirector.mappings().len(), 1);

@@ -19,6 +19,7 @@ pub struct Options {
 
 pub fn run(opts: Options) -> anyhow::Result<()> {
     toolchain::ensure()?;
+    toolchain::ensure_test_tools()?;
     let ci = std::env::var("CI").is_ok_and(|v| v == "true");
     if ci && !is_root() {
         anyhow::bail!("CI=true but not root: the privileged eBPF tests must run, never skip");

@@ -86,6 +86,42 @@ fn ensure_llvm() -> anyhow::Result<()> {
     apt_install(&[LLVM_PACKAGE])
 }
 
+/// The programs the integration tests run, with the Debian package that
+/// provides each.
+const TEST_TOOLS: &[(&str, &str)] = &[
+    ("dig", "bind9-dnsutils"),
+    ("dnsmasq", "dnsmasq-base"),
+    ("unshare", "util-linux"),
+    ("findmnt", "util-linux"),
+];
+
+/// Installs the programs the tests need (Debian packages; the `dnsmasq-base`
+/// package ships the binary without starting a system service).
+pub fn ensure_test_tools() -> anyhow::Result<()> {
+    let mut missing: Vec<&str> = TEST_TOOLS
+        .iter()
+        .filter(|(bin, _)| !on_path(bin))
+        .map(|(_, package)| *package)
+        .collect();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing {} with apt-get (used by the tests)",
+        missing.join(" ")
+    );
+    apt_install(&missing)
+}
+
+/// Whether `bin` is an executable in PATH or the sbin directories.
+fn on_path(bin: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .any(|dir| dir.join(bin).is_file())
+}
+
 /// Installs Debian packages (through sudo when not root).
 pub fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
     let apt = |args: &[&str]| {

@@ -11,9 +11,14 @@ const BPF_PROG_QUERY: libc::c_long = 16;
 
 /// The cgroup hooks redirect uses, with their `enum bpf_attach_type` values
 /// (kernel ABI, stable).
-pub const HOOKS: [(&str, u32); 4] = [
+pub const HOOKS: [(&str, u32); 9] = [
+    ("sock_ops", 3),
     ("connect4", 10),
     ("connect6", 11),
+    ("sendmsg4", 14),
+    ("sendmsg6", 15),
+    ("recvmsg4", 19),
+    ("recvmsg6", 20),
     ("getpeername4", 29),
     ("getpeername6", 30),
 ];

@@ -1,6 +1,10 @@
 //! The eBPF backend: loads the embedded object, attaches it to a cgroup, and
 //! owns the attachment for as long as the [`Redirector`] lives.
 //!
+//! Programs: connect4/6 and getpeername4/6 (TCP, connected UDP),
+//! sendmsg4/6 and recvmsg4/6 (unconnected UDP), and a sock_ops program that
+//! counts connections established through a redirect.
+//!
 //! # Lifetime
 //!
 //! Programs are attached with `bpf_link`s (Linux >= 5.7) held only by this
@@ -12,6 +16,8 @@ mod attached;
 mod privileges;
 
 use std::{
+    collections::HashMap as StdHashMap,
+    net::IpAddr,
     os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
@@ -19,25 +25,33 @@ use std::{
 pub use attached::{AttachedProgram, HOOKS, attached_programs};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramType},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramType, SockOps},
 };
 use aya_log::EbpfLogger;
 pub use privileges::check_privileges;
-use redirect_common::{Counter, MappingKey, MappingValue, maps, programs};
+use redirect_common::{
+    ADDR_ANY, Addr, Counter, MAX_MAPPINGS, MappingKey, MappingStats, MappingValue, PROTO_ANY,
+    PROTO_TCP, PROTO_UDP, maps, programs,
+};
 
-use crate::{Error, Mapping, MappingSet, Result, cgroup::CgroupDir};
+use crate::{Error, Mapping, MappingSet, Proto, Result, cgroup::CgroupDir};
 
 /// The eBPF object built by build.rs from the `redirect-ebpf` crate.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect"));
 
-/// The programs, in attach order: getpeername before connect, so that no
-/// connect is ever rewritten while getpeername cannot restore it yet.
-const PROGRAMS: [&str; 4] = [
+/// The cgroup sock_addr programs, in attach order: the reverse paths
+/// (getpeername, recvmsg) before the forward ones (connect, sendmsg), so
+/// that nothing is ever rewritten while its reverse cannot be restored yet.
+const PROGRAMS: [&str; 8] = [
     programs::GETPEERNAME4,
     programs::GETPEERNAME6,
+    programs::RECVMSG4,
+    programs::RECVMSG6,
     programs::CONNECT4,
     programs::CONNECT6,
+    programs::SENDMSG4,
+    programs::SENDMSG6,
 ];
 
 /// A logger that forwards the eBPF side's aya-log records to the `log`
@@ -70,6 +84,60 @@ impl Counters {
     }
 }
 
+/// The statistics of one mapping, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MappingCounts {
+    /// Connects (TCP and connected UDP) redirected.
+    pub connects: u64,
+    /// TCP connections established through the mapping and still open.
+    pub established: u64,
+    /// Unconnected UDP datagrams redirected.
+    pub datagrams: u64,
+}
+
+impl MappingCounts {
+    /// Everything redirected: connects plus datagrams.
+    pub fn redirected(&self) -> u64 {
+        self.connects + self.datagrams
+    }
+}
+
+/// The stats slot held by a live mapping.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    index: u32,
+    generation: u32,
+}
+
+/// Hands out [`MappingStats`] slots; a freed slot comes back with a new
+/// generation, so late events of its previous mapping are not counted.
+#[derive(Debug, Default)]
+struct Slots {
+    next: u32,
+    free: Vec<Slot>,
+}
+
+impl Slots {
+    fn take(&mut self) -> Option<Slot> {
+        if let Some(mut slot) = self.free.pop() {
+            slot.generation = slot.generation.wrapping_add(1);
+            return Some(slot);
+        }
+        if self.next >= MAX_MAPPINGS {
+            return None;
+        }
+        self.next += 1;
+        Some(Slot {
+            index: self.next - 1,
+            generation: 1,
+        })
+    }
+
+    fn give_back(&mut self, slot: Slot) {
+        self.free.push(slot);
+    }
+}
+
 /// Live connect-time redirection in one cgroup.
 ///
 /// Every TCP or UDP `connect()` made by a process in the cgroup (or its
@@ -86,6 +154,11 @@ pub struct Redirector {
     ebpf: Ebpf,
     cgroup: PathBuf,
     mappings: MappingSet,
+    /// The stats slot of each live mapping.
+    slots: StdHashMap<MappingKey, Slot>,
+    free_slots: Slots,
+    /// How many live mappings have each FROM port (for the PORTS bitmap).
+    ports: StdHashMap<u16, u32>,
     logger: Option<Logger>,
 }
 
@@ -132,6 +205,9 @@ impl Redirector {
             ebpf,
             cgroup: dir.path().to_path_buf(),
             mappings: MappingSet::default(),
+            slots: StdHashMap::new(),
+            free_slots: Slots::default(),
+            ports: StdHashMap::new(),
             logger,
         };
         for m in mappings.iter() {
@@ -155,6 +231,19 @@ impl Redirector {
                 source: Box::new(e),
             })?;
         }
+        redirector
+            .sock_ops()?
+            .load()
+            .map_err(|e| Error::LoadProgram {
+                program: programs::SOCK_OPS,
+                source: Box::new(e),
+            })?;
+        // sock_ops only counts: attach it first so that every redirected
+        // connection is counted from the start.
+        redirector
+            .sock_ops()?
+            .attach(dir.as_fd(), CgroupAttachMode::Single)
+            .map_err(|e| attach_error(programs::SOCK_OPS, dir.path(), e))?;
         for name in PROGRAMS {
             let program: &mut CgroupSockAddr = redirector
                 .ebpf
@@ -168,15 +257,7 @@ impl Redirector {
             // BPF_LINK_CREATE for cgroups with EINVAL.
             program
                 .attach(dir.as_fd(), CgroupAttachMode::Single)
-                .map_err(|e| {
-                    let hint = attach_hint(&e);
-                    Error::Attach {
-                        program: name,
-                        path: dir.path().to_path_buf(),
-                        source: Box::new(e),
-                        hint,
-                    }
-                })?;
+                .map_err(|e| attach_error(name, dir.path(), e))?;
         }
         Ok(redirector)
     }
@@ -196,33 +277,140 @@ impl Redirector {
     pub fn insert(&mut self, m: Mapping) -> Result<()> {
         let mut next = self.mappings.clone();
         next.insert(m)?;
-        self.table()?
-            .insert(MappingKey::new(m.from), MappingValue::new(m.to), 0)
-            .map_err(|e| map_error("writing", maps::MAPPINGS, e))?;
+        let key = table_key(&m);
+        let slot = self.free_slots.take().ok_or(crate::MappingError::TooMany {
+            count: MAX_MAPPINGS as usize + 1,
+            max: MAX_MAPPINGS,
+        })?;
+        // Stats first, then the port bit, then the mapping itself: when the
+        // mapping goes live everything it touches is ready.
+        let written = self.reset_stats(slot).and_then(|()| {
+            *self.ports.entry(m.from).or_default() += 1;
+            self.write_port_word(m.from)?;
+            let value = MappingValue {
+                port: m.to,
+                _pad: 0,
+                slot: slot.index,
+                generation: slot.generation,
+            };
+            self.table()?
+                .insert(key, value, 0)
+                .map_err(|e| map_error("writing", maps::MAPPINGS, e))
+        });
+        if let Err(e) = written {
+            self.release_port(m.from);
+            self.free_slots.give_back(slot);
+            return Err(e);
+        }
+        self.slots.insert(key, slot);
         self.mappings = next;
         Ok(())
     }
 
-    /// Removes the mapping for port `from` at run time; connects made from
-    /// now on are left alone. Established connections keep their peer.
-    pub fn remove(&mut self, from: u16) -> Result<Option<Mapping>> {
-        if self.mappings.get(from).is_none() {
+    /// Removes the mapping with the same source as `m` (address, FROM port
+    /// and protocol) at run time; connects and datagrams from now on are
+    /// left alone, and replies to earlier datagrams are reported with their
+    /// true source. Established connections keep their peer.
+    pub fn remove(&mut self, m: &Mapping) -> Result<Option<Mapping>> {
+        let Some(existing) = self.mappings.get(m) else {
             return Ok(None);
-        }
+        };
+        let key = table_key(&existing);
         self.table()?
-            .remove(&MappingKey::new(from))
+            .remove(&key)
             .map_err(|e| map_error("writing", maps::MAPPINGS, e))?;
-        Ok(self.mappings.remove(from))
+        self.release_port(existing.from);
+        if let Some(slot) = self.slots.remove(&key) {
+            self.free_slots.give_back(slot);
+        }
+        Ok(self.mappings.remove(m))
+    }
+
+    /// Each mapping with its statistics, in the order they were added.
+    pub fn mapping_counts(&self) -> Result<Vec<(Mapping, MappingCounts)>> {
+        let stats = self.per_cpu::<MappingStats>(maps::STATS)?;
+        self.mappings
+            .iter()
+            .map(|m| {
+                let Some(slot) = self.slots.get(&table_key(&m)) else {
+                    return Ok((m, MappingCounts::default()));
+                };
+                let per_cpu = stats
+                    .get(&slot.index, 0)
+                    .map_err(|e| map_error("reading", maps::STATS, e))?;
+                let mut counts = MappingCounts::default();
+                for s in per_cpu.iter().filter(|s| s.generation == slot.generation) {
+                    counts.connects = counts.connects.wrapping_add(s.connects);
+                    counts.established = counts.established.wrapping_add(s.established);
+                    counts.datagrams = counts.datagrams.wrapping_add(s.datagrams);
+                }
+                Ok((m, counts))
+            })
+            .collect()
+    }
+
+    /// A snapshot for `redirect status`: mappings with their counters,
+    /// global counters, and the programs with whether the kernel reports
+    /// them attached right now.
+    pub fn status(&self, kind: &str, started_unix: u64) -> Result<crate::status::InstanceStatus> {
+        use crate::status::{InstanceStatus, MappingStatus, ProgramStatus};
+        let attached = attached_programs(&self.cgroup)?;
+        let programs = self
+            .program_ids()
+            .into_iter()
+            .map(|(name, id)| ProgramStatus {
+                name: name.to_owned(),
+                id,
+                attached: attached.iter().any(|p| p.id == id),
+            })
+            .collect();
+        let mappings = self
+            .mapping_counts()?
+            .into_iter()
+            .map(|(m, c)| MappingStatus {
+                mapping: m.to_string(),
+                from: m.from,
+                to: m.to,
+                proto: m.proto.as_str().to_owned(),
+                address: m.addr.map(|a| a.to_string()),
+                redirected: c.redirected(),
+                connects: c.connects,
+                established: c.established,
+                datagrams: c.datagrams,
+            })
+            .collect();
+        let counters = self
+            .counters()?
+            .values
+            .into_iter()
+            .map(|(c, v)| (c.name().to_owned(), v))
+            .collect();
+        Ok(InstanceStatus {
+            pid: std::process::id(),
+            kind: kind.to_owned(),
+            scope: self.cgroup.clone(),
+            started_unix,
+            programs,
+            mappings,
+            counters,
+        })
+    }
+
+    /// The kernel's ids of the loaded programs, by name.
+    pub fn program_ids(&self) -> Vec<(&'static str, u32)> {
+        PROGRAMS
+            .iter()
+            .chain(&[programs::SOCK_OPS])
+            .filter_map(|&name| {
+                let info = self.ebpf.program(name)?.info().ok()?;
+                Some((name, info.id()))
+            })
+            .collect()
     }
 
     /// The programs' counters, summed over CPUs.
     pub fn counters(&self) -> Result<Counters> {
-        let map = self.ebpf.map(maps::COUNTERS).ok_or(Error::Missing {
-            kind: "map",
-            name: maps::COUNTERS,
-        })?;
-        let array = PerCpuArray::<&MapData, u64>::try_from(map)
-            .map_err(|e| map_error("reading", maps::COUNTERS, e))?;
+        let array = self.per_cpu::<u64>(maps::COUNTERS)?;
         let mut values = Vec::with_capacity(Counter::ALL.len());
         for c in Counter::ALL {
             let per_cpu = array
@@ -239,12 +427,124 @@ impl Redirector {
         self.logger.take()
     }
 
+    fn per_cpu<V: aya::Pod>(&self, name: &'static str) -> Result<PerCpuArray<&MapData, V>> {
+        let map = self
+            .ebpf
+            .map(name)
+            .ok_or(Error::Missing { kind: "map", name })?;
+        PerCpuArray::try_from(map).map_err(|e| map_error("opening", name, e))
+    }
+
+    fn sock_ops(&mut self) -> Result<&mut SockOps> {
+        let name = programs::SOCK_OPS;
+        self.ebpf
+            .program_mut(name)
+            .ok_or(Error::Missing {
+                kind: "program",
+                name,
+            })?
+            .try_into()
+            .map_err(|e| Error::LoadProgram {
+                program: name,
+                source: Box::new(e),
+            })
+    }
+
+    /// Zeroes the stats of `slot` on every CPU and stamps its generation.
+    fn reset_stats(&mut self, slot: Slot) -> Result<()> {
+        let name = maps::STATS;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(Error::Missing { kind: "map", name })?;
+        let mut stats = PerCpuArray::<&mut MapData, MappingStats>::try_from(map)
+            .map_err(|e| map_error("opening", name, e))?;
+        let cpus =
+            aya::util::nr_cpus().map_err(|(path, source)| Error::io("reading", path, source))?;
+        let fresh = MappingStats {
+            generation: slot.generation,
+            ..MappingStats::default()
+        };
+        let values = PerCpuValues::try_from(vec![fresh; cpus])
+            .map_err(|e| Error::io("building per-CPU stats for", name, e))?;
+        stats
+            .set(slot.index, values, 0)
+            .map_err(|e| map_error("writing", name, e))
+    }
+
+    /// Drops one reference to FROM port `port` and updates its bit.
+    fn release_port(&mut self, port: u16) {
+        if let Some(n) = self.ports.get_mut(&port) {
+            *n -= 1;
+            if *n == 0 {
+                self.ports.remove(&port);
+            }
+        }
+        if let Err(e) = self.write_port_word(port) {
+            // A stale bit only costs a few hash lookups that miss.
+            log::warn!("{e}");
+        }
+    }
+
+    /// Writes the PORTS word holding `port`'s bit from `self.ports`.
+    fn write_port_word(&mut self, port: u16) -> Result<()> {
+        let index = u32::from(port / 64);
+        let base = index * 64;
+        let word = (0..64u32)
+            .filter(|bit| self.ports.contains_key(&((base + bit) as u16)))
+            .fold(0u64, |w, bit| w | (1 << bit));
+        let name = maps::PORTS;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(Error::Missing { kind: "map", name })?;
+        let mut ports =
+            Array::<&mut MapData, u64>::try_from(map).map_err(|e| map_error("opening", name, e))?;
+        ports
+            .set(index, word, 0)
+            .map_err(|e| map_error("writing", name, e))
+    }
+
     fn table(&mut self) -> Result<HashMap<&mut MapData, MappingKey, MappingValue>> {
         let map = self.ebpf.map_mut(maps::MAPPINGS).ok_or(Error::Missing {
             kind: "map",
             name: maps::MAPPINGS,
         })?;
         HashMap::try_from(map).map_err(|e| map_error("opening", maps::MAPPINGS, e))
+    }
+}
+
+/// The MAPPINGS key of `m`: IPv4 as `::ffff:a.b.c.d`, in network order
+/// words, as the programs read `user_ip4`/`user_ip6`.
+fn table_key(m: &Mapping) -> MappingKey {
+    let addr: Addr = match m.addr {
+        None => ADDR_ANY,
+        Some(ip) => {
+            let v6 = match ip {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                IpAddr::V6(v6) => v6,
+            };
+            let b = v6.octets();
+            std::array::from_fn(|i| {
+                u32::from_ne_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
+            })
+        }
+    };
+    let proto = match m.proto {
+        Proto::Any => PROTO_ANY,
+        Proto::Tcp => PROTO_TCP,
+        Proto::Udp => PROTO_UDP,
+    };
+    MappingKey::new(addr, m.from, proto)
+}
+
+fn attach_error(program: &'static str, path: &Path, e: aya::programs::ProgramError) -> Error {
+    let hint = attach_hint(&e);
+    Error::Attach {
+        program,
+        path: path.to_path_buf(),
+        source: Box::new(e),
+        hint,
     }
 }
 
@@ -332,12 +632,44 @@ mod tests {
     /// Every name in redirect-common exists in the embedded object, so the
     /// two sides cannot drift. Parsing needs no privileges.
     #[test]
+    fn ipv4_keys_are_v4_mapped_in_network_order() {
+        let m: Mapping = "127.0.0.1:443:8443/tcp".parse().unwrap();
+        let key = table_key(&m);
+        let bytes: Vec<u8> = key.addr.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        assert_eq!(
+            bytes,
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1]
+        );
+        assert_eq!((key.port, key.proto), (443, PROTO_TCP));
+        assert_eq!(table_key(&"443:8443".parse().unwrap()).addr, ADDR_ANY);
+    }
+
+    #[test]
+    fn freed_slots_come_back_with_a_new_generation() {
+        let mut slots = Slots::default();
+        let a = slots.take().unwrap();
+        let b = slots.take().unwrap();
+        assert_ne!(a.index, b.index);
+        slots.give_back(a);
+        let c = slots.take().unwrap();
+        assert_eq!(c.index, a.index);
+        assert_ne!(c.generation, a.generation);
+    }
+
+    #[test]
     fn embedded_object_has_every_shared_name() {
         let obj = aya_obj::Object::parse(OBJECT).expect("parse embedded object");
-        for name in PROGRAMS {
-            assert!(obj.programs.contains_key(name), "program {name} missing");
+        for name in PROGRAMS.iter().chain(&[programs::SOCK_OPS]) {
+            assert!(obj.programs.contains_key(*name), "program {name} missing");
         }
-        for name in [maps::MAPPINGS, maps::ORIG_DST, maps::COUNTERS] {
+        for name in [
+            maps::MAPPINGS,
+            maps::PORTS,
+            maps::ORIG_DST,
+            maps::REV_NAT,
+            maps::STATS,
+            maps::COUNTERS,
+        ] {
             assert!(obj.maps.contains_key(name), "map {name} missing");
         }
     }

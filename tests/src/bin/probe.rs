@@ -1,13 +1,19 @@
-//! A test client: connects (TCP, or connected UDP), sends one message, reads
-//! one reply, and prints what the socket reports, as `key=value` lines:
+//! A test client, run by the tests inside a child cgroup as `nobody`. It
+//! prints what its socket reports as `key=value` lines.
 //!
 //! ```text
-//! local=127.0.0.1:40000
-//! peer=127.0.0.1:443
-//! reply=to:hello
+//! probe tcp ADDR MSG      connect, send MSG, read one reply line
+//! probe udp ADDR MSG      connected UDP: connect, send, recv
+//! probe sendto ADDR MSG   unconnected UDP: sendto, recvfrom
+//! probe session ADDR      unconnected UDP, driven from stdin:
+//!                           `send MSG` -> sendto, prints `sent`
+//!                           `recv`     -> recvfrom, prints `from=… data=…`
+//! probe hold ADDR N       open N TCP connections, print `open`, close them
+//!                         all when stdin closes
 //! ```
 //!
-//! Usage: `probe tcp|udp ADDR MESSAGE`. Exits 1 with `error=…` on failure.
+//! The one-shot modes print `local=`, `peer=` (getpeername, or the source
+//! recvfrom reported) and `reply=`; they exit 1 with `error=…` on failure.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -19,15 +25,19 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [proto, addr, message] = args.as_slice() else {
-        eprintln!("usage: probe tcp|udp ADDR MESSAGE");
-        std::process::exit(2);
+    let (mode, addr, rest) = match args.as_slice() {
+        [mode, addr, rest @ ..] => (mode.as_str(), addr, rest),
+        _ => usage(),
     };
     let addr: SocketAddr = addr.parse().expect("ADDR is ip:port or [ip6]:port");
-    let result = match proto.as_str() {
-        "tcp" => tcp(addr, message),
-        "udp" => udp(addr, message),
-        other => Err(format!("unknown protocol {other}")),
+    let arg = || rest.first().cloned().unwrap_or_else(|| usage());
+    let result = match mode {
+        "tcp" => tcp(addr, &arg()),
+        "udp" => udp(addr, &arg()),
+        "sendto" => sendto(addr, &arg()),
+        "session" => return session(addr),
+        "hold" => return hold(addr, arg().parse().expect("N")),
+        _ => usage(),
     };
     match result {
         Ok((local, peer, reply)) => {
@@ -38,6 +48,11 @@ fn main() {
             std::process::exit(1);
         }
     }
+}
+
+fn usage() -> ! {
+    eprintln!("usage: probe tcp|udp|sendto ADDR MSG | probe session ADDR | probe hold ADDR N");
+    std::process::exit(2);
 }
 
 type Report = (SocketAddr, SocketAddr, String);
@@ -59,21 +74,67 @@ fn tcp(addr: SocketAddr, message: &str) -> Result<Report, String> {
     Ok((local, peer, reply.trim_end().to_owned()))
 }
 
-fn udp(addr: SocketAddr, message: &str) -> Result<Report, String> {
+fn unbound(addr: SocketAddr) -> Result<UdpSocket, String> {
     let bind: SocketAddr = if addr.is_ipv4() {
         "0.0.0.0:0".parse().unwrap()
     } else {
         "[::]:0".parse().unwrap()
     };
     let socket = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
-    socket.connect(addr).map_err(|e| e.to_string())?;
     socket
         .set_read_timeout(Some(TIMEOUT))
         .map_err(|e| e.to_string())?;
+    Ok(socket)
+}
+
+fn udp(addr: SocketAddr, message: &str) -> Result<Report, String> {
+    let socket = unbound(addr)?;
+    socket.connect(addr).map_err(|e| e.to_string())?;
     socket.send(message.as_bytes()).map_err(|e| e.to_string())?;
     let mut buf = [0u8; 1500];
     let n = socket.recv(&mut buf).map_err(|e| e.to_string())?;
     let local = socket.local_addr().map_err(|e| e.to_string())?;
     let peer = socket.peer_addr().map_err(|e| e.to_string())?;
     Ok((local, peer, String::from_utf8_lossy(&buf[..n]).into_owned()))
+}
+
+fn sendto(addr: SocketAddr, message: &str) -> Result<Report, String> {
+    let socket = unbound(addr)?;
+    socket
+        .send_to(message.as_bytes(), addr)
+        .map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 1500];
+    let (n, from) = socket.recv_from(&mut buf).map_err(|e| e.to_string())?;
+    let local = socket.local_addr().map_err(|e| e.to_string())?;
+    Ok((local, from, String::from_utf8_lossy(&buf[..n]).into_owned()))
+}
+
+fn session(addr: SocketAddr) {
+    let socket = unbound(addr).expect("socket");
+    let mut buf = [0u8; 1500];
+    for line in std::io::stdin().lock().lines().map_while(Result::ok) {
+        if let Some(msg) = line.strip_prefix("send ") {
+            match socket.send_to(msg.as_bytes(), addr) {
+                Ok(_) => println!("sent"),
+                Err(e) => println!("error={e}"),
+            }
+        } else if line == "recv" {
+            match socket.recv_from(&mut buf) {
+                Ok((n, from)) => {
+                    println!("from={from} data={}", String::from_utf8_lossy(&buf[..n]))
+                }
+                Err(e) => println!("error={e}"),
+            }
+        }
+    }
+}
+
+fn hold(addr: SocketAddr, n: usize) {
+    let streams: Vec<TcpStream> = (0..n)
+        .map(|_| TcpStream::connect_timeout(&addr, TIMEOUT).expect("connect"))
+        .collect();
+    println!("open {}", streams.len());
+    // Hold them until the test closes our stdin.
+    let _ = std::io::stdin().lock().lines().count();
+    drop(streams);
 }

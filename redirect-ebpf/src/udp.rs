@@ -1,0 +1,145 @@
+//! Unconnected UDP: `cgroup/sendmsg4/6` rewrite the destination port of a
+//! `sendto()`, and `cgroup/recvmsg4/6` report the reply's source as the
+//! original port, so `recvfrom()` shows 53, not 5353.
+//!
+//! The reverse state follows Cilium's socket load balancer: an LRU hash
+//! keyed by {socket cookie, backend address, backend port}, written on the
+//! forward path only when it changes, and re-validated against the mapping
+//! table on every reply. An entry whose mapping was removed or changed is
+//! deleted and the reply's true source is reported, so no reply is ever
+//! attributed to a port it did not come from.
+//!
+//! Minimum kernel version: 4.18 (sendmsg), 5.2 (recvmsg).
+
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_log_ebpf::debug;
+use redirect_common::{Addr, Counter, MappingKey, MappingValue, PROTO_UDP, RevNatKey, RevNatValue};
+
+use crate::{
+    ALLOW,
+    ctx::{self, Family},
+    maps::{MAPPINGS, REV_NAT, count, lookup, with_stats},
+};
+
+/// Rewrites the destination of an IPv4 `sendto()`.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+    count(redirect_sendmsg(&ctx, Family::V4));
+    ALLOW
+}
+
+/// Rewrites the destination of an IPv6 (or v4-mapped) `sendto()`.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+    count(redirect_sendmsg(&ctx, Family::V6));
+    ALLOW
+}
+
+/// Reports the original port as the source of an IPv4 reply.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
+    if let Some(c) = restore_source(&ctx, Family::V4) {
+        count(c);
+    }
+    ALLOW
+}
+
+/// Reports the original port as the source of an IPv6 reply.
+#[cgroup_sock_addr(recvmsg6)]
+pub fn recvmsg6(ctx: SockAddrContext) -> i32 {
+    if let Some(c) = restore_source(&ctx, Family::V6) {
+        count(c);
+    }
+    ALLOW
+}
+
+#[inline(always)]
+fn redirect_sendmsg(ctx: &SockAddrContext, family: Family) -> Counter {
+    match try_redirect_sendmsg(ctx, family) {
+        Ok(c) => c,
+        Err(c) => {
+            debug!(ctx, "sendmsg{}: skipped: {}", family.number(), c.name());
+            c
+        }
+    }
+}
+
+#[inline(always)]
+fn try_redirect_sendmsg(ctx: &SockAddrContext, family: Family) -> Result<Counter, Counter> {
+    let from = ctx::dst_port(ctx);
+    if from == 0 {
+        return Err(Counter::SkipPortZero);
+    }
+    let addr = ctx::dst_addr(ctx, family);
+    let Some((key, target)) = lookup(&addr, from, PROTO_UDP) else {
+        return Ok(Counter::ConnectUnmapped);
+    };
+    remember(ctx, &addr, key, &target)?;
+    ctx::set_dst_port(ctx, target.port);
+    with_stats(target.slot, target.generation, |s| s.datagrams += 1);
+    debug!(
+        ctx,
+        "sendmsg{}: port {} -> {}",
+        family.number(),
+        from,
+        target.port
+    );
+    Ok(Counter::SendmsgRedirected)
+}
+
+/// Records how to report replies from the backend (`addr`, `target.port`)
+/// to this socket. Writes only when the entry differs, so steady traffic
+/// does not churn the LRU.
+#[inline(always)]
+pub fn remember(
+    ctx: &SockAddrContext,
+    addr: &Addr,
+    mapping: MappingKey,
+    target: &MappingValue,
+) -> Result<(), Counter> {
+    let key = RevNatKey {
+        cookie: ctx::cookie(ctx),
+        addr: *addr,
+        port: target.port,
+        _pad: [0; 6],
+    };
+    let value = RevNatValue {
+        mapping,
+        generation: target.generation,
+    };
+    // SAFETY: copied out at once.
+    if let Some(old) = unsafe { REV_NAT.get(key) }
+        && *old == value
+    {
+        return Ok(());
+    }
+    REV_NAT
+        .insert(key, value, 0)
+        .map_err(|_| Counter::ErrRevNat)
+}
+
+#[inline(always)]
+fn restore_source(ctx: &SockAddrContext, family: Family) -> Option<Counter> {
+    let key = RevNatKey {
+        cookie: ctx::cookie(ctx),
+        addr: ctx::dst_addr(ctx, family),
+        port: ctx::dst_port(ctx),
+        _pad: [0; 6],
+    };
+    // SAFETY: copied out at once.
+    let entry = *unsafe { REV_NAT.get(key) }?;
+    // Still the same mapping, still pointing at this backend?
+    // SAFETY: copied out at once.
+    let current = unsafe { MAPPINGS.get(entry.mapping) }.copied();
+    match current {
+        Some(v) if v.port == key.port && v.generation == entry.generation => {
+            ctx::set_dst_port(ctx, entry.mapping.port);
+            Some(Counter::RecvmsgRestored)
+        }
+        _ => {
+            let _ = REV_NAT.remove(key);
+            debug!(ctx, "recvmsg{}: stale entry removed", family.number());
+            Some(Counter::RevNatStale)
+        }
+    }
+}
