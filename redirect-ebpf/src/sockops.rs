@@ -40,7 +40,11 @@ pub fn sockops_stats(ctx: SockOpsContext) -> u32 {
 
 #[inline(always)]
 fn on_established(ctx: &SockOpsContext) {
-    let Some(orig) = orig_dst(ctx) else { return };
+    // SAFETY: non-null storage returned by the kernel for this socket,
+    // which no one else touches while this callback runs on it.
+    let Some(orig) = (unsafe { orig_dst(ctx).as_mut() }) else {
+        return;
+    };
     if orig.orig_port == 0 || orig.established != 0 {
         return;
     }
@@ -52,7 +56,11 @@ fn on_established(ctx: &SockOpsContext) {
 
 #[inline(always)]
 fn on_close(ctx: &SockOpsContext) {
-    let Some(orig) = orig_dst(ctx) else { return };
+    // SAFETY: non-null storage returned by the kernel for this socket,
+    // which no one else touches while this callback runs on it.
+    let Some(orig) = (unsafe { orig_dst(ctx).as_mut() }) else {
+        return;
+    };
     if orig.established == 0 {
         return;
     }
@@ -62,20 +70,20 @@ fn on_close(ctx: &SockOpsContext) {
     });
 }
 
-/// The socket's redirect record, if connect4/6 wrote one.
+/// The socket's redirect record if connect4/6 wrote one, else null.
 ///
 /// Why the raw helper: aya-ebpf's `SkStorage` accessors take a sock_addr
 /// context only; `ctx->sk` here may be null and must be checked first.
 #[inline(always)]
-fn orig_dst(ctx: &SockOpsContext) -> Option<&mut OrigDst> {
+fn orig_dst(ctx: &SockOpsContext) -> *mut OrigDst {
     // SAFETY: the context is valid; `sk` is a nullable socket pointer.
     let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
     if sk.is_null() {
-        return None;
+        return ptr::null_mut();
     }
     // SAFETY: the map pointer is the map definition's address (relocated
     // at load); lookup only, no create.
-    let p = unsafe {
+    unsafe {
         bpf_sk_storage_get(
             ptr::from_ref(&ORIG_DST).cast_mut().cast(),
             sk.cast(),
@@ -83,7 +91,5 @@ fn orig_dst(ctx: &SockOpsContext) -> Option<&mut OrigDst> {
             0,
         )
     }
-    .cast::<OrigDst>();
-    // SAFETY: non-null storage returned by the kernel for this socket.
-    unsafe { p.as_mut() }
+    .cast::<OrigDst>()
 }

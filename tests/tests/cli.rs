@@ -286,3 +286,44 @@ fn a_missing_cgroup2_mount_is_mounted_and_reported() {
     );
     assert_eq!(parse_probe(&out).reply(), "to:hello");
 }
+
+/// Quiet by default; `-v` shows each rewrite logged by the eBPF programs.
+#[test]
+fn verbose_run_logs_each_rewrite_and_quiet_run_does_not() {
+    if !privileged("verbose") {
+        return;
+    }
+    let servers = Pair::tcp("127.0.0.1");
+    for verbose in [false, true] {
+        let cgroup = test_cgroup("verbose");
+        let mut args = run_args(&servers.mapping(), cgroup.path());
+        if verbose {
+            args.insert(0, "-v".into());
+        }
+        let mut process = RedirectProcess::start(args);
+        process.wait_ready();
+        assert_eq!(
+            probe(Some(&cgroup), "tcp", servers.decoy.addr).reply(),
+            "to:hello"
+        );
+        let line = format!(
+            "connect4: port {} -> {}",
+            servers.decoy.addr.port(),
+            servers.target.addr.port()
+        );
+        // Give the log pump a moment, then end the process.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        process.signal(libc::SIGTERM);
+        assert!(process.wait_exit().success());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let stderr = process.stderr();
+        assert_eq!(
+            stderr.contains(&line),
+            verbose,
+            "verbose={verbose}: {stderr}"
+        );
+        if !verbose {
+            assert!(stderr.is_empty(), "quiet by default: {stderr}");
+        }
+    }
+}
