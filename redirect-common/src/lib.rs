@@ -30,8 +30,8 @@ pub mod maps {
     /// [`RevNatValue`](crate::RevNatValue): how to report the source of a
     /// UDP reply to a rewritten datagram.
     pub const REV_NAT: &str = "REV_NAT";
-    /// Per-CPU array of [`MappingStats`](crate::MappingStats), indexed by
-    /// the mapping's slot.
+    /// Per-CPU hash from a mapping's slot (`u32`) to its
+    /// [`MappingStats`](crate::MappingStats).
     pub const STATS: &str = "STATS";
     /// Per-CPU array of `u64`, indexed by [`Counter`](crate::Counter).
     pub const COUNTERS: &str = "COUNTERS";

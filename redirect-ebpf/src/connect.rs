@@ -16,7 +16,7 @@ use redirect_common::{Counter, OrigDst};
 use crate::{
     ALLOW,
     ctx::{self, Family, IPPROTO_TCP, IPPROTO_UDP},
-    maps::{ORIG_DST, count, lookup, with_stats},
+    maps::{ORIG_DST, Stat, add_stat, count, lookup},
     udp,
 };
 
@@ -84,7 +84,7 @@ fn try_redirect_connect(ctx: &SockAddrContext, family: Family) -> Result<Counter
         }
     };
     ctx::set_dst_port(ctx, target.port);
-    with_stats(target.slot, target.generation, |s| s.connects += 1);
+    add_stat(target.slot, target.generation, Stat::Connects, 1);
     debug!(
         ctx,
         "connect{}: port {} -> {}",

@@ -5,9 +5,10 @@
 //! `redirect_common::maps`.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     btf_maps::SkStorage,
     macros::{btf_map, map},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use redirect_common::{
     ADDR_ANY, Addr, Counter, MAX_MAPPINGS, MappingKey, MappingStats, MappingValue, OrigDst,
@@ -33,9 +34,15 @@ pub static ORIG_DST: SkStorage<OrigDst> = SkStorage::new();
 pub static REV_NAT: LruHashMap<RevNatKey, RevNatValue> =
     LruHashMap::with_max_entries(REV_NAT_ENTRIES, 0);
 
-/// Per-mapping statistics, indexed by slot.
+/// Per-mapping statistics, keyed by slot; userspace inserts a slot's entry
+/// when its mapping goes live.
+///
+/// Why a hash without preallocation rather than a per-CPU array: the
+/// kernel takes ~20 ms to allocate a 16,384-entry per-CPU array up front, a
+/// third of the setup budget; this map allocates per live mapping.
 #[map]
-pub static STATS: PerCpuArray<MappingStats> = PerCpuArray::with_max_entries(MAX_MAPPINGS, 0);
+pub static STATS: PerCpuHashMap<u32, MappingStats> =
+    PerCpuHashMap::with_max_entries(MAX_MAPPINGS, BPF_F_NO_PREALLOC);
 
 /// Per-CPU event counters, indexed by [`Counter`].
 #[map]
@@ -50,17 +57,36 @@ pub fn count(c: Counter) {
     }
 }
 
-/// Applies `f` to this CPU's stats of the mapping in `slot`, if the slot
-/// still belongs to `generation`.
+/// A counter of [`MappingStats`].
+#[derive(Clone, Copy)]
+pub enum Stat {
+    /// `connects`.
+    Connects,
+    /// `established`.
+    Established,
+    /// `datagrams`.
+    Datagrams,
+}
+
+/// Adds `delta` (wrapping: pass `u64::MAX` to subtract one) to this CPU's
+/// copy of a counter of the mapping in `slot`, if the slot still belongs to
+/// `generation`.
 #[inline(always)]
-pub fn with_stats(slot: u32, generation: u32, f: impl FnOnce(&mut MappingStats)) {
-    if let Some(stats) = STATS.get_ptr_mut(slot) {
-        // SAFETY: per-CPU slot, see `count`.
-        let stats = unsafe { &mut *stats };
-        if stats.generation == generation {
-            f(stats);
-        }
+pub fn add_stat(slot: u32, generation: u32, stat: Stat, delta: u64) {
+    let Some(stats) = STATS.get_ptr_mut(slot) else {
+        return;
+    };
+    // SAFETY: this CPU's copy, valid for the program's run.
+    let stats = unsafe { &mut *stats };
+    if stats.generation != generation {
+        return;
     }
+    let field = match stat {
+        Stat::Connects => &mut stats.connects,
+        Stat::Established => &mut stats.established,
+        Stat::Datagrams => &mut stats.datagrams,
+    };
+    *field = field.wrapping_add(delta);
 }
 
 /// Whether any mapping has FROM port `port`: one array lookup.

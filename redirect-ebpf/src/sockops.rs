@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use redirect_common::OrigDst;
 
-use crate::maps::{ORIG_DST, with_stats};
+use crate::maps::{ORIG_DST, Stat, add_stat};
 
 /// `BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB`: our connect completed.
 const ACTIVE_ESTABLISHED_CB: u32 = 4;
@@ -49,7 +49,7 @@ fn on_established(ctx: &SockOpsContext) {
         return;
     }
     orig.established = 1;
-    with_stats(orig.slot, orig.generation, |s| s.established += 1);
+    add_stat(orig.slot, orig.generation, Stat::Established, 1);
     // Only redirected sockets pay for state callbacks.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | STATE_CB_FLAG) as i32);
 }
@@ -65,9 +65,7 @@ fn on_close(ctx: &SockOpsContext) {
         return;
     }
     orig.established = 0;
-    with_stats(orig.slot, orig.generation, |s| {
-        s.established = s.established.wrapping_sub(1)
-    });
+    add_stat(orig.slot, orig.generation, Stat::Established, u64::MAX);
 }
 
 /// The socket's redirect record if connect4/6 wrote one, else null.

@@ -18,7 +18,7 @@ use redirect_common::{Addr, Counter, MappingKey, MappingValue, PROTO_UDP, RevNat
 use crate::{
     ALLOW,
     ctx::{self, Family},
-    maps::{MAPPINGS, REV_NAT, count, lookup, with_stats},
+    maps::{MAPPINGS, REV_NAT, Stat, add_stat, count, lookup},
 };
 
 /// Rewrites the destination of an IPv4 `sendto()`.
@@ -76,7 +76,7 @@ fn try_redirect_sendmsg(ctx: &SockAddrContext, family: Family) -> Result<Counter
     };
     remember(ctx, &addr, key, &target)?;
     ctx::set_dst_port(ctx, target.port);
-    with_stats(target.slot, target.generation, |s| s.datagrams += 1);
+    add_stat(target.slot, target.generation, Stat::Datagrams, 1);
     debug!(
         ctx,
         "sendmsg{}: port {} -> {}",

@@ -64,6 +64,13 @@ pub fn test_cgroup(tag: &str) -> ChildCgroup {
     ChildCgroup::create(&root, &name).expect("create test cgroup")
 }
 
+/// A [`redirect::Redirector`] for one mapping (given as text) attached to
+/// `cgroup`, with default options.
+pub fn attach(cgroup: &Path, mapping: &str) -> redirect::Redirector {
+    let mappings = redirect::MappingSet::parse([mapping]).expect("valid mapping");
+    redirect::Redirector::attach(cgroup, mappings, &redirect::Options::default()).expect("attach")
+}
+
 /// Names of the programs attached directly to `cgroup`.
 pub fn attached(cgroup: &Path) -> Vec<String> {
     attached_programs(cgroup)
@@ -470,6 +477,20 @@ impl RedirectProcess {
             lines,
             stderr,
         }
+    }
+
+    /// Starts `redirect run --map MAPPING --cgroup CGROUP` and waits until it
+    /// is ready.
+    pub fn run(mapping: &str, cgroup: &Path) -> Self {
+        let mut process = Self::start([
+            "run",
+            "--map",
+            mapping,
+            "--cgroup",
+            &cgroup.display().to_string(),
+        ]);
+        process.wait_ready();
+        process
     }
 
     /// Waits (up to 20 s) for the line starting with `ready`, and returns it.

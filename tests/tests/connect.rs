@@ -6,15 +6,10 @@
 use std::net::SocketAddr;
 
 use redirect_tests::{
-    Pair, attached, privileged, probe,
-    redirect::{Counter, Mapping, MappingSet, Options, Redirector, ebpf::HOOKS},
+    Pair, attach, attached, privileged, probe,
+    redirect::{Counter, Mapping, ebpf::HOOKS},
     test_cgroup, wait_detached,
 };
-
-fn attach(cgroup: &std::path::Path, mapping: &str) -> Redirector {
-    let mappings = MappingSet::parse([mapping]).expect("valid mapping");
-    Redirector::attach(cgroup, mappings, &Options::default()).expect("attach")
-}
 
 fn with_port(addr: SocketAddr, ip: &str) -> SocketAddr {
     SocketAddr::new(ip.parse().unwrap(), addr.port())

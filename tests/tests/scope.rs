@@ -2,16 +2,7 @@
 //! an address (`127.0.0.1:443:8443`, `[::1]:443:8443`) to one destination;
 //! everything else is left alone.
 
-use redirect_tests::{
-    Pair, TcpServer, privileged, probe,
-    redirect::{MappingSet, Options, Redirector},
-    socket_addr, test_cgroup,
-};
-
-fn attach(cgroup: &std::path::Path, mapping: &str) -> Redirector {
-    let mappings = MappingSet::parse([mapping]).expect("valid mapping");
-    Redirector::attach(cgroup, mappings, &Options::default()).expect("attach")
-}
+use redirect_tests::{Pair, TcpServer, attach, privileged, probe, socket_addr, test_cgroup};
 
 /// With the same ports open for TCP and UDP, a `/proto` mapping redirects
 /// that protocol only.

@@ -24,14 +24,7 @@ fn status_counts_connections_and_forgets_finished_instances() {
     let servers = Pair::tcp("127.0.0.1");
     let cgroup = test_cgroup("status");
     let mapping = format!("{}/tcp", servers.mapping());
-    let mut run = RedirectProcess::start([
-        "run",
-        "--map",
-        &mapping,
-        "--cgroup",
-        &cgroup.path().display().to_string(),
-    ]);
-    run.wait_ready();
+    let mut run = RedirectProcess::run(&mapping, cgroup.path());
     let pid = run.child.id();
 
     let entries = status_mappings(pid);
@@ -87,14 +80,7 @@ fn status_counts_datagrams_and_prints_a_table() {
     let servers = Pair::udp("127.0.0.1");
     let cgroup = test_cgroup("status-udp");
     let mapping = format!("{}/udp", servers.mapping());
-    let mut run = RedirectProcess::start([
-        "run",
-        "--map",
-        &mapping,
-        "--cgroup",
-        &cgroup.path().display().to_string(),
-    ]);
-    run.wait_ready();
+    let mut run = RedirectProcess::run(&mapping, cgroup.path());
     let pid = run.child.id();
     for _ in 0..3 {
         assert_eq!(
@@ -109,6 +95,9 @@ fn status_counts_datagrams_and_prints_a_table() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&format!("(pid {pid})")), "{text}");
     assert!(text.contains(&mapping), "{text}");
+
+    run.signal(libc::SIGTERM);
+    assert!(run.wait_exit().success());
 }
 
 /// A SIGKILLed instance leaves a socket file; status skips it (and removes
@@ -119,14 +108,7 @@ fn status_skips_a_killed_instance() {
         return;
     }
     let cgroup = test_cgroup("status-kill");
-    let mut run = RedirectProcess::start([
-        "run",
-        "--map",
-        "1443:18443",
-        "--cgroup",
-        &cgroup.path().display().to_string(),
-    ]);
-    run.wait_ready();
+    let mut run = RedirectProcess::run("1443:18443", cgroup.path());
     let pid = run.child.id();
     assert!(!status_mappings(pid).is_empty());
     run.signal(libc::SIGKILL);

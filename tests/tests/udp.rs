@@ -6,15 +6,10 @@
 use std::{process::Command, thread, time::Duration};
 
 use redirect_tests::{
-    Interactive, Pair, Spawn, UdpServer, privileged, probe,
-    redirect::{Counter, Mapping, MappingSet, Options, Proto, Redirector},
+    Interactive, Pair, Spawn, UdpServer, attach, privileged, probe,
+    redirect::{Counter, Mapping, Proto},
     test_cgroup,
 };
-
-fn attach(cgroup: &std::path::Path, mapping: &str) -> Redirector {
-    let mappings = MappingSet::parse([mapping]).expect("valid mapping");
-    Redirector::attach(cgroup, mappings, &Options::default()).expect("attach")
-}
 
 fn check_sendto(ip: &str, tag: &str) {
     if !privileged(tag) {

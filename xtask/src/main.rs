@@ -5,6 +5,7 @@
 //! build.rs (aya-build); xtask only makes sure the toolchain that build
 //! needs is installed.
 
+mod bench;
 mod lint;
 mod run;
 mod test;
@@ -29,6 +30,9 @@ enum Command {
     Test(test::Options),
     /// rustfmt check and clippy (-D warnings) for userspace and eBPF.
     Lint,
+    /// Measure every path (direct, redirect, iptables, socat, HAProxy…)
+    /// side by side; writes target/bench/report.md and ratios.png.
+    Bench(bench::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,6 +40,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run(opts) => run::run(opts),
         Command::Test(opts) => test::run(opts),
         Command::Lint => lint::run(),
+        Command::Bench(opts) => bench::run(opts),
     }
 }
 

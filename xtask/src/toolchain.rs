@@ -88,33 +88,41 @@ fn ensure_llvm() -> anyhow::Result<()> {
 
 /// The programs the integration tests run, with the Debian package that
 /// provides each.
-const TEST_TOOLS: &[(&str, &str)] = &[
+const TEST_TOOLS: [(&str, &str); 4] = [
     ("dig", "bind9-dnsutils"),
     ("dnsmasq", "dnsmasq-base"),
     ("unshare", "util-linux"),
     ("findmnt", "util-linux"),
 ];
 
-/// Installs the programs the tests need (Debian packages; the `dnsmasq-base`
-/// package ships the binary without starting a system service).
+/// Installs the programs the tests need (the `dnsmasq-base` package ships
+/// the binary without starting a system service).
 pub fn ensure_test_tools() -> anyhow::Result<()> {
-    let mut missing: Vec<&str> = TEST_TOOLS
+    ensure_tools(&TEST_TOOLS, "the tests")
+}
+
+/// Installs, with apt-get, the packages of whichever `(binary, package)`
+/// pairs have no binary on PATH; `purpose` says who needs them.
+pub fn ensure_tools(tools: &[(&str, &str)], purpose: &str) -> anyhow::Result<()> {
+    let mut missing: Vec<&str> = tools
         .iter()
         .filter(|(bin, _)| !on_path(bin))
         .map(|(_, package)| *package)
         .collect();
+    missing.sort_unstable();
     missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }
     eprintln!(
-        "xtask: installing {} with apt-get (used by the tests)",
+        "xtask: installing {} with apt-get (used by {purpose})",
         missing.join(" ")
     );
     apt_install(&missing)
 }
 
-/// Whether `bin` is an executable in PATH or the sbin directories.
+/// Whether `bin` is in PATH or the sbin directories (an absolute `bin` is
+/// checked as is).
 fn on_path(bin: &str) -> bool {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)

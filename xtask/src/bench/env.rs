@@ -1,0 +1,294 @@
+//! The bench's own world: two network namespaces joined by a veth pair, a
+//! child cgroup for the clients, and the servers. Everything is created
+//! here and removed on drop; nothing the bench does touches the host's
+//! network stack or iptables.
+//!
+//! ```text
+//!  netns SRV (lo + veth-srv 192.0.2.1)          netns CLI (veth-cli 192.0.2.2)
+//!    echo :8443  iperf3 :8444  udp echo :5353       inbound clients
+//!    local clients (in the bench cgroup)
+//! ```
+//!
+//! The ports clients ask for (443, 444, 53) are privileged on purpose: that
+//! is the case being solved. Inside our own namespaces every port is free.
+
+use std::{
+    fs,
+    io::Write as _,
+    net::SocketAddr,
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+
+/// The server namespace's address on the veth pair (TEST-NET-1: used only
+/// inside namespaces the bench creates).
+pub const SRV_ADDR: &str = "192.0.2.1";
+const CLI_ADDR: &str = "192.0.2.2";
+
+/// FROM and TO ports of the three services.
+pub const ECHO: (u16, u16) = (443, 8443);
+/// iperf3.
+pub const IPERF: (u16, u16) = (444, 8444);
+/// UDP echo.
+pub const UDP: (u16, u16) = (53, 5353);
+
+/// Which namespace a client runs in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The server namespace, over loopback: local clients.
+    Local,
+    /// The client namespace, over the veth pair: inbound clients.
+    Remote,
+}
+
+/// The namespaces, the client cgroup and the servers.
+pub struct Env {
+    /// The server namespace's name.
+    pub srv: String,
+    /// The client namespace's name.
+    pub cli: String,
+    /// The clients' cgroup (cgroup v2 directory).
+    pub cgroup: PathBuf,
+    /// Built binaries.
+    pub bench_agent: PathBuf,
+    /// The `redirect` binary.
+    pub redirect: PathBuf,
+    /// Where outputs go (target/bench).
+    pub out_dir: PathBuf,
+    servers: Vec<Child>,
+}
+
+impl Env {
+    pub fn new(bench_agent: PathBuf, redirect: PathBuf, out_dir: PathBuf) -> anyhow::Result<Self> {
+        let pid = std::process::id();
+        let root = cgroup2_root()?;
+        let cgroup = root.join(format!("redirect-bench-{pid}"));
+        fs::create_dir(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
+        let mut env = Env {
+            srv: format!("rbench-srv-{pid}"),
+            cli: format!("rbench-cli-{pid}"),
+            cgroup,
+            bench_agent,
+            redirect,
+            out_dir,
+            servers: Vec::new(),
+        };
+        env.create_namespaces()?;
+        env.start_servers()?;
+        Ok(env)
+    }
+
+    fn create_namespaces(&self) -> anyhow::Result<()> {
+        let (srv, cli) = (self.srv.as_str(), self.cli.as_str());
+        run(&["ip", "netns", "add", srv])?;
+        run(&["ip", "netns", "add", cli])?;
+        run(&[
+            "ip", "link", "add", "veth-srv", "netns", srv, "type", "veth", "peer", "name",
+            "veth-cli", "netns", cli,
+        ])?;
+        for (ns, dev, addr) in [(srv, "veth-srv", SRV_ADDR), (cli, "veth-cli", CLI_ADDR)] {
+            run(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+            run(&[
+                "ip",
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                dev,
+            ])?;
+            run(&["ip", "-n", ns, "link", "set", dev, "up"])?;
+            // Namespaced sysctls: plenty of ephemeral ports, and TIME_WAIT
+            // reuse, so a bounded connection-rate loop never runs dry.
+            for sysctl in [
+                "net.ipv4.ip_local_port_range=10240 65000",
+                "net.ipv4.tcp_tw_reuse=1",
+            ] {
+                run(&["ip", "netns", "exec", ns, "sysctl", "-qw", sysctl])?;
+            }
+        }
+        Ok(())
+    }
+
+    fn start_servers(&mut self) -> anyhow::Result<()> {
+        let agent = self.bench_agent.display().to_string();
+        let echo = format!("0.0.0.0:{}", ECHO.1);
+        let udp = format!("0.0.0.0:{}", UDP.1);
+        let iperf = IPERF.1.to_string();
+        for args in [
+            vec![agent.as_str(), "serve-tcp", &echo],
+            vec![agent.as_str(), "serve-udp", &udp],
+            vec!["iperf3", "-s", "-p", &iperf],
+        ] {
+            let child = self
+                .command(Side::Local, false, &args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .with_context(|| format!("starting {args:?}"))?;
+            self.servers.push(child);
+        }
+        // Wait until both TCP servers accept, directly.
+        for port in [ECHO.1, IPERF.1] {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !self.tcp_ready(port) {
+                anyhow::ensure!(Instant::now() < deadline, "server on :{port} did not start");
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    fn tcp_ready(&self, port: u16) -> bool {
+        self.command(
+            Side::Local,
+            false,
+            &["bash", "-c", &format!("exec 3<>/dev/tcp/127.0.0.1/{port}")],
+        )
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+    }
+
+    /// A command run in `side`'s namespace, inside the clients' cgroup when
+    /// `in_cgroup`.
+    pub fn command(&self, side: Side, in_cgroup: bool, args: &[&str]) -> Command {
+        let ns = match side {
+            Side::Local => &self.srv,
+            Side::Remote => &self.cli,
+        };
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns])
+            .args(args)
+            .stdin(Stdio::null());
+        if in_cgroup {
+            let procs = Arc::new(
+                fs::OpenOptions::new()
+                    .write(true)
+                    .open(self.cgroup.join("cgroup.procs"))
+                    .expect("open bench cgroup.procs"),
+            );
+            // SAFETY: only write(2) runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) == 1 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        cmd
+    }
+
+    /// A command run in the host's namespaces, for what only touches the
+    /// cgroup (`redirect run`, the mapping helpers): `ip netns exec`
+    /// remounts /sys, which hides the cgroup v2 mount.
+    pub fn host_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(args[0]);
+        cmd.args(&args[1..]).stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs a command in the server namespace (iptables rules and such).
+    pub fn in_srv(&self, args: &[&str]) -> anyhow::Result<()> {
+        let mut all = vec!["ip", "netns", "exec", &self.srv];
+        all.extend_from_slice(args);
+        run(&all)
+    }
+
+    /// Runs a bench-agent client and returns its `key=value` output line.
+    pub fn client(&self, side: Side, args: &[&str]) -> anyhow::Result<String> {
+        let agent = self.bench_agent.display().to_string();
+        let mut all = vec![agent.as_str()];
+        all.extend_from_slice(args);
+        output(self.command(side, true, &all))
+    }
+
+    /// Writes a file under the output directory and returns its path.
+    pub fn write_file(&self, name: &str, contents: &str) -> anyhow::Result<PathBuf> {
+        let path = self.out_dir.join(name);
+        fs::File::create(&path)?.write_all(contents.as_bytes())?;
+        Ok(path)
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for child in &mut self.servers {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for ns in [&self.srv, &self.cli] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        remove_cgroup(&self.cgroup);
+    }
+}
+
+/// Kills what is left in `path` (our clients only) and removes it.
+pub fn remove_cgroup(path: &Path) {
+    for _ in 0..100 {
+        if fs::remove_dir(path).is_ok() || !path.exists() {
+            return;
+        }
+        let _ = fs::write(path.join("cgroup.kill"), "1");
+        thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("xtask: could not remove {}", path.display());
+}
+
+/// The cgroup v2 mount point, from /proc/self/mountinfo.
+fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo")?;
+    info.lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let mount_point = left.split_whitespace().nth(4)?;
+            (right.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount_point))
+        })
+        .context("no cgroup v2 mount found in /proc/self/mountinfo")
+}
+
+/// Runs a command, failing with its stderr if it does not succeed.
+pub fn run(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("running {args:?}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// Runs `cmd` to completion and returns its stdout, failing with its stderr.
+pub fn output(mut cmd: Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The address a client on `side` dials for `port` on the server.
+pub fn addr(side: Side, port: u16) -> SocketAddr {
+    let ip = match side {
+        Side::Local => "127.0.0.1",
+        Side::Remote => SRV_ADDR,
+    };
+    format!("{ip}:{port}").parse().expect("address")
+}
