@@ -35,6 +35,9 @@ pub mod maps {
     pub const STATS: &str = "STATS";
     /// Per-CPU array of `u64`, indexed by [`Counter`](crate::Counter).
     pub const COUNTERS: &str = "COUNTERS";
+    /// Hash from a port (`u16`, host order) to `1`: ports processes in the
+    /// scope may bind without CAP_NET_BIND_SERVICE (`--grant`).
+    pub const GRANTS: &str = "GRANTS";
 }
 
 /// Names of the eBPF programs, as the loader looks them up in the object.
@@ -56,6 +59,10 @@ pub mod programs {
     pub const RECVMSG4: &str = "recvmsg4";
     /// `cgroup/recvmsg6`: reports the original port as a reply's source.
     pub const RECVMSG6: &str = "recvmsg6";
+    /// `cgroup/bind4`: lets granted ports be bound without privilege.
+    pub const BIND4: &str = "bind4";
+    /// `cgroup/bind6`: lets granted ports be bound without privilege.
+    pub const BIND6: &str = "bind6";
     /// `sockops`: counts connections established through a redirect.
     /// (A `#[sock_ops]` function named `sockops` would collide with its
     /// section name.)
@@ -68,6 +75,10 @@ pub mod programs {
 /// The mapping table is a preallocated hash map of this size; lookups stay
 /// O(1) whatever the number of mappings.
 pub const MAX_MAPPINGS: u32 = 16_384;
+
+/// Upper bound on the number of granted ports (there are 1023 privileged
+/// ones).
+pub const MAX_GRANTS: u32 = 1024;
 
 /// Number of `u64` words in [`maps::PORTS`]: one bit per port.
 pub const PORT_WORDS: u32 = 65_536 / 64;
@@ -235,11 +246,13 @@ pub enum Counter {
     /// A datagram left unchanged because its reverse entry could not be
     /// written: failing open.
     ErrRevNat = 9,
+    /// A bind of a granted port allowed without CAP_NET_BIND_SERVICE.
+    BindGranted = 10,
 }
 
 impl Counter {
     /// Number of counters; the length of [`maps::COUNTERS`].
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -253,6 +266,7 @@ impl Counter {
         Counter::RecvmsgRestored,
         Counter::RevNatStale,
         Counter::ErrRevNat,
+        Counter::BindGranted,
     ];
 
     /// Stable snake_case name, used in logs and status output.
@@ -268,6 +282,7 @@ impl Counter {
             Counter::RecvmsgRestored => "recvmsg_restored",
             Counter::RevNatStale => "revnat_stale",
             Counter::ErrRevNat => "err_revnat",
+            Counter::BindGranted => "bind_granted",
         }
     }
 }

@@ -3,7 +3,8 @@
 //! - `connect.rs`: connect4/6 rewrite TCP and connected UDP;
 //! - `getpeername.rs`: getpeername4/6 report the original port;
 //! - `udp.rs`: sendmsg4/6 and recvmsg4/6 for unconnected UDP;
-//! - `sockops.rs`: counts connections established through a redirect.
+//! - `sockops.rs`: counts connections established through a redirect;
+//! - `bind.rs`: bind4/6 let granted ports be bound without privilege.
 //!
 //! Each hook lives in its own module with a thin entry point; maps are in
 //! [`maps`], context quirks in [`ctx`]. Names and layouts come from
@@ -15,6 +16,7 @@
 #![no_std]
 #![no_main]
 
+mod bind;
 mod connect;
 mod ctx;
 mod getpeername;

@@ -11,13 +11,17 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use redirect_common::{
-    ADDR_ANY, Addr, Counter, MAX_MAPPINGS, MappingKey, MappingStats, MappingValue, OrigDst,
-    PORT_WORDS, PROTO_ANY, REV_NAT_ENTRIES, RevNatKey, RevNatValue,
+    ADDR_ANY, Addr, Counter, MAX_GRANTS, MAX_MAPPINGS, MappingKey, MappingStats, MappingValue,
+    OrigDst, PORT_WORDS, PROTO_ANY, REV_NAT_ENTRIES, RevNatKey, RevNatValue,
 };
 
 /// The active mappings, written by userspace at any time.
 #[map]
 pub static MAPPINGS: HashMap<MappingKey, MappingValue> = HashMap::with_max_entries(MAX_MAPPINGS, 0);
+
+/// Ports the cgroup may bind without CAP_NET_BIND_SERVICE (`--grant`).
+#[map]
+pub static GRANTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_GRANTS, 0);
 
 /// One bit per FROM port that has a mapping: the fast path for misses.
 #[map]

@@ -26,6 +26,7 @@
 //!   programs a cgroup carries.
 //! - [`status`]: the status socket each live instance serves, and
 //!   collecting every instance's status for `redirect status`.
+//! - [`user`]: looking up and becoming another user (`exec --user`).
 //! - [`error`]: the [`Error`] type; every variant names the cause and a fix.
 //!
 //! # Minimum kernel version
@@ -46,6 +47,7 @@ pub mod error;
 pub mod mapping;
 #[cfg(target_os = "linux")]
 pub mod status;
+pub mod user;
 
 #[cfg(target_os = "linux")]
 pub use ebpf::{Counters, MappingCounts, Options, Redirector};

@@ -15,10 +15,12 @@ use std::{
 use anyhow::Context as _;
 use clap::{ArgAction, Args, Parser, Subcommand};
 use redirect::{
-    MappingSet, Options, Redirector,
+    MappingError, MappingSet, Options, Redirector,
     cgroup::{ChildCgroup, cgroup2_root, own_cgroup},
     ebpf::{Logger, check_privileges},
+    mapping::parse_grant,
     status::{self, InstanceStatus, Report, StatusSocket},
+    user::User,
 };
 use tokio::{
     io::{AsyncWriteExt as _, Interest, unix::AsyncFd},
@@ -39,6 +41,9 @@ Examples:
 
   # DNS on an unprivileged port, for UDP only, and only to 127.0.0.1:
   sudo redirect run --map 127.0.0.1:53:5353/udp
+
+  # authbind without authbind: nobody binds port 443 directly, no capability:
+  sudo redirect exec --grant 443 --user nobody -- python3 -m http.server 443
 
   # What every live redirector is doing (no privileges needed):
   redirect status --json
@@ -94,12 +99,31 @@ struct MapArgs {
     /// scopes: a protocol (`443:8443/tcp`, `53:5353/udp`; default both) and
     /// a destination address (`127.0.0.1:443:8443`, `[::1]:443:8443`;
     /// default any).
-    #[arg(
-        long = "map",
-        value_name = "[ADDR:]FROM:TO[/tcp|/udp]",
-        required = true
-    )]
+    #[arg(long = "map", value_name = "[ADDR:]FROM:TO[/tcp|/udp]")]
     maps: Vec<String>,
+
+    /// Let the scope's processes bind PORT (1-1023) without
+    /// CAP_NET_BIND_SERVICE, like authbind (repeatable; Linux >= 5.12).
+    #[arg(long = "grant", value_name = "PORT")]
+    grants: Vec<String>,
+}
+
+impl MapArgs {
+    /// The validated mappings and granted ports; bad input is an error
+    /// before anything is attached.
+    fn validated(&self) -> Result<(MappingSet, Vec<u16>), MappingError> {
+        let mappings = if self.maps.is_empty() {
+            MappingSet::default()
+        } else {
+            MappingSet::parse(&self.maps)?
+        };
+        let grants = self
+            .grants
+            .iter()
+            .map(|g| parse_grant(g))
+            .collect::<Result<Vec<u16>, _>>()?;
+        Ok((mappings, grants))
+    }
 }
 
 #[derive(Args, Debug)]
@@ -117,6 +141,10 @@ struct RunArgs {
 struct ExecArgs {
     #[command(flatten)]
     map: MapArgs,
+
+    /// Run CMD as this user (name or uid) instead of root.
+    #[arg(long, value_name = "USER")]
+    user: Option<String>,
 
     /// The command to run, and its arguments.
     #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
@@ -163,7 +191,7 @@ fn is_bad_input(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<redirect::Error>()
             .is_some_and(redirect::Error::is_bad_input)
-            || c.downcast_ref::<redirect::MappingError>().is_some()
+            || c.downcast_ref::<MappingError>().is_some()
     })
 }
 
@@ -180,8 +208,28 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
+/// Attaches to `cgroup` with `mappings`, then grants `grants`.
+fn attach(
+    cgroup: &std::path::Path,
+    mappings: MappingSet,
+    grants: &[u16],
+    options: &Options,
+) -> anyhow::Result<Redirector> {
+    let mut redirector = Redirector::attach(cgroup, mappings, options)?;
+    for port in grants {
+        redirector.grant(*port)?;
+    }
+    Ok(redirector)
+}
+
 async fn run(args: RunArgs, options: &Options) -> anyhow::Result<ExitCode> {
-    let mappings = MappingSet::parse(&args.map.maps)?;
+    let (mappings, grants) = args.map.validated()?;
+    if mappings.is_empty() && grants.is_empty() {
+        return Err(MappingError::Empty.into());
+    }
+    if !grants.is_empty() && args.cgroup.is_none() {
+        return Err(MappingError::GrantWithoutScope.into());
+    }
     // Handlers first: a signal during attach is then handled like one after.
     let mut shutdown = Shutdown::new()?;
     check_privileges()?;
@@ -189,7 +237,7 @@ async fn run(args: RunArgs, options: &Options) -> anyhow::Result<ExitCode> {
         Some(dir) => dir,
         None => cgroup2_root()?,
     };
-    let mut redirector = Redirector::attach(&cgroup, mappings, options)?;
+    let mut redirector = attach(&cgroup, mappings, &grants, options)?;
     let status = StatusServer::start("run");
     ready(&redirector)?;
     let logging = pump_logger(redirector.take_logger());
@@ -210,32 +258,39 @@ async fn run(args: RunArgs, options: &Options) -> anyhow::Result<ExitCode> {
 }
 
 async fn exec(args: ExecArgs, options: &Options) -> anyhow::Result<ExitCode> {
-    let mappings = MappingSet::parse(&args.map.maps)?;
+    // An exec with neither is allowed: CMD still runs in a scope of its
+    // own (and as --user), which is how "without --grant" is compared.
+    let (mappings, grants) = args.map.validated()?;
+    let user = args.user.as_deref().map(User::lookup).transpose()?;
     let mut shutdown = Shutdown::new()?;
     check_privileges()?;
     let root = cgroup2_root()?;
     let parent = own_cgroup(&root)?;
     let scope = ChildCgroup::create(&parent, &format!("redirect-exec-{}", std::process::id()))?;
-    let mut redirector = Redirector::attach(scope.path(), mappings, options)?;
-    log::debug!(
-        "redirecting {} for cgroup {}",
-        redirector.mappings(),
-        scope.path().display()
-    );
+    let mut redirector = attach(scope.path(), mappings, &grants, options)?;
+    log::debug!("{}", describe(&redirector));
 
     let procs = scope.procs_writer()?;
     let procs_fd = procs.as_raw_fd();
     let mut cmd = tokio::process::Command::new(&args.command[0]);
     cmd.args(&args.command[1..]);
-    // SAFETY: the closure only calls write(2), which is async-signal-safe.
-    // Writing "0" to cgroup.procs moves the calling process (the forked
-    // child, before exec) into the scope, so CMD never runs outside it.
+    if let Some(user) = &user {
+        cmd.env("USER", &user.name)
+            .env("LOGNAME", &user.name)
+            .env("HOME", &user.home);
+    }
+    // SAFETY: the closure only makes async-signal-safe syscalls (write,
+    // setgroups, setgid, setuid). Writing "0" to cgroup.procs moves the
+    // calling process (the forked child, before exec) into the scope, so
+    // CMD never runs outside it; then it drops to --user.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) == 1 {
-                Ok(())
-            } else {
-                Err(io::Error::last_os_error())
+            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(io::Error::last_os_error());
+            }
+            match &user {
+                Some(user) => user.become_user(),
+                None => Ok(()),
             }
         });
     }
@@ -306,6 +361,10 @@ fn print_instance(out: &mut impl io::Write, i: &InstanceStatus) -> io::Result<()
             "  {:<32} {:>5} {:>11} {:>12} {:>10}",
             m.mapping, m.proto, m.connects, m.established, m.datagrams
         )?;
+    }
+    if !i.grants.is_empty() {
+        let ports: Vec<String> = i.grants.iter().map(u16::to_string).collect();
+        writeln!(out, "  granted ports: {}", ports.join(", "))?;
     }
     let programs: Vec<String> = i
         .programs
@@ -394,15 +453,27 @@ impl StatusServer {
     }
 }
 
+/// "redirecting 443->8443; granting port 80 for cgroup …".
+fn describe(redirector: &Redirector) -> String {
+    let mut what = Vec::new();
+    if !redirector.mappings().is_empty() {
+        what.push(format!("redirecting {}", redirector.mappings()));
+    }
+    if !redirector.grants().is_empty() {
+        let ports: Vec<String> = redirector.grants().iter().map(u16::to_string).collect();
+        what.push(format!("granting port {}", ports.join(", ")));
+    }
+    format!(
+        "{} for cgroup {}",
+        what.join("; "),
+        redirector.cgroup().display()
+    )
+}
+
 /// Prints the `ready` line, which scripts and tests wait for.
 fn ready(redirector: &Redirector) -> anyhow::Result<()> {
     let mut out = io::stdout().lock();
-    writeln!(
-        out,
-        "ready: redirecting {} for cgroup {}",
-        redirector.mappings(),
-        redirector.cgroup().display()
-    )?;
+    writeln!(out, "ready: {}", describe(redirector))?;
     out.flush()?;
     Ok(())
 }

@@ -213,6 +213,24 @@ pub enum MappingError {
     /// No mapping was given.
     #[error("no mapping given: pass at least one --map FROM:TO, for example --map 443:8443")]
     Empty,
+    /// A `--grant` port is not a privileged port number.
+    #[error("invalid port `{input}` for --grant: {reason}")]
+    Grant {
+        /// The text as given.
+        input: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A `--user` names no user.
+    #[error("unknown user `{0}` for --user: no such user (see /etc/passwd)")]
+    UnknownUser(String),
+    /// `--grant` without a scope would grant the port to every process on
+    /// the host.
+    #[error(
+        "--grant needs --cgroup: granting a port to the whole host is what \
+         net.ipv4.ip_unprivileged_port_start does; name the cgroup that may bind it"
+    )]
+    GrantWithoutScope,
     /// More mappings than the table holds.
     #[error("{count} mappings given but at most {max} are supported")]
     TooMany {
@@ -292,6 +310,24 @@ fn parse_port(input: &str, port: &str) -> Result<u16, MappingError> {
         Ok(p) => u16::try_from(p).map_err(|_| err("above 65535")),
         // Only digits, so the one failure left is overflow.
         Err(_) => Err(err("above 65535")),
+    }
+}
+
+/// Parses a `--grant` port: a number from 1 to 1023 (ports from 1024 up
+/// need no grant).
+pub fn parse_grant(input: &str) -> Result<u16, MappingError> {
+    let err = |reason| MappingError::Grant {
+        input: input.to_owned(),
+        reason,
+    };
+    if input.is_empty() || !input.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(err("not a number"));
+    }
+    match input.parse::<u32>() {
+        Ok(0) => Err(err("port 0 cannot be granted; use 1 to 1023")),
+        Ok(p) if p < 1024 => Ok(p as u16),
+        Ok(p) if p <= 65535 => Err(err("ports from 1024 up can be bound without a grant")),
+        _ => Err(err("above 65535")),
     }
 }
 
@@ -558,6 +594,24 @@ mod tests {
         // Once 443:8443 is gone, 8443 may become a source.
         set.insert(m(8443, 9000)).unwrap();
         assert_eq!(set.get(&m(8443, 0)), Some(m(8443, 9000)));
+    }
+
+    #[test]
+    fn grants_are_privileged_ports() {
+        assert_eq!(parse_grant("443"), Ok(443));
+        assert_eq!(parse_grant("1"), Ok(1));
+        assert_eq!(parse_grant("1023"), Ok(1023));
+        for (input, reason) in [
+            ("0", "port 0"),
+            ("1024", "without a grant"),
+            ("8443", "without a grant"),
+            ("70000", "above 65535"),
+            ("https", "not a number"),
+            ("", "not a number"),
+        ] {
+            let err = parse_grant(input).unwrap_err().to_string();
+            assert!(err.contains(reason), "{input}: {err}");
+        }
     }
 
     #[test]

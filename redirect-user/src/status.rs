@@ -40,6 +40,9 @@ pub struct InstanceStatus {
     pub programs: Vec<ProgramStatus>,
     /// Its mappings with their counters.
     pub mappings: Vec<MappingStatus>,
+    /// Ports its scope may bind without CAP_NET_BIND_SERVICE (`--grant`).
+    #[serde(default)]
+    pub grants: Vec<u16>,
     /// Global event counters by name (redirects, skips and errors by
     /// reason), from `redirect_common::Counter`.
     pub counters: BTreeMap<String, u64>,

@@ -88,11 +88,12 @@ fn ensure_llvm() -> anyhow::Result<()> {
 
 /// The programs the integration tests run, with the Debian package that
 /// provides each.
-const TEST_TOOLS: [(&str, &str); 4] = [
+const TEST_TOOLS: [(&str, &str); 5] = [
     ("dig", "bind9-dnsutils"),
     ("dnsmasq", "dnsmasq-base"),
     ("unshare", "util-linux"),
     ("findmnt", "util-linux"),
+    ("setpriv", "util-linux"),
 ];
 
 /// Installs the programs the tests need (the `dnsmasq-base` package ships

@@ -11,8 +11,10 @@ const BPF_PROG_QUERY: libc::c_long = 16;
 
 /// The cgroup hooks redirect uses, with their `enum bpf_attach_type` values
 /// (kernel ABI, stable).
-pub const HOOKS: [(&str, u32); 9] = [
+pub const HOOKS: [(&str, u32); 11] = [
     ("sock_ops", 3),
+    ("bind4", 8),
+    ("bind6", 9),
     ("connect4", 10),
     ("connect6", 11),
     ("sendmsg4", 14),

@@ -40,10 +40,13 @@ use crate::{Error, Mapping, MappingSet, Proto, Result, cgroup::CgroupDir};
 /// The eBPF object built by build.rs from the `redirect-ebpf` crate.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect"));
 
-/// The cgroup sock_addr programs, in attach order: the reverse paths
+/// The cgroup sock_addr programs, in attach order: bind (independent of the
+/// rest) first, then the reverse paths
 /// (getpeername, recvmsg) before the forward ones (connect, sendmsg), so
 /// that nothing is ever rewritten while its reverse cannot be restored yet.
-const PROGRAMS: [&str; 8] = [
+const PROGRAMS: [&str; 10] = [
+    programs::BIND4,
+    programs::BIND6,
     programs::GETPEERNAME4,
     programs::GETPEERNAME6,
     programs::RECVMSG4,
@@ -159,6 +162,8 @@ pub struct Redirector {
     free_slots: Slots,
     /// How many live mappings have each FROM port (for the PORTS bitmap).
     ports: StdHashMap<u16, u32>,
+    /// Ports granted with [`Redirector::grant`], in the order granted.
+    grants: Vec<u16>,
     logger: Option<Logger>,
 }
 
@@ -214,6 +219,7 @@ impl Redirector {
             slots: StdHashMap::new(),
             free_slots: Slots::default(),
             ports: StdHashMap::new(),
+            grants: Vec::new(),
             logger,
         };
         for m in mappings.iter() {
@@ -320,6 +326,56 @@ impl Redirector {
         Ok(self.mappings.remove(m))
     }
 
+    /// Lets processes in the cgroup bind `port` (below 1024) without
+    /// CAP_NET_BIND_SERVICE, like authbind: the bind4/6 programs return "allow,
+    /// and skip the capability check" for it. Takes effect for the next
+    /// `bind()`.
+    ///
+    /// # Minimum kernel version
+    ///
+    /// Linux 5.12.
+    pub fn grant(&mut self, port: u16) -> Result<()> {
+        crate::mapping::parse_grant(&port.to_string())?;
+        if self.grants.contains(&port) {
+            return Ok(());
+        }
+        let name = maps::GRANTS;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(Error::Missing { kind: "map", name })?;
+        HashMap::<&mut MapData, u16, u8>::try_from(map)
+            .map_err(|e| map_error("opening", name, e))?
+            .insert(port, 1, 0)
+            .map_err(|e| map_error("writing", name, e))?;
+        self.grants.push(port);
+        Ok(())
+    }
+
+    /// Takes back a grant; binds from now on need the capability again
+    /// (sockets already bound stay bound).
+    pub fn revoke(&mut self, port: u16) -> Result<bool> {
+        let Some(i) = self.grants.iter().position(|p| *p == port) else {
+            return Ok(false);
+        };
+        let name = maps::GRANTS;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(Error::Missing { kind: "map", name })?;
+        HashMap::<&mut MapData, u16, u8>::try_from(map)
+            .map_err(|e| map_error("opening", name, e))?
+            .remove(&port)
+            .map_err(|e| map_error("writing", name, e))?;
+        self.grants.remove(i);
+        Ok(true)
+    }
+
+    /// The granted ports.
+    pub fn grants(&self) -> &[u16] {
+        &self.grants
+    }
+
     /// Each mapping with its statistics, in the order they were added.
     pub fn mapping_counts(&self) -> Result<Vec<(Mapping, MappingCounts)>> {
         let name = maps::STATS;
@@ -392,6 +448,7 @@ impl Redirector {
             started_unix,
             programs,
             mappings,
+            grants: self.grants.clone(),
             counters,
         })
     }
@@ -665,6 +722,7 @@ mod tests {
             maps::REV_NAT,
             maps::STATS,
             maps::COUNTERS,
+            maps::GRANTS,
         ] {
             assert!(obj.maps.contains_key(name), "map {name} missing");
         }

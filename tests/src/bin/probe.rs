@@ -10,6 +10,7 @@
 //!                           `recv`     -> recvfrom, prints `from=… data=…`
 //! probe hold ADDR N       open N TCP connections, print `open`, close them
 //!                         all when stdin closes
+//! probe bind ADDR         bind a TCP listener, print `bound=ADDR`
 //! ```
 //!
 //! The one-shot modes print `local=`, `peer=` (getpeername, or the source
@@ -37,6 +38,7 @@ fn main() {
         "sendto" => sendto(addr, &arg()),
         "session" => return session(addr),
         "hold" => return hold(addr, arg().parse().expect("N")),
+        "bind" => return bind(addr),
         _ => usage(),
     };
     match result {
@@ -51,7 +53,7 @@ fn main() {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: probe tcp|udp|sendto ADDR MSG | probe session ADDR | probe hold ADDR N");
+    eprintln!("usage: probe tcp|udp|sendto ADDR MSG | probe session|bind ADDR | probe hold ADDR N");
     std::process::exit(2);
 }
 
@@ -125,6 +127,16 @@ fn session(addr: SocketAddr) {
                 }
                 Err(e) => println!("error={e}"),
             }
+        }
+    }
+}
+
+fn bind(addr: SocketAddr) {
+    match std::net::TcpListener::bind(addr) {
+        Ok(l) => println!("bound={}", l.local_addr().expect("local_addr")),
+        Err(e) => {
+            println!("error={e}");
+            std::process::exit(1);
         }
     }
 }
