@@ -38,6 +38,12 @@ pub mod maps {
     /// Hash from a port (`u16`, host order) to `1`: ports processes in the
     /// scope may bind without CAP_NET_BIND_SERVICE (`--grant`).
     pub const GRANTS: &str = "GRANTS";
+    /// Sockhash from a TO port (`u32`, host order) to the listening socket
+    /// registered for it: where sk_lookup steers inbound connections.
+    pub const LISTENERS: &str = "LISTENERS";
+    /// Hash from a TO port (`u16`, host order) to the number of mappings
+    /// that target it: listeners on these ports are registered.
+    pub const TARGETS: &str = "TARGETS";
 }
 
 /// Names of the eBPF programs, as the loader looks them up in the object.
@@ -63,6 +69,8 @@ pub mod programs {
     pub const BIND4: &str = "bind4";
     /// `cgroup/bind6`: lets granted ports be bound without privilege.
     pub const BIND6: &str = "bind6";
+    /// `sk_lookup`: steers inbound connections for FROM to TO's listener.
+    pub const STEER: &str = "steer";
     /// `sockops`: counts connections established through a redirect.
     /// (A `#[sock_ops]` function named `sockops` would collide with its
     /// section name.)
@@ -75,6 +83,9 @@ pub mod programs {
 /// The mapping table is a preallocated hash map of this size; lookups stay
 /// O(1) whatever the number of mappings.
 pub const MAX_MAPPINGS: u32 = 16_384;
+
+/// Upper bound on the number of registered listeners.
+pub const MAX_LISTENERS: u32 = 4096;
 
 /// Upper bound on the number of granted ports (there are 1023 privileged
 /// ones).
@@ -248,11 +259,20 @@ pub enum Counter {
     ErrRevNat = 9,
     /// A bind of a granted port allowed without CAP_NET_BIND_SERVICE.
     BindGranted = 10,
+    /// An inbound connection handed to a registered listener.
+    SteerAssigned = 11,
+    /// An inbound connection for a mapped port refused: no listener is
+    /// registered for its TO port.
+    SteerNoListener = 12,
+    /// A listener on a TO port registered for inbound steering.
+    ListenerRegistered = 13,
+    /// A listener on a TO port that could not be registered.
+    ErrListener = 14,
 }
 
 impl Counter {
     /// Number of counters; the length of [`maps::COUNTERS`].
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 15;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -267,6 +287,10 @@ impl Counter {
         Counter::RevNatStale,
         Counter::ErrRevNat,
         Counter::BindGranted,
+        Counter::SteerAssigned,
+        Counter::SteerNoListener,
+        Counter::ListenerRegistered,
+        Counter::ErrListener,
     ];
 
     /// Stable snake_case name, used in logs and status output.
@@ -283,6 +307,10 @@ impl Counter {
             Counter::RevNatStale => "revnat_stale",
             Counter::ErrRevNat => "err_revnat",
             Counter::BindGranted => "bind_granted",
+            Counter::SteerAssigned => "steer_assigned",
+            Counter::SteerNoListener => "steer_no_listener",
+            Counter::ListenerRegistered => "listener_registered",
+            Counter::ErrListener => "err_listener",
         }
     }
 }

@@ -4,7 +4,9 @@
 //! - `getpeername.rs`: getpeername4/6 report the original port;
 //! - `udp.rs`: sendmsg4/6 and recvmsg4/6 for unconnected UDP;
 //! - `sockops.rs`: counts connections established through a redirect;
-//! - `bind.rs`: bind4/6 let granted ports be bound without privilege.
+//! - `bind.rs`: bind4/6 let granted ports be bound without privilege;
+//! - `steer.rs`: sk_lookup hands inbound connections for FROM to the
+//!   listener registered for TO.
 //!
 //! Each hook lives in its own module with a thin entry point; maps are in
 //! [`maps`], context quirks in [`ctx`]. Names and layouts come from
@@ -22,6 +24,7 @@ mod ctx;
 mod getpeername;
 mod maps;
 mod sockops;
+mod steer;
 mod udp;
 
 /// Verdict of a cgroup sock_addr program that lets the syscall proceed.

@@ -8,11 +8,11 @@ use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     btf_maps::SkStorage,
     macros::{btf_map, map},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
 };
 use redirect_common::{
-    ADDR_ANY, Addr, Counter, MAX_GRANTS, MAX_MAPPINGS, MappingKey, MappingStats, MappingValue,
-    OrigDst, PORT_WORDS, PROTO_ANY, REV_NAT_ENTRIES, RevNatKey, RevNatValue,
+    ADDR_ANY, Addr, Counter, MAX_GRANTS, MAX_LISTENERS, MAX_MAPPINGS, MappingKey, MappingStats,
+    MappingValue, OrigDst, PORT_WORDS, PROTO_ANY, REV_NAT_ENTRIES, RevNatKey, RevNatValue,
 };
 
 /// The active mappings, written by userspace at any time.
@@ -22,6 +22,15 @@ pub static MAPPINGS: HashMap<MappingKey, MappingValue> = HashMap::with_max_entri
 /// Ports the cgroup may bind without CAP_NET_BIND_SERVICE (`--grant`).
 #[map]
 pub static GRANTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_GRANTS, 0);
+
+/// Listening sockets registered for inbound steering, keyed by their port
+/// (a mapping's TO). The kernel removes a socket when it closes.
+#[map]
+pub static LISTENERS: SockHash<u32> = SockHash::with_max_entries(MAX_LISTENERS, 0);
+
+/// TO ports of the live mappings: listeners on these are registered.
+#[map]
+pub static TARGETS: HashMap<u16, u32> = HashMap::with_max_entries(MAX_MAPPINGS, 0);
 
 /// One bit per FROM port that has a mapping: the fast path for misses.
 #[map]

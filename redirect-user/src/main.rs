@@ -135,6 +135,13 @@ struct RunArgs {
     /// root of the cgroup v2 hierarchy, i.e. the whole host].
     #[arg(long, value_name = "DIR")]
     cgroup: Option<PathBuf>,
+
+    /// Also steer inbound TCP connections for FROM, arriving in this network
+    /// namespace (`/proc/PID/ns/net`, `/run/netns/NAME`), to the listener
+    /// that a process of the scope has on TO [default: this process's own
+    /// namespace when --cgroup is not given; none with --cgroup].
+    #[arg(long, value_name = "PATH")]
+    netns: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -166,6 +173,7 @@ fn main() -> ExitCode {
     };
     let options = Options {
         ebpf_debug_log: cli.verbose > 0,
+        netns: None,
     };
     let result = runtime.block_on(async {
         match cli.command {
@@ -233,11 +241,22 @@ async fn run(args: RunArgs, options: &Options) -> anyhow::Result<ExitCode> {
     // Handlers first: a signal during attach is then handled like one after.
     let mut shutdown = Shutdown::new()?;
     check_privileges()?;
-    let cgroup = match args.cgroup {
-        Some(dir) => dir,
+    let cgroup = match &args.cgroup {
+        Some(dir) => dir.clone(),
         None => cgroup2_root()?,
     };
-    let mut redirector = attach(&cgroup, mappings, &grants, options)?;
+    // Inbound steering is per network namespace, not per cgroup: a
+    // cgroup-scoped run steers only a namespace it is given.
+    let netns = match (&args.netns, &args.cgroup) {
+        (Some(path), _) => Some(path.clone()),
+        (None, None) => Some(PathBuf::from("/proc/self/ns/net")),
+        (None, Some(_)) => None,
+    };
+    let options = Options {
+        netns,
+        ..options.clone()
+    };
+    let mut redirector = attach(&cgroup, mappings, &grants, &options)?;
     let status = StatusServer::start("run");
     ready(&redirector)?;
     let logging = pump_logger(redirector.take_logger());

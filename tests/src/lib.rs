@@ -652,3 +652,93 @@ pub fn status_mappings(pid: u32) -> Vec<serde_json::Value> {
         .cloned()
         .collect()
 }
+
+/// Two network namespaces joined by a veth pair, created for one test and
+/// deleted on drop: SERVER (192.0.2.1) and CLIENT (192.0.2.2). TEST-NET-1
+/// addresses, used nowhere but inside these namespaces.
+pub struct NetnsPair {
+    /// The server namespace's name (`/run/netns/NAME`).
+    pub server: String,
+    /// The client namespace's name.
+    pub client: String,
+}
+
+impl NetnsPair {
+    /// The server's address on the pair.
+    pub const SERVER_IP: &str = "192.0.2.1";
+    /// The client's address on the pair.
+    pub const CLIENT_IP: &str = "192.0.2.2";
+
+    /// Creates the pair.
+    pub fn new(tag: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let pair = NetnsPair {
+            server: format!("rt-{tag}-{}-{n}-s", std::process::id()),
+            client: format!("rt-{tag}-{}-{n}-c", std::process::id()),
+        };
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().expect("run ip");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ip(&["netns", "add", &pair.server]);
+        ip(&["netns", "add", &pair.client]);
+        ip(&[
+            "link",
+            "add",
+            "veth0",
+            "netns",
+            &pair.server,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "veth0",
+            "netns",
+            &pair.client,
+        ]);
+        for (ns, addr) in [
+            (&pair.server, Self::SERVER_IP),
+            (&pair.client, Self::CLIENT_IP),
+        ] {
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "veth0",
+            ]);
+            ip(&["-n", ns, "link", "set", "veth0", "up"]);
+        }
+        pair
+    }
+
+    /// `/run/netns/SERVER`.
+    pub fn server_path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.server)
+    }
+
+    /// A command run in namespace `ns` (`ip netns exec`).
+    pub fn command(ns: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns])
+            .args(args)
+            .stdin(Stdio::null());
+        cmd
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        for ns in [&self.server, &self.client] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}

@@ -106,3 +106,13 @@ fn query(dir: &File, attach_type: u32) -> io::Result<Vec<u32>> {
         return Err(err);
     }
 }
+
+/// `BPF_SK_LOOKUP` from `enum bpf_attach_type`.
+const BPF_SK_LOOKUP: u32 = 36;
+
+/// Ids of the sk_lookup programs attached to the network namespace at
+/// `path` (`/proc/PID/ns/net`, `/run/netns/NAME`), whoever attached them.
+pub fn netns_programs(path: &Path) -> Result<Vec<u32>> {
+    let netns = File::open(path).map_err(|e| Error::io("opening", path, e))?;
+    query(&netns, BPF_SK_LOOKUP).map_err(|e| Error::io("BPF_PROG_QUERY on", path, e))
+}

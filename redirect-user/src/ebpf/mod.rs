@@ -13,6 +13,7 @@
 //! kernel detaches the programs at once. Nothing survives the process.
 
 mod attached;
+mod listeners;
 mod privileges;
 
 use std::{
@@ -22,11 +23,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
-pub use attached::{AttachedProgram, HOOKS, attached_programs};
+pub use attached::{AttachedProgram, HOOKS, attached_programs, netns_programs};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramType, SockOps},
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramType, SkLookup, SockOps},
 };
 use aya_log::EbpfLogger;
 pub use privileges::check_privileges;
@@ -68,6 +69,12 @@ pub struct Options {
     /// Log each rewrite from the eBPF side (aya-log, debug level). Off by
     /// default: the verifier then removes the logging code entirely.
     pub ebpf_debug_log: bool,
+    /// Also steer inbound TCP connections for FROM ports in this network
+    /// namespace (`/proc/PID/ns/net`, `/run/netns/NAME`) to the listener
+    /// registered for TO, with sk_lookup (Linux 5.9). Listeners are
+    /// registered when a process of the scope starts listening on a TO port;
+    /// existing ones are found when attaching.
+    pub netns: Option<PathBuf>,
 }
 
 /// Sums of the per-CPU counters kept by the programs.
@@ -164,6 +171,10 @@ pub struct Redirector {
     ports: StdHashMap<u16, u32>,
     /// Ports granted with [`Redirector::grant`], in the order granted.
     grants: Vec<u16>,
+    /// How many live mappings target each TO port (the TARGETS map).
+    targets: StdHashMap<u16, u32>,
+    /// The steered network namespace's path and inode, when steering.
+    netns: Option<(PathBuf, u64)>,
     logger: Option<Logger>,
 }
 
@@ -220,6 +231,8 @@ impl Redirector {
             free_slots: Slots::default(),
             ports: StdHashMap::new(),
             grants: Vec::new(),
+            targets: StdHashMap::new(),
+            netns: None,
             logger,
         };
         for m in mappings.iter() {
@@ -258,6 +271,9 @@ impl Redirector {
                 .attach(dir.as_fd(), CgroupAttachMode::Single)
                 .map_err(|e| attach_error(name, dir.path(), e))?;
         }
+        if let Some(path) = &options.netns {
+            redirector.steer(path)?;
+        }
         log::debug!("attached to {}", redirector.cgroup.display());
         Ok(redirector)
     }
@@ -287,6 +303,8 @@ impl Redirector {
         let written = self.reset_stats(slot).and_then(|()| {
             *self.ports.entry(m.from).or_default() += 1;
             self.write_port_word(m.from)?;
+            *self.targets.entry(m.to).or_default() += 1;
+            self.write_target(m.to)?;
             let value = MappingValue {
                 port: m.to,
                 _pad: 0,
@@ -299,11 +317,15 @@ impl Redirector {
         });
         if let Err(e) = written {
             self.release_port(m.from);
+            self.release_target(m.to);
             self.free_slots.give_back(slot);
             return Err(e);
         }
         self.slots.insert(key, slot);
         self.mappings = next;
+        if self.netns.is_some() {
+            self.register_existing(&[m.to].into())?;
+        }
         Ok(())
     }
 
@@ -320,6 +342,7 @@ impl Redirector {
             .remove(&key)
             .map_err(|e| map_error("writing", maps::MAPPINGS, e))?;
         self.release_port(existing.from);
+        self.release_target(existing.to);
         if let Some(slot) = self.slots.remove(&key) {
             self.free_slots.give_back(slot);
         }
@@ -417,7 +440,10 @@ impl Redirector {
             .map(|(name, id)| ProgramStatus {
                 name: name.to_owned(),
                 id,
-                attached: attached.iter().any(|p| p.id == id),
+                // sk_lookup hangs off the netns, not the cgroup; its link
+                // is ours for as long as we run.
+                attached: attached.iter().any(|p| p.id == id)
+                    || (name == programs::STEER && self.netns.is_some()),
             })
             .collect();
         let mappings = self
@@ -457,7 +483,7 @@ impl Redirector {
     pub fn program_ids(&self) -> Vec<(&'static str, u32)> {
         PROGRAMS
             .iter()
-            .chain(&[programs::SOCK_OPS])
+            .chain(&[programs::SOCK_OPS, programs::STEER])
             .filter_map(|&name| {
                 let info = self.ebpf.program(name)?.info().ok()?;
                 Some((name, info.id()))
@@ -530,6 +556,98 @@ impl Redirector {
         stats
             .insert(slot.index, values, 0)
             .map_err(|e| map_error("writing", name, e))
+    }
+
+    /// Attaches the sk_lookup program to the network namespace at `path`,
+    /// after registering the listeners that already exist there.
+    fn steer(&mut self, path: &Path) -> Result<()> {
+        use std::os::unix::fs::MetadataExt as _;
+        let netns = std::fs::File::open(path).map_err(|e| {
+            Error::io(
+                "opening network namespace (pass --netns /proc/PID/ns/net or /run/netns/NAME)",
+                path,
+                e,
+            )
+        })?;
+        let ino = netns
+            .metadata()
+            .map_err(|e| Error::io("reading", path, e))?
+            .ino();
+        self.netns = Some((path.to_path_buf(), ino));
+        let name = programs::STEER;
+        let program = self.program::<SkLookup>(name)?;
+        program.load().map_err(|e| Error::LoadProgram {
+            program: name,
+            source: Box::new(e),
+        })?;
+        let targets = self.targets.keys().copied().collect();
+        self.register_existing(&targets)?;
+        self.program::<SkLookup>(name)?
+            .attach(netns)
+            .map_err(|e| attach_error(name, path, e))?;
+        Ok(())
+    }
+
+    /// Registers the listeners on `ports` that processes of the scope
+    /// already have in the steered namespace.
+    fn register_existing(&mut self, ports: &std::collections::HashSet<u16>) -> Result<()> {
+        let Some((_, ino)) = &self.netns else {
+            return Ok(());
+        };
+        let found = listeners::find(&self.cgroup, *ino, ports);
+        let name = maps::LISTENERS;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(Error::Missing { kind: "map", name })?;
+        let mut hash = aya::maps::SockHash::<&mut MapData, u32>::try_from(map)
+            .map_err(|e| map_error("opening", name, e))?;
+        for l in found {
+            use std::os::fd::AsRawFd as _;
+            hash.insert(u32::from(l.port), l.fd.as_raw_fd(), 0)
+                .map_err(|e| map_error("writing", name, e))?;
+            log::info!(
+                "registered the listener on port {} of pid {}",
+                l.port,
+                l.pid
+            );
+        }
+        Ok(())
+    }
+
+    /// Writes TARGETS[port] from `self.targets` (or removes it).
+    fn write_target(&mut self, port: u16) -> Result<()> {
+        let name = maps::TARGETS;
+        let count = self.targets.get(&port).copied().unwrap_or(0);
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(Error::Missing { kind: "map", name })?;
+        let mut targets = HashMap::<&mut MapData, u16, u32>::try_from(map)
+            .map_err(|e| map_error("opening", name, e))?;
+        if count == 0 {
+            match targets.remove(&port) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(map_error("writing", name, e)),
+            }
+        } else {
+            targets
+                .insert(port, count, 0)
+                .map_err(|e| map_error("writing", name, e))
+        }
+    }
+
+    /// Drops one reference to TO port `port`.
+    fn release_target(&mut self, port: u16) {
+        if let Some(n) = self.targets.get_mut(&port) {
+            *n -= 1;
+            if *n == 0 {
+                self.targets.remove(&port);
+            }
+        }
+        if let Err(e) = self.write_target(port) {
+            log::warn!("{e}");
+        }
     }
 
     /// Drops one reference to FROM port `port` and updates its bit.
@@ -712,7 +830,10 @@ mod tests {
     #[test]
     fn embedded_object_has_every_shared_name() {
         let obj = aya_obj::Object::parse(OBJECT).expect("parse embedded object");
-        for name in PROGRAMS.iter().chain(&[programs::SOCK_OPS]) {
+        for name in PROGRAMS
+            .iter()
+            .chain(&[programs::SOCK_OPS, programs::STEER])
+        {
             assert!(obj.programs.contains_key(*name), "program {name} missing");
         }
         for name in [
@@ -723,6 +844,8 @@ mod tests {
             maps::STATS,
             maps::COUNTERS,
             maps::GRANTS,
+            maps::LISTENERS,
+            maps::TARGETS,
         ] {
             assert!(obj.maps.contains_key(name), "map {name} missing");
         }

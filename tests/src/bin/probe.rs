@@ -11,6 +11,8 @@
 //! probe hold ADDR N       open N TCP connections, print `open`, close them
 //!                         all when stdin closes
 //! probe bind ADDR         bind a TCP listener, print `bound=ADDR`
+//! probe serve ADDR        listen, print `listening`; accept one connection,
+//!                         print its `local=` and `peer=`, answer `to:LINE`
 //! ```
 //!
 //! The one-shot modes print `local=`, `peer=` (getpeername, or the source
@@ -39,6 +41,7 @@ fn main() {
         "session" => return session(addr),
         "hold" => return hold(addr, arg().parse().expect("N")),
         "bind" => return bind(addr),
+        "serve" => return serve(addr),
         _ => usage(),
     };
     match result {
@@ -129,6 +132,17 @@ fn session(addr: SocketAddr) {
             }
         }
     }
+}
+
+fn serve(addr: SocketAddr) {
+    let listener = std::net::TcpListener::bind(addr).expect("bind");
+    println!("listening");
+    let (stream, peer) = listener.accept().expect("accept");
+    let local = stream.local_addr().expect("local_addr");
+    println!("local={local}\npeer={peer}");
+    let mut line = String::new();
+    let _ = BufReader::new(&stream).read_line(&mut line);
+    let _ = (&stream).write_all(format!("to:{}\n", line.trim_end()).as_bytes());
 }
 
 fn bind(addr: SocketAddr) {

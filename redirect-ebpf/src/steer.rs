@@ -1,0 +1,92 @@
+//! `sk_lookup`: inbound steering. A TCP connection arriving in the network
+//! namespace for a mapped FROM port (from another host, another namespace,
+//! or this host's loopback) is handed to the listening socket registered
+//! for its TO port. Nothing is rewritten: the accepted socket's local port
+//! is FROM, and the server sees the client's real address.
+//!
+//! When a mapping exists but no listener is registered for its TO port, the
+//! connection is refused (SK_DROP: the kernel answers with a reset), never
+//! handed to whatever else is bound to FROM or TO (tubular's rule).
+//!
+//! Minimum kernel version: 5.9.
+
+use core::ptr::{addr_of, read_volatile};
+
+use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
+use aya_log_ebpf::debug;
+use redirect_common::{Addr, Counter, PROTO_TCP};
+
+use crate::maps::{LISTENERS, count, lookup};
+
+/// `SK_PASS`: carry on with the kernel's normal socket lookup.
+const SK_PASS: u32 = 1;
+/// `SK_DROP`: refuse the connection.
+const SK_DROP: u32 = 0;
+/// `AF_INET`.
+const AF_INET: u32 = 2;
+
+/// Steers connections for mapped ports to registered listeners.
+#[sk_lookup]
+pub fn steer(ctx: SkLookupContext) -> u32 {
+    let lk = ctx.lookup;
+    // SAFETY: 4-byte loads of a valid context.
+    let (protocol, family, port) = unsafe {
+        (
+            read_volatile(addr_of!((*lk).protocol)),
+            read_volatile(addr_of!((*lk).family)),
+            read_volatile(addr_of!((*lk).local_port)),
+        )
+    };
+    if protocol != u32::from(PROTO_TCP) {
+        return SK_PASS;
+    }
+    // local_port is in host byte order here (unlike remote_port).
+    let port = port as u16;
+    let addr = local_addr(&ctx, family);
+    let Some((_, target)) = lookup(&addr, port, PROTO_TCP) else {
+        return SK_PASS;
+    };
+    match LISTENERS.redirect_sk_lookup(&ctx, u32::from(target.port), 0) {
+        Ok(()) => {
+            count(Counter::SteerAssigned);
+            SK_PASS
+        }
+        Err(_) => {
+            count(Counter::SteerNoListener);
+            debug!(
+                &ctx,
+                "sk_lookup: port {} has no listener on {}, refused", port, target.port
+            );
+            SK_DROP
+        }
+    }
+}
+
+/// The destination address, IPv4 mapped into `::ffff:a.b.c.d` (as in
+/// `ctx::dst_addr`).
+///
+/// Why every word is read before choosing: with the loads inside an
+/// if/else, LLVM merges the v4 and v6 branches into one load through a
+/// computed context pointer, which the verifier rejects ("dereference of
+/// modified ctx ptr R2 off=56 disallowed").
+#[inline(always)]
+fn local_addr(ctx: &SkLookupContext, family: u32) -> Addr {
+    let lk = ctx.lookup;
+    // SAFETY: 4-byte loads of a valid context.
+    let (ip4, ip6) = unsafe {
+        (
+            read_volatile(addr_of!((*lk).local_ip4)),
+            [
+                read_volatile(addr_of!((*lk).local_ip6[0])),
+                read_volatile(addr_of!((*lk).local_ip6[1])),
+                read_volatile(addr_of!((*lk).local_ip6[2])),
+                read_volatile(addr_of!((*lk).local_ip6[3])),
+            ],
+        )
+    };
+    if family == AF_INET {
+        [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip4]
+    } else {
+        ip6
+    }
+}

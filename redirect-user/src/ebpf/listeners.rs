@@ -1,0 +1,165 @@
+//! Finding listeners that already existed when redirect started, so that
+//! inbound steering reaches them too.
+//!
+//! New listeners are registered by the sock_ops program at
+//! `TCP_LISTEN_CB`; one created before the program was attached never
+//! passes there. For those, as tubular's `register-pid` does: for every
+//! process of the scope (the cgroup and its descendants) that lives in the
+//! steered network namespace, find its listening TCP sockets on a TO port
+//! (`/proc/PID/net/tcp{,6}`, state 0A, matched to the process's fds by
+//! socket inode), and duplicate each into this process with `pidfd_getfd`
+//! (Linux 5.6; needs ptrace rights over the process, which root has) so that
+//! it can be put in the sockhash.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fs,
+    os::fd::{FromRawFd as _, OwnedFd},
+    os::unix::fs::MetadataExt as _,
+    path::Path,
+};
+
+/// A listening socket found in a process: a duplicate of its fd, and its
+/// port.
+#[derive(Debug)]
+pub struct FoundListener {
+    /// Our duplicate of the socket (closing it leaves the process's own).
+    pub fd: OwnedFd,
+    /// The port it listens on.
+    pub port: u16,
+    /// The process it belongs to.
+    pub pid: i32,
+}
+
+/// Listening TCP sockets on one of `ports`, owned by processes of cgroup
+/// `scope` (recursively) whose network namespace has inode `netns_ino`.
+/// Processes that vanish or cannot be read meanwhile are skipped.
+pub fn find(scope: &Path, netns_ino: u64, ports: &HashSet<u16>) -> Vec<FoundListener> {
+    let mut found = Vec::new();
+    if ports.is_empty() {
+        return found;
+    }
+    for pid in scope_pids(scope) {
+        let proc_dir = format!("/proc/{pid}");
+        let same_netns =
+            fs::metadata(format!("{proc_dir}/ns/net")).is_ok_and(|m| m.ino() == netns_ino);
+        if !same_netns {
+            continue;
+        }
+        let listening = listening_inodes(&proc_dir, ports);
+        if listening.is_empty() {
+            continue;
+        }
+        let Ok(fds) = fs::read_dir(format!("{proc_dir}/fd")) else {
+            continue;
+        };
+        for entry in fds.flatten() {
+            let Ok(target) = fs::read_link(entry.path()) else {
+                continue;
+            };
+            let Some(inode) = target
+                .to_str()
+                .and_then(|t| t.strip_prefix("socket:["))
+                .and_then(|t| t.strip_suffix(']'))
+                .and_then(|t| t.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let (Some(&port), Ok(fd)) = (
+                listening.get(&inode),
+                entry.file_name().to_string_lossy().parse::<i32>(),
+            ) else {
+                continue;
+            };
+            match dup_from(pid, fd) {
+                Ok(fd) => found.push(FoundListener { fd, port, pid }),
+                Err(e) => log::warn!("cannot take listener on :{port} from pid {pid}: {e}"),
+            }
+        }
+    }
+    found
+}
+
+/// Every pid in `scope` and its descendant cgroups.
+fn scope_pids(scope: &Path) -> Vec<i32> {
+    let mut pids = Vec::new();
+    let mut dirs = vec![scope.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        if let Ok(text) = fs::read_to_string(dir.join("cgroup.procs")) {
+            pids.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+        }
+        if let Ok(entries) = fs::read_dir(&dir) {
+            dirs.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    pids
+}
+
+/// Socket inode → port of the listening sockets on `ports` in the process's
+/// network namespace.
+fn listening_inodes(proc_dir: &str, ports: &HashSet<u16>) -> HashMap<u64, u16> {
+    let mut out = HashMap::new();
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = fs::read_to_string(format!("{proc_dir}/net/{table}")) else {
+            continue;
+        };
+        out.extend(parse_proc_net_tcp(&text, ports));
+    }
+    out
+}
+
+/// Parses `/proc/net/tcp{,6}`: `sl local rem st … inode`.
+fn parse_proc_net_tcp(text: &str, ports: &HashSet<u16>) -> Vec<(u64, u16)> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (local, state, inode) = (f.get(1)?, f.get(3)?, f.get(9)?);
+            if *state != "0A" {
+                return None; // not TCP_LISTEN
+            }
+            let port = u16::from_str_radix(local.rsplit_once(':')?.1, 16).ok()?;
+            ports
+                .contains(&port)
+                .then(|| Some((inode.parse().ok()?, port)))?
+        })
+        .collect()
+}
+
+fn dup_from(pid: i32, fd: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: plain syscalls; each returned fd is owned exactly once.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
+        if pidfd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let pidfd = OwnedFd::from_raw_fd(pidfd as i32);
+        use std::os::fd::AsRawFd as _;
+        let dup = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
+        if dup < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(dup as i32))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_listening_sockets() {
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:20FB 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:20FB 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 4243 1 0000000000000000 100 0 0 10 0
+   2: 00000000:01BB 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4244 1 0000000000000000 100 0 0 10 0
+";
+        let ports: HashSet<u16> = [8443].into();
+        assert_eq!(parse_proc_net_tcp(text, &ports), vec![(4242, 8443)]);
+    }
+}

@@ -1,0 +1,153 @@
+//! Inbound steering (sk_lookup): a client in another network namespace
+//! connects to FROM on the server namespace's address and reaches the
+//! listener that a process of the scope has on TO. Every namespace here is
+//! the test's own.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Child, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use redirect_tests::{
+    NetnsPair, RedirectProcess, Spawn, binary, parse_probe, privileged,
+    redirect::{cgroup::ChildCgroup, ebpf::netns_programs},
+    test_cgroup,
+};
+
+const FROM: u16 = 443;
+const TO: u16 = 8443;
+
+/// `probe serve 0.0.0.0:TO` in the server namespace, inside `scope` if
+/// given; returns once it listens.
+fn start_server(pair: &NetnsPair, scope: Option<&ChildCgroup>) -> (Child, mpsc::Receiver<String>) {
+    let probe = binary("probe").display().to_string();
+    let addr = format!("0.0.0.0:{TO}");
+    let mut cmd = NetnsPair::command(&pair.server, &[&probe, "serve", &addr]);
+    cmd.stdout(Stdio::piped());
+    // As root: `ip netns exec` needs it (the server's privileges do not
+    // matter to steering; the clients' do not either).
+    Spawn {
+        cgroup: scope,
+        unprivileged: false,
+    }
+    .apply(&mut cmd);
+    let mut child = cmd.spawn().expect("start server");
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+        "listening"
+    );
+    (child, rx)
+}
+
+/// `probe tcp SERVER_IP:FROM` from the client namespace.
+fn connect_from_client(pair: &NetnsPair) -> redirect_tests::ProbeReport {
+    let probe = binary("probe").display().to_string();
+    let addr = format!("{}:{FROM}", NetnsPair::SERVER_IP);
+    let out = NetnsPair::command(&pair.client, &[&probe, "tcp", &addr, "hello"])
+        .output()
+        .expect("run client");
+    parse_probe(&out)
+}
+
+fn run_steering(pair: &NetnsPair, scope: &ChildCgroup) -> RedirectProcess {
+    let mut run = RedirectProcess::start([
+        "run",
+        "--map",
+        &format!("{FROM}:{TO}"),
+        "--cgroup",
+        &scope.path().display().to_string(),
+        "--netns",
+        &pair.server_path().display().to_string(),
+    ]);
+    run.wait_ready();
+    run
+}
+
+/// The accepted socket reports FROM as its local port and the client's real
+/// address as its peer; the client's getpeername reports FROM.
+fn check_steered(pair: &NetnsPair, server: (Child, mpsc::Receiver<String>)) {
+    let (mut child, lines) = server;
+    let report = connect_from_client(pair);
+    assert!(report.ok, "client failed: {report:?}");
+    assert_eq!(report.reply(), "hello".replace("hello", "to:hello"));
+    let from = format!("{}:{FROM}", NetnsPair::SERVER_IP);
+    assert_eq!(report.peer().to_string(), from, "client sees FROM");
+    let local = lines.recv_timeout(Duration::from_secs(5)).unwrap();
+    let peer = lines.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(
+        local,
+        format!("local={from}"),
+        "server's getsockname reports FROM"
+    );
+    assert_eq!(
+        peer,
+        format!("peer={}", report.local()),
+        "server sees the real client"
+    );
+    let _ = child.wait();
+}
+
+#[test]
+fn a_listener_started_after_redirect_is_reached_from_another_namespace() {
+    if !privileged("inbound-after") {
+        return;
+    }
+    let pair = NetnsPair::new("in-after");
+    let scope = test_cgroup("in-after");
+    let mut run = run_steering(&pair, &scope);
+    let server = start_server(&pair, Some(&scope));
+    check_steered(&pair, server);
+
+    let path = pair.server_path();
+    assert_eq!(
+        netns_programs(&path).unwrap().len(),
+        1,
+        "sk_lookup attached"
+    );
+    run.signal(libc::SIGTERM);
+    assert!(run.wait_exit().success());
+    assert!(
+        netns_programs(&path).unwrap().is_empty(),
+        "no sk_lookup program left attached after exit"
+    );
+}
+
+#[test]
+fn a_listener_started_before_redirect_is_reached_too() {
+    if !privileged("inbound-before") {
+        return;
+    }
+    let pair = NetnsPair::new("in-before");
+    let scope = test_cgroup("in-before");
+    let server = start_server(&pair, Some(&scope));
+    let _run = run_steering(&pair, &scope);
+    check_steered(&pair, server);
+}
+
+/// With a mapping but no registered listener, the connection is refused,
+/// even though a process outside the scope listens on TO: it is never
+/// handed to whatever else is bound.
+#[test]
+fn without_a_registered_listener_the_connection_is_refused() {
+    if !privileged("inbound-none") {
+        return;
+    }
+    let pair = NetnsPair::new("in-none");
+    let scope = test_cgroup("in-none");
+    let (mut outsider, _lines) = start_server(&pair, None);
+    let _run = run_steering(&pair, &scope);
+    let report = connect_from_client(&pair);
+    assert!(!report.ok, "{report:?}");
+    assert!(report.get("error").contains("refused"), "{report:?}");
+    let _ = outsider.kill();
+    let _ = outsider.wait();
+}
