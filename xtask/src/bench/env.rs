@@ -127,8 +127,10 @@ impl Env {
             vec![agent.as_str(), "serve-udp", &udp],
             vec!["iperf3", "-s", "-p", &iperf],
         ] {
+            // In the clients' cgroup: the scope of the redirect paths, so
+            // that inbound steering finds these listeners and registers them.
             let child = self
-                .command(Side::Local, false, &args)
+                .command(Side::Local, true, &args)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()

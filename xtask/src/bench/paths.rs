@@ -59,6 +59,7 @@ pub fn all() -> Vec<Box<dyn BenchPath>> {
         Box::new(Socat),
         Box::new(Haproxy),
         Box::new(Direct(Side::Remote)),
+        Box::new(RedirectInbound),
         Box::new(Iptables(Side::Remote)),
     ]
 }
@@ -129,6 +130,50 @@ impl BenchPath for RedirectLocal {
             .stdout(Stdio::piped())
             .spawn()
             .context("starting redirect run")?;
+        wait_ready(&mut child)?;
+        Ok(Box::new(Process(child)))
+    }
+}
+
+/// `redirect run --netns`: sk_lookup steering for clients in the other
+/// namespace, to the (already running) servers, which it registers. TCP
+/// only.
+struct RedirectInbound;
+
+impl BenchPath for RedirectInbound {
+    fn name(&self) -> &'static str {
+        "redirect-in"
+    }
+    fn side(&self) -> Side {
+        Side::Remote
+    }
+    fn udp(&self) -> bool {
+        false
+    }
+    fn start(&self, env: &Env) -> anyhow::Result<Box<dyn Any>> {
+        let redirect = env.redirect.display().to_string();
+        let cgroup = env.cgroup.display().to_string();
+        let netns = format!("/run/netns/{}", env.srv);
+        let maps: Vec<String> = [ECHO, IPERF]
+            .iter()
+            .map(|(from, to)| format!("{from}:{to}/tcp"))
+            .collect();
+        let mut args = vec![
+            redirect.as_str(),
+            "run",
+            "--cgroup",
+            &cgroup,
+            "--netns",
+            &netns,
+        ];
+        for m in &maps {
+            args.extend(["--map", m]);
+        }
+        let mut child = env
+            .host_command(&args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting redirect run --netns")?;
         wait_ready(&mut child)?;
         Ok(Box::new(Process(child)))
     }

@@ -205,6 +205,23 @@ pub fn targets(r: &Results) -> Vec<Target> {
             pass: ebpf.median > ipt.median,
         });
     }
+    for (metric, what) in [
+        (Metric::ConnRate, "connection rate"),
+        (Metric::Tput1, "throughput (1 stream)"),
+    ] {
+        if let Some(s) = r.ratio("redirect-in", metric) {
+            let ipt = r.ratio("iptables-in", metric).map_or(String::new(), |i| {
+                format!("; iptables PREROUTING: {:.3}×", i.median)
+            });
+            out.push(Target {
+                text: format!(
+                    "redirect inbound (sk_lookup) {what} ≥ 0.97× direct: {:.3}× ({:.3}–{:.3}){ipt}",
+                    s.median, s.min, s.max
+                ),
+                pass: s.median >= 0.97,
+            });
+        }
+    }
     if let Some(v) = r.setup_ms.get("redirect") {
         let s = Stat::of(v);
         out.push(Target {
