@@ -44,6 +44,8 @@ pub mod maps {
     /// Hash from a TO port (`u16`, host order) to the number of mappings
     /// that target it: listeners on these ports are registered.
     pub const TARGETS: &str = "TARGETS";
+    /// Array of one [`Owner`](crate::Owner): who may bind the TO ports.
+    pub const OWNER: &str = "OWNER";
 }
 
 /// Names of the eBPF programs, as the loader looks them up in the object.
@@ -226,6 +228,31 @@ pub struct RevNatValue {
     pub generation: u32,
 }
 
+/// [`Owner::kind`]: anyone may bind the TO ports.
+pub const OWNER_NONE: u32 = 0;
+/// [`Owner::kind`]: only processes whose real uid is [`Owner::uid`].
+pub const OWNER_UID: u32 = 1;
+/// [`Owner::kind`]: only processes in cgroup [`Owner::cgroup_id`] (at depth
+/// [`Owner::level`]) or below it.
+pub const OWNER_CGROUP: u32 = 2;
+
+/// Who may bind the TO ports of the mappings (`--owner`), so that no one
+/// else can squat them; the single entry of [`maps::OWNER`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Owner {
+    /// [`OWNER_NONE`], [`OWNER_UID`] or [`OWNER_CGROUP`].
+    pub kind: u32,
+    /// The owner's uid, for [`OWNER_UID`].
+    pub uid: u32,
+    /// The owner cgroup's id (its directory's inode), for [`OWNER_CGROUP`].
+    pub cgroup_id: u64,
+    /// The owner cgroup's depth below the cgroup v2 root (the root is 0).
+    pub level: u32,
+    /// Always zero.
+    pub _pad: u32,
+}
+
 /// Index of each counter in [`maps::COUNTERS`].
 ///
 /// Every path through a program that does not rewrite is counted, so that a
@@ -268,11 +295,14 @@ pub enum Counter {
     ListenerRegistered = 13,
     /// A listener on a TO port that could not be registered.
     ErrListener = 14,
+    /// A bind of a reserved TO port by someone other than its owner,
+    /// refused with EACCES.
+    BindRefused = 15,
 }
 
 impl Counter {
     /// Number of counters; the length of [`maps::COUNTERS`].
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -291,6 +321,7 @@ impl Counter {
         Counter::SteerNoListener,
         Counter::ListenerRegistered,
         Counter::ErrListener,
+        Counter::BindRefused,
     ];
 
     /// Stable snake_case name, used in logs and status output.
@@ -311,6 +342,7 @@ impl Counter {
             Counter::SteerNoListener => "steer_no_listener",
             Counter::ListenerRegistered => "listener_registered",
             Counter::ErrListener => "err_listener",
+            Counter::BindRefused => "bind_refused",
         }
     }
 }
@@ -325,4 +357,5 @@ mod pod {
     unsafe impl aya::Pod for super::MappingStats {}
     unsafe impl aya::Pod for super::RevNatKey {}
     unsafe impl aya::Pod for super::RevNatValue {}
+    unsafe impl aya::Pod for super::Owner {}
 }

@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use redirect_common::{
     ADDR_ANY, Addr, Counter, MAX_GRANTS, MAX_LISTENERS, MAX_MAPPINGS, MappingKey, MappingStats,
-    MappingValue, OrigDst, PORT_WORDS, PROTO_ANY, REV_NAT_ENTRIES, RevNatKey, RevNatValue,
+    MappingValue, OrigDst, Owner, PORT_WORDS, PROTO_ANY, REV_NAT_ENTRIES, RevNatKey, RevNatValue,
 };
 
 /// The active mappings, written by userspace at any time.
@@ -31,6 +31,10 @@ pub static LISTENERS: SockHash<u32> = SockHash::with_max_entries(MAX_LISTENERS, 
 /// TO ports of the live mappings: listeners on these are registered.
 #[map]
 pub static TARGETS: HashMap<u16, u32> = HashMap::with_max_entries(MAX_MAPPINGS, 0);
+
+/// Who may bind the TO ports (`--owner`); kind `OWNER_NONE`: anyone.
+#[map]
+pub static OWNER: Array<Owner> = Array::with_max_entries(1, 0);
 
 /// One bit per FROM port that has a mapping: the fast path for misses.
 #[map]

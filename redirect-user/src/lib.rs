@@ -50,7 +50,7 @@ pub mod status;
 pub mod user;
 
 #[cfg(target_os = "linux")]
-pub use ebpf::{Counters, MappingCounts, Options, Redirector};
+pub use ebpf::{Counters, MappingCounts, Options, PortOwner, Redirector};
 pub use error::{Error, Result};
 pub use mapping::{Mapping, MappingError, MappingSet, Proto};
 pub use redirect_common::Counter;

@@ -15,7 +15,7 @@ use std::{
 use anyhow::Context as _;
 use clap::{ArgAction, Args, Parser, Subcommand};
 use redirect::{
-    MappingError, MappingSet, Options, Redirector,
+    MappingError, MappingSet, Options, PortOwner, Redirector,
     cgroup::{ChildCgroup, cgroup2_root, own_cgroup},
     ebpf::{Logger, check_privileges},
     mapping::parse_grant,
@@ -142,6 +142,12 @@ struct RunArgs {
     /// namespace when --cgroup is not given; none with --cgroup].
     #[arg(long, value_name = "PATH")]
     netns: Option<PathBuf>,
+
+    /// Reserve the TO ports for OWNER (a user name, a uid, or a cgroup v2
+    /// directory): within the scope only it may bind them, others get
+    /// EACCES, and only its listeners are registered for inbound steering.
+    #[arg(long, value_name = "OWNER")]
+    owner: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -173,7 +179,7 @@ fn main() -> ExitCode {
     };
     let options = Options {
         ebpf_debug_log: cli.verbose > 0,
-        netns: None,
+        ..Options::default()
     };
     let result = runtime.block_on(async {
         match cli.command {
@@ -216,6 +222,14 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
+/// `--owner`: a cgroup directory (an absolute path), else a user or uid.
+fn parse_owner(text: &str) -> Result<PortOwner, MappingError> {
+    if text.starts_with('/') {
+        return Ok(PortOwner::Cgroup(PathBuf::from(text)));
+    }
+    Ok(PortOwner::Uid(User::lookup(text)?.uid))
+}
+
 /// Attaches to `cgroup` with `mappings`, then grants `grants`.
 fn attach(
     cgroup: &std::path::Path,
@@ -238,6 +252,7 @@ async fn run(args: RunArgs, options: &Options) -> anyhow::Result<ExitCode> {
     if !grants.is_empty() && args.cgroup.is_none() {
         return Err(MappingError::GrantWithoutScope.into());
     }
+    let owner = args.owner.as_deref().map(parse_owner).transpose()?;
     // Handlers first: a signal during attach is then handled like one after.
     let mut shutdown = Shutdown::new()?;
     check_privileges()?;
@@ -254,6 +269,7 @@ async fn run(args: RunArgs, options: &Options) -> anyhow::Result<ExitCode> {
     };
     let options = Options {
         netns,
+        owner,
         ..options.clone()
     };
     let mut redirector = attach(&cgroup, mappings, &grants, &options)?;

@@ -465,11 +465,15 @@ impl RedirectProcess {
         let stderr = Arc::new(Mutex::new(String::new()));
         {
             let stderr = stderr.clone();
-            let mut pipe = child.stderr.take().unwrap();
+            let pipe = child.stderr.take().unwrap();
+            // Line by line, so that what is logged is visible while the
+            // process still runs.
             thread::spawn(move || {
-                let mut buf = String::new();
-                let _ = pipe.read_to_string(&mut buf);
-                stderr.lock().unwrap().push_str(&buf);
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    let mut all = stderr.lock().unwrap();
+                    all.push_str(&line);
+                    all.push('\n');
+                }
             });
         }
         RedirectProcess {

@@ -154,3 +154,78 @@ fn bad_grants_and_users_are_rejected_with_exit_code_2() {
         Vec::<String>::new()
     );
 }
+
+/// `probe bind 0.0.0.0:PORT`, as `nobody` when `as_nobody`.
+fn bind_args(probe: &str, port: u16, as_nobody: bool) -> Vec<String> {
+    let mut args: Vec<String> = Vec::new();
+    if as_nobody {
+        args.extend(
+            [
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+            ]
+            .map(String::from),
+        );
+    }
+    args.extend([probe.to_owned(), "bind".into(), format!("0.0.0.0:{port}")]);
+    args
+}
+
+fn bind_in(cgroup: &ChildCgroup, port: u16, as_nobody: bool) -> String {
+    let probe = binary("probe").display().to_string();
+    let args = bind_args(&probe, port, as_nobody);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    stdout(&in_new_netns(Some(cgroup), &args))
+}
+
+/// `--owner nobody`: within the scope only nobody may bind TO (8443);
+/// root gets EACCES; other ports are untouched; the reservation ends with
+/// `run`.
+#[test]
+fn owner_reserves_the_target_port_for_its_user() {
+    if !privileged("owner-uid") {
+        return;
+    }
+    let scope = test_cgroup("owner-uid");
+    let dir = scope.path().display().to_string();
+    let mut run = RedirectProcess::start([
+        "run", "--map", "443:8443", "--cgroup", &dir, "--owner", "nobody",
+    ]);
+    run.wait_ready();
+    assert_eq!(bind_in(&scope, 8443, true).trim(), "bound=0.0.0.0:8443");
+    let squatter = bind_in(&scope, 8443, false);
+    assert!(squatter.contains("Permission denied"), "{squatter}");
+    assert_eq!(bind_in(&scope, 8444, false).trim(), "bound=0.0.0.0:8444");
+
+    run.signal(libc::SIGTERM);
+    assert!(run.wait_exit().success());
+    assert_eq!(bind_in(&scope, 8443, false).trim(), "bound=0.0.0.0:8443");
+}
+
+/// `--owner CGROUP_DIR`: only processes of that cgroup may bind TO.
+#[test]
+fn owner_cgroup_reserves_the_target_port_for_that_cgroup() {
+    if !privileged("owner-cgroup") {
+        return;
+    }
+    let scope = test_cgroup("owner-cgroup");
+    let owner = ChildCgroup::create(scope.path(), "owner").unwrap();
+    let other = ChildCgroup::create(scope.path(), "other").unwrap();
+    let mut run = RedirectProcess::start([
+        "run",
+        "--map",
+        "443:8443",
+        "--cgroup",
+        &scope.path().display().to_string(),
+        "--owner",
+        &owner.path().display().to_string(),
+    ]);
+    run.wait_ready();
+    assert_eq!(bind_in(&owner, 8443, false).trim(), "bound=0.0.0.0:8443");
+    let squatter = bind_in(&other, 8443, false);
+    assert!(squatter.contains("Permission denied"), "{squatter}");
+    run.signal(libc::SIGTERM);
+    assert!(run.wait_exit().success());
+}

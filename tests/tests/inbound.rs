@@ -59,15 +59,21 @@ fn connect_from_client(pair: &NetnsPair) -> redirect_tests::ProbeReport {
 }
 
 fn run_steering(pair: &NetnsPair, scope: &ChildCgroup) -> RedirectProcess {
-    let mut run = RedirectProcess::start([
-        "run",
-        "--map",
-        &format!("{FROM}:{TO}"),
-        "--cgroup",
-        &scope.path().display().to_string(),
-        "--netns",
-        &pair.server_path().display().to_string(),
-    ]);
+    run_steering_with(pair, scope, &[])
+}
+
+fn run_steering_with(pair: &NetnsPair, scope: &ChildCgroup, extra: &[&str]) -> RedirectProcess {
+    let mut args = vec![
+        "run".to_owned(),
+        "--map".into(),
+        format!("{FROM}:{TO}"),
+        "--cgroup".into(),
+        scope.path().display().to_string(),
+        "--netns".into(),
+        pair.server_path().display().to_string(),
+    ];
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    let mut run = RedirectProcess::start(args);
     run.wait_ready();
     run
 }
@@ -150,4 +156,29 @@ fn without_a_registered_listener_the_connection_is_refused() {
     assert!(report.get("error").contains("refused"), "{report:?}");
     let _ = outsider.kill();
     let _ = outsider.wait();
+}
+
+/// With `--owner`, a listener of the scope that does not belong to the owner
+/// (here: root's, started before redirect, while the owner is nobody) is not
+/// registered, so inbound connections are refused rather than handed to it.
+#[test]
+fn only_the_owner_s_listeners_are_registered() {
+    if !privileged("inbound-owner") {
+        return;
+    }
+    let pair = NetnsPair::new("in-owner");
+    let scope = test_cgroup("in-owner");
+    let (mut root_listener, _lines) = start_server(&pair, Some(&scope));
+    let run = run_steering_with(&pair, &scope, &["--owner", "nobody"]);
+    let report = connect_from_client(&pair);
+    assert!(!report.ok, "{report:?}");
+    assert!(report.get("error").contains("refused"), "{report:?}");
+    // The warning was logged before `ready`; its reader thread may lag.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while !run.stderr().contains("not the owner") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(run.stderr().contains("not the owner"), "{}", run.stderr());
+    let _ = root_listener.kill();
+    let _ = root_listener.wait();
 }

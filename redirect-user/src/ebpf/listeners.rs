@@ -80,6 +80,39 @@ pub fn find(scope: &Path, netns_ino: u64, ports: &HashSet<u16>) -> Vec<FoundList
     found
 }
 
+/// The real uid of process `pid`.
+pub fn real_uid(pid: i32) -> Option<u32> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Without `--owner`, warns when one TO port is held by processes of
+/// different users: one of them may be squatting it.
+pub fn warn_mixed_owners(found: &[FoundListener]) {
+    let mut by_port: HashMap<u16, HashSet<u32>> = HashMap::new();
+    for l in found {
+        if let Some(uid) = real_uid(l.pid) {
+            by_port.entry(l.port).or_default().insert(uid);
+        }
+    }
+    for (port, uids) in by_port {
+        if uids.len() > 1 {
+            let mut uids: Vec<u32> = uids.into_iter().collect();
+            uids.sort_unstable();
+            log::warn!(
+                "port {port} is bound by processes of different users (uids {uids:?}): \
+                 one may be squatting it; pass --owner to reserve it"
+            );
+        }
+    }
+}
+
 /// Every pid in `scope` and its descendant cgroups.
 fn scope_pids(scope: &Path) -> Vec<i32> {
     let mut pids = Vec::new();

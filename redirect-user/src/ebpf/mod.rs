@@ -75,6 +75,73 @@ pub struct Options {
     /// registered when a process of the scope starts listening on a TO port;
     /// existing ones are found when attaching.
     pub netns: Option<PathBuf>,
+    /// Reserve the TO ports for this owner: within the scope, only it may
+    /// bind them (others get EACCES), and only its listeners are registered.
+    pub owner: Option<PortOwner>,
+}
+
+/// Who may bind the TO ports (`--owner`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PortOwner {
+    /// Processes with this real uid.
+    Uid(u32),
+    /// Processes in this cgroup v2 directory or below it.
+    Cgroup(PathBuf),
+}
+
+impl PortOwner {
+    /// The OWNER map entry.
+    fn entry(&self) -> Result<redirect_common::Owner> {
+        use std::os::unix::fs::MetadataExt as _;
+        Ok(match self {
+            PortOwner::Uid(uid) => redirect_common::Owner {
+                kind: redirect_common::OWNER_UID,
+                uid: *uid,
+                ..Default::default()
+            },
+            PortOwner::Cgroup(path) => {
+                let dir = CgroupDir::open(path)?;
+                let root = crate::cgroup::cgroup2_root()?;
+                let level = dir
+                    .path()
+                    .strip_prefix(&root)
+                    .map_err(|_| Error::NotCgroup2 {
+                        path: path.clone(),
+                        reason: format!("it is not below {}", root.display()),
+                        hint: format!(", such as {}", root.display()),
+                    })?
+                    .components()
+                    .count() as u32;
+                let ino = std::fs::metadata(dir.path())
+                    .map_err(|e| Error::io("reading", dir.path(), e))?
+                    .ino();
+                redirect_common::Owner {
+                    kind: redirect_common::OWNER_CGROUP,
+                    cgroup_id: ino,
+                    level,
+                    ..Default::default()
+                }
+            }
+        })
+    }
+
+    /// Whether process `pid` is this owner (for listeners found in /proc).
+    fn owns(&self, pid: i32) -> bool {
+        match self {
+            PortOwner::Uid(uid) => listeners::real_uid(pid) == Some(*uid),
+            PortOwner::Cgroup(path) => {
+                let Ok(root) = crate::cgroup::cgroup2_root() else {
+                    return false;
+                };
+                let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+                    return false;
+                };
+                text.lines()
+                    .find_map(|l| l.strip_prefix("0::"))
+                    .is_some_and(|rel| root.join(rel.trim_start_matches('/')).starts_with(path))
+            }
+        }
+    }
 }
 
 /// Sums of the per-CPU counters kept by the programs.
@@ -175,6 +242,8 @@ pub struct Redirector {
     targets: StdHashMap<u16, u32>,
     /// The steered network namespace's path and inode, when steering.
     netns: Option<(PathBuf, u64)>,
+    /// Who may bind the TO ports, if reserved.
+    owner: Option<PortOwner>,
     logger: Option<Logger>,
 }
 
@@ -233,8 +302,21 @@ impl Redirector {
             grants: Vec::new(),
             targets: StdHashMap::new(),
             netns: None,
+            owner: options.owner.clone(),
             logger,
         };
+        if let Some(owner) = &options.owner {
+            let entry = owner.entry()?;
+            let name = maps::OWNER;
+            let map = redirector
+                .ebpf
+                .map_mut(name)
+                .ok_or(Error::Missing { kind: "map", name })?;
+            Array::<&mut MapData, redirect_common::Owner>::try_from(map)
+                .map_err(|e| map_error("opening", name, e))?
+                .set(0, entry, 0)
+                .map_err(|e| map_error("writing", name, e))?;
+        }
         for m in mappings.iter() {
             redirector.insert(m)?;
         }
@@ -594,7 +676,22 @@ impl Redirector {
         let Some((_, ino)) = &self.netns else {
             return Ok(());
         };
-        let found = listeners::find(&self.cgroup, *ino, ports);
+        let mut found = listeners::find(&self.cgroup, *ino, ports);
+        if let Some(owner) = &self.owner {
+            found.retain(|l| {
+                let owned = owner.owns(l.pid);
+                if !owned {
+                    log::warn!(
+                        "not registering the listener on port {} of pid {}: it is not the owner",
+                        l.port,
+                        l.pid
+                    );
+                }
+                owned
+            });
+        } else {
+            listeners::warn_mixed_owners(&found);
+        }
         let name = maps::LISTENERS;
         let map = self
             .ebpf
@@ -846,6 +943,7 @@ mod tests {
             maps::GRANTS,
             maps::LISTENERS,
             maps::TARGETS,
+            maps::OWNER,
         ] {
             assert!(obj.maps.contains_key(name), "map {name} missing");
         }
