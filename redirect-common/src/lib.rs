@@ -46,6 +46,10 @@ pub mod maps {
     pub const TARGETS: &str = "TARGETS";
     /// Array of one [`Owner`](crate::Owner): who may bind the TO ports.
     pub const OWNER: &str = "OWNER";
+    /// Hash from a TO port (`u16`) to its FROM port (`u16`), for UDP
+    /// mappings in inbound mode: a UDP bind of TO in the scope is rewritten
+    /// to a bind of FROM.
+    pub const UDP_BINDS: &str = "UDP_BINDS";
 }
 
 /// Names of the eBPF programs, as the loader looks them up in the object.
@@ -146,14 +150,19 @@ impl MappingKey {
     }
 }
 
+/// [`MappingValue::flags`]: the mapping's UDP side is served inbound by
+/// binding the service to FROM (see [`maps::UDP_BINDS`]), so local UDP to
+/// FROM is left alone: the service is there.
+pub const FLAG_UDP_BIND: u16 = 1;
+
 /// Value of the [`maps::MAPPINGS`] table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MappingValue {
     /// Port the connection is sent to instead (TO), host byte order.
     pub port: u16,
-    /// Always zero.
-    pub _pad: u16,
+    /// `FLAG_*` bits.
+    pub flags: u16,
     /// Index of this mapping's [`MappingStats`] in [`maps::STATS`].
     pub slot: u32,
     /// Generation of the slot: bumped by userspace each time the slot is
@@ -298,11 +307,16 @@ pub enum Counter {
     /// A bind of a reserved TO port by someone other than its owner,
     /// refused with EACCES.
     BindRefused = 15,
+    /// A UDP bind of TO rewritten to a bind of FROM (inbound UDP).
+    BindRewritten = 16,
+    /// UDP to FROM left alone because the service itself is bound to FROM
+    /// (inbound UDP mode).
+    SkipUdpServed = 17,
 }
 
 impl Counter {
     /// Number of counters; the length of [`maps::COUNTERS`].
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 18;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -322,6 +336,8 @@ impl Counter {
         Counter::ListenerRegistered,
         Counter::ErrListener,
         Counter::BindRefused,
+        Counter::BindRewritten,
+        Counter::SkipUdpServed,
     ];
 
     /// Stable snake_case name, used in logs and status output.
@@ -343,6 +359,8 @@ impl Counter {
             Counter::ListenerRegistered => "listener_registered",
             Counter::ErrListener => "err_listener",
             Counter::BindRefused => "bind_refused",
+            Counter::BindRewritten => "bind_rewritten",
+            Counter::SkipUdpServed => "skip_udp_served",
         }
     }
 }

@@ -5,6 +5,11 @@
 //! - `--owner`: a mapping's TO port may be bound only by its owner (a uid or
 //!   a cgroup); anyone else gets EACCES, so no one can squat the port that
 //!   redirected traffic goes to.
+//! - inbound UDP: with inbound steering on, a UDP bind of a mapping's TO is
+//!   rewritten to a bind of its FROM (capability check skipped), so that
+//!   datagrams from other hosts reach the service and its replies leave
+//!   from FROM. No hook can rewrite a UDP reply's source port, which is why
+//!   the service must really sit on FROM.
 //!
 //! Every other bind is left to the kernel's usual checks.
 //!
@@ -25,7 +30,7 @@ use redirect_common::{Counter, OWNER_NONE, OWNER_UID};
 use crate::{
     ALLOW,
     ctx::{self, Family},
-    maps::{GRANTS, OWNER, TARGETS, count},
+    maps::{GRANTS, OWNER, TARGETS, UDP_BINDS, count},
 };
 
 /// Fail the syscall.
@@ -64,6 +69,21 @@ fn grant(ctx: &SockAddrContext, family: Family) -> i32 {
         // SAFETY: plain helper call.
         let _ = unsafe { bpf_set_retval(-EACCES) };
         return REJECT;
+    }
+    if ctx::protocol(ctx) == ctx::IPPROTO_UDP
+        // SAFETY: copied out at once.
+        && let Some(from) = unsafe { UDP_BINDS.get(port) }.copied()
+    {
+        ctx::set_dst_port(ctx, from);
+        count(Counter::BindRewritten);
+        debug!(
+            ctx,
+            "bind{}: udp port {} -> {}",
+            family.number(),
+            port,
+            from
+        );
+        return ALLOW_WITHOUT_CAP;
     }
     // SAFETY: presence check only.
     if unsafe { GRANTS.get(port) }.is_none() {

@@ -11,7 +11,7 @@
 
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use aya_log_ebpf::debug;
-use redirect_common::{Counter, OrigDst};
+use redirect_common::{Counter, FLAG_UDP_BIND, OrigDst};
 
 use crate::{
     ALLOW,
@@ -63,6 +63,11 @@ fn try_redirect_connect(ctx: &SockAddrContext, family: Family) -> Result<Counter
         forget(ctx);
         return Ok(Counter::ConnectUnmapped);
     };
+    if proto == IPPROTO_UDP && target.flags & FLAG_UDP_BIND != 0 {
+        // The service itself is bound to FROM (inbound UDP mode).
+        forget(ctx);
+        return Err(Counter::SkipUdpServed);
+    }
     // SAFETY: `ctx` is this program's context; the helper checks the socket.
     let slot = unsafe { ORIG_DST.get_or_insert_ptr_mut(ctx, None) };
     if slot.is_null() {

@@ -36,6 +36,10 @@ pub static TARGETS: HashMap<u16, u32> = HashMap::with_max_entries(MAX_MAPPINGS, 
 #[map]
 pub static OWNER: Array<Owner> = Array::with_max_entries(1, 0);
 
+/// TO → FROM of UDP mappings in inbound mode (see `bind.rs`).
+#[map]
+pub static UDP_BINDS: HashMap<u16, u16> = HashMap::with_max_entries(MAX_MAPPINGS, 0);
+
 /// One bit per FROM port that has a mapping: the fast path for misses.
 #[map]
 pub static PORTS: Array<u64> = Array::with_max_entries(PORT_WORDS, 0);

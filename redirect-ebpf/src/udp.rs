@@ -13,7 +13,9 @@
 
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use aya_log_ebpf::debug;
-use redirect_common::{Addr, Counter, MappingKey, MappingValue, PROTO_UDP, RevNatKey, RevNatValue};
+use redirect_common::{
+    Addr, Counter, FLAG_UDP_BIND, MappingKey, MappingValue, PROTO_UDP, RevNatKey, RevNatValue,
+};
 
 use crate::{
     ALLOW,
@@ -74,6 +76,10 @@ fn try_redirect_sendmsg(ctx: &SockAddrContext, family: Family) -> Result<Counter
     let Some((key, target)) = lookup(&addr, from, PROTO_UDP) else {
         return Ok(Counter::ConnectUnmapped);
     };
+    if target.flags & FLAG_UDP_BIND != 0 {
+        // The service itself is bound to FROM (inbound UDP mode).
+        return Err(Counter::SkipUdpServed);
+    }
     remember(ctx, &addr, key, &target)?;
     ctx::set_dst_port(ctx, target.port);
     add_stat(target.slot, target.generation, Stat::Datagrams, 1);

@@ -182,3 +182,52 @@ fn only_the_owner_s_listeners_are_registered() {
     let _ = root_listener.kill();
     let _ = root_listener.wait();
 }
+
+/// Inbound UDP: a UDP service of the scope that binds TO is bound to FROM
+/// instead (inbound mode), so a client in the other namespace sending to
+/// FROM reaches it and gets replies whose source port is FROM.
+#[test]
+fn inbound_udp_reaches_the_service_and_replies_come_from_from() {
+    if !privileged("inbound-udp") {
+        return;
+    }
+    let pair = NetnsPair::new("in-udp");
+    let scope = test_cgroup("in-udp");
+    let _run = run_steering_with(&pair, &scope, &[]);
+
+    let probe = binary("probe").display().to_string();
+    let mut cmd = NetnsPair::command(
+        &pair.server,
+        &[&probe, "udp-serve", &format!("0.0.0.0:{TO}")],
+    );
+    cmd.stdout(Stdio::piped());
+    Spawn {
+        cgroup: Some(&scope),
+        unprivileged: false,
+    }
+    .apply(&mut cmd);
+    let mut server = cmd.spawn().expect("start udp server");
+    let mut line = String::new();
+    BufReader::new(server.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(
+        line.trim(),
+        format!("listening local=0.0.0.0:{FROM}"),
+        "bound to FROM"
+    );
+
+    let addr = format!("{}:{FROM}", NetnsPair::SERVER_IP);
+    let out = NetnsPair::command(&pair.client, &[&probe, "sendto", &addr, "hello"])
+        .output()
+        .expect("run client");
+    let report = parse_probe(&out);
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.reply(), "to:hello");
+    assert_eq!(
+        report.peer().to_string(),
+        addr,
+        "the reply's source port is FROM"
+    );
+    let _ = server.wait();
+}

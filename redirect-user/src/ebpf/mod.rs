@@ -32,8 +32,8 @@ use aya::{
 use aya_log::EbpfLogger;
 pub use privileges::check_privileges;
 use redirect_common::{
-    ADDR_ANY, Addr, Counter, MAX_MAPPINGS, MappingKey, MappingStats, MappingValue, PROTO_ANY,
-    PROTO_TCP, PROTO_UDP, maps, programs,
+    ADDR_ANY, Addr, Counter, FLAG_UDP_BIND, MAX_MAPPINGS, MappingKey, MappingStats, MappingValue,
+    PROTO_ANY, PROTO_TCP, PROTO_UDP, maps, programs,
 };
 
 use crate::{Error, Mapping, MappingSet, Proto, Result, cgroup::CgroupDir};
@@ -244,6 +244,9 @@ pub struct Redirector {
     netns: Option<(PathBuf, u64)>,
     /// Who may bind the TO ports, if reserved.
     owner: Option<PortOwner>,
+    /// Inbound UDP mode (with inbound steering): UDP services of the scope
+    /// bind FROM instead of TO.
+    udp_inbound: bool,
     logger: Option<Logger>,
 }
 
@@ -303,6 +306,7 @@ impl Redirector {
             targets: StdHashMap::new(),
             netns: None,
             owner: options.owner.clone(),
+            udp_inbound: options.netns.is_some(),
             logger,
         };
         if let Some(owner) = &options.owner {
@@ -387,9 +391,15 @@ impl Redirector {
             self.write_port_word(m.from)?;
             *self.targets.entry(m.to).or_default() += 1;
             self.write_target(m.to)?;
+            let udp_bind = self.udp_inbound && m.proto != Proto::Tcp;
+            if udp_bind {
+                self.udp_binds()?
+                    .insert(m.to, m.from, 0)
+                    .map_err(|e| map_error("writing", maps::UDP_BINDS, e))?;
+            }
             let value = MappingValue {
                 port: m.to,
-                _pad: 0,
+                flags: if udp_bind { FLAG_UDP_BIND } else { 0 },
                 slot: slot.index,
                 generation: slot.generation,
             };
@@ -425,6 +435,12 @@ impl Redirector {
             .map_err(|e| map_error("writing", maps::MAPPINGS, e))?;
         self.release_port(existing.from);
         self.release_target(existing.to);
+        if self.udp_inbound && existing.proto != Proto::Tcp {
+            match self.udp_binds()?.remove(&existing.to) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_error("writing", maps::UDP_BINDS, e)),
+            }
+        }
         if let Some(slot) = self.slots.remove(&key) {
             self.free_slots.give_back(slot);
         }
@@ -712,6 +728,15 @@ impl Redirector {
         Ok(())
     }
 
+    fn udp_binds(&mut self) -> Result<HashMap<&mut MapData, u16, u16>> {
+        let name = maps::UDP_BINDS;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(Error::Missing { kind: "map", name })?;
+        HashMap::try_from(map).map_err(|e| map_error("opening", name, e))
+    }
+
     /// Writes TARGETS[port] from `self.targets` (or removes it).
     fn write_target(&mut self, port: u16) -> Result<()> {
         let name = maps::TARGETS;
@@ -944,6 +969,7 @@ mod tests {
             maps::LISTENERS,
             maps::TARGETS,
             maps::OWNER,
+            maps::UDP_BINDS,
         ] {
             assert!(obj.maps.contains_key(name), "map {name} missing");
         }

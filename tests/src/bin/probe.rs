@@ -13,6 +13,8 @@
 //! probe bind ADDR         bind a TCP listener, print `bound=ADDR`
 //! probe serve ADDR        listen, print `listening`; accept one connection,
 //!                         print its `local=` and `peer=`, answer `to:LINE`
+//! probe udp-serve ADDR    bind UDP, print `listening local=ADDR`; answer
+//!                         one datagram with `to:DATAGRAM`
 //! ```
 //!
 //! The one-shot modes print `local=`, `peer=` (getpeername, or the source
@@ -42,6 +44,7 @@ fn main() {
         "hold" => return hold(addr, arg().parse().expect("N")),
         "bind" => return bind(addr),
         "serve" => return serve(addr),
+        "udp-serve" => return udp_serve(addr),
         _ => usage(),
     };
     match result {
@@ -143,6 +146,18 @@ fn serve(addr: SocketAddr) {
     let mut line = String::new();
     let _ = BufReader::new(&stream).read_line(&mut line);
     let _ = (&stream).write_all(format!("to:{}\n", line.trim_end()).as_bytes());
+}
+
+fn udp_serve(addr: SocketAddr) {
+    let socket = UdpSocket::bind(addr).expect("bind");
+    println!(
+        "listening local={}",
+        socket.local_addr().expect("local_addr")
+    );
+    let mut buf = [0u8; 1500];
+    let (n, peer) = socket.recv_from(&mut buf).expect("recv_from");
+    let reply = format!("to:{}", String::from_utf8_lossy(&buf[..n]));
+    socket.send_to(reply.as_bytes(), peer).expect("send_to");
 }
 
 fn bind(addr: SocketAddr) {
