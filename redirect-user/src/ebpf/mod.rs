@@ -761,12 +761,7 @@ impl Redirector {
 
     /// Drops one reference to TO port `port`.
     fn release_target(&mut self, port: u16) {
-        if let Some(n) = self.targets.get_mut(&port) {
-            *n -= 1;
-            if *n == 0 {
-                self.targets.remove(&port);
-            }
-        }
+        release(&mut self.targets, port);
         if let Err(e) = self.write_target(port) {
             log::warn!("{e}");
         }
@@ -774,12 +769,7 @@ impl Redirector {
 
     /// Drops one reference to FROM port `port` and updates its bit.
     fn release_port(&mut self, port: u16) {
-        if let Some(n) = self.ports.get_mut(&port) {
-            *n -= 1;
-            if *n == 0 {
-                self.ports.remove(&port);
-            }
-        }
+        release(&mut self.ports, port);
         if let Err(e) = self.write_port_word(port) {
             // A stale bit only costs a few hash lookups that miss.
             log::warn!("{e}");
@@ -811,6 +801,16 @@ impl Redirector {
             name: maps::MAPPINGS,
         })?;
         HashMap::try_from(map).map_err(|e| map_error("opening", maps::MAPPINGS, e))
+    }
+}
+
+/// Drops one reference to `port` in a reference count, forgetting it at 0.
+fn release(counts: &mut StdHashMap<u16, u32>, port: u16) {
+    if let Some(n) = counts.get_mut(&port) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(&port);
+        }
     }
 }
 

@@ -115,23 +115,8 @@ impl BenchPath for RedirectLocal {
         Side::Local
     }
     fn start(&self, env: &Env) -> anyhow::Result<Box<dyn Any>> {
-        let redirect = env.redirect.display().to_string();
-        let cgroup = env.cgroup.display().to_string();
-        let maps: Vec<String> = [ECHO, IPERF, UDP]
-            .iter()
-            .map(|(from, to)| format!("{from}:{to}"))
-            .collect();
-        let mut args = vec![redirect.as_str(), "run", "--cgroup", &cgroup];
-        for m in &maps {
-            args.extend(["--map", m]);
-        }
-        let mut child = env
-            .host_command(&args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("starting redirect run")?;
-        wait_ready(&mut child)?;
-        Ok(Box::new(Process(child)))
+        let maps = [ECHO, IPERF, UDP].map(|(from, to)| format!("{from}:{to}"));
+        start_redirect(env, &maps, &[])
     }
 }
 
@@ -151,32 +136,28 @@ impl BenchPath for RedirectInbound {
         false
     }
     fn start(&self, env: &Env) -> anyhow::Result<Box<dyn Any>> {
-        let redirect = env.redirect.display().to_string();
-        let cgroup = env.cgroup.display().to_string();
+        let maps = [ECHO, IPERF].map(|(from, to)| format!("{from}:{to}/tcp"));
         let netns = format!("/run/netns/{}", env.srv);
-        let maps: Vec<String> = [ECHO, IPERF]
-            .iter()
-            .map(|(from, to)| format!("{from}:{to}/tcp"))
-            .collect();
-        let mut args = vec![
-            redirect.as_str(),
-            "run",
-            "--cgroup",
-            &cgroup,
-            "--netns",
-            &netns,
-        ];
-        for m in &maps {
-            args.extend(["--map", m]);
-        }
-        let mut child = env
-            .host_command(&args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("starting redirect run --netns")?;
-        wait_ready(&mut child)?;
-        Ok(Box::new(Process(child)))
+        start_redirect(env, &maps, &["--netns", &netns])
     }
+}
+
+/// `redirect run --cgroup BENCH --map M… EXTRA…`, once it is ready.
+fn start_redirect(env: &Env, maps: &[String], extra: &[&str]) -> anyhow::Result<Box<dyn Any>> {
+    let redirect = env.redirect.display().to_string();
+    let cgroup = env.cgroup.display().to_string();
+    let mut args = vec![redirect.as_str(), "run", "--cgroup", &cgroup];
+    args.extend_from_slice(extra);
+    for m in maps {
+        args.extend(["--map", m]);
+    }
+    let mut child = env
+        .host_command(&args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting redirect run")?;
+    wait_ready(&mut child)?;
+    Ok(Box::new(Process(child)))
 }
 
 /// Waits (up to 10 s) for the `ready` line of `redirect run`.
