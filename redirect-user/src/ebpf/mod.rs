@@ -26,7 +26,7 @@ use std::{
 pub use attached::{AttachedProgram, HOOKS, attached_programs, netns_programs};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, PerCpuValues},
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramType, SkLookup, SockOps},
 };
 use aya_log::EbpfLogger;
@@ -312,12 +312,8 @@ impl Redirector {
         if let Some(owner) = &options.owner {
             let entry = owner.entry()?;
             let name = maps::OWNER;
-            let map = redirector
-                .ebpf
-                .map_mut(name)
-                .ok_or(Error::Missing { kind: "map", name })?;
-            Array::<&mut MapData, redirect_common::Owner>::try_from(map)
-                .map_err(|e| map_error("opening", name, e))?
+            redirector
+                .map_mut::<Array<_, redirect_common::Owner>>(name)?
                 .set(0, entry, 0)
                 .map_err(|e| map_error("writing", name, e))?;
         }
@@ -393,7 +389,7 @@ impl Redirector {
             self.write_target(m.to)?;
             let udp_bind = self.udp_inbound && m.proto != Proto::Tcp;
             if udp_bind {
-                self.udp_binds()?
+                self.map_mut::<HashMap<_, u16, u16>>(maps::UDP_BINDS)?
                     .insert(m.to, m.from, 0)
                     .map_err(|e| map_error("writing", maps::UDP_BINDS, e))?;
             }
@@ -403,7 +399,7 @@ impl Redirector {
                 slot: slot.index,
                 generation: slot.generation,
             };
-            self.table()?
+            self.map_mut::<HashMap<_, MappingKey, MappingValue>>(maps::MAPPINGS)?
                 .insert(key, value, 0)
                 .map_err(|e| map_error("writing", maps::MAPPINGS, e))
         });
@@ -430,13 +426,16 @@ impl Redirector {
             return Ok(None);
         };
         let key = table_key(&existing);
-        self.table()?
+        self.map_mut::<HashMap<_, MappingKey, MappingValue>>(maps::MAPPINGS)?
             .remove(&key)
             .map_err(|e| map_error("writing", maps::MAPPINGS, e))?;
         self.release_port(existing.from);
         self.release_target(existing.to);
         if self.udp_inbound && existing.proto != Proto::Tcp {
-            match self.udp_binds()?.remove(&existing.to) {
+            match self
+                .map_mut::<HashMap<_, u16, u16>>(maps::UDP_BINDS)?
+                .remove(&existing.to)
+            {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(e) => return Err(map_error("writing", maps::UDP_BINDS, e)),
             }
@@ -461,12 +460,7 @@ impl Redirector {
             return Ok(());
         }
         let name = maps::GRANTS;
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(Error::Missing { kind: "map", name })?;
-        HashMap::<&mut MapData, u16, u8>::try_from(map)
-            .map_err(|e| map_error("opening", name, e))?
+        self.map_mut::<HashMap<_, u16, u8>>(name)?
             .insert(port, 1, 0)
             .map_err(|e| map_error("writing", name, e))?;
         self.grants.push(port);
@@ -480,12 +474,7 @@ impl Redirector {
             return Ok(false);
         };
         let name = maps::GRANTS;
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(Error::Missing { kind: "map", name })?;
-        HashMap::<&mut MapData, u16, u8>::try_from(map)
-            .map_err(|e| map_error("opening", name, e))?
+        self.map_mut::<HashMap<_, u16, u8>>(name)?
             .remove(&port)
             .map_err(|e| map_error("writing", name, e))?;
         self.grants.remove(i);
@@ -499,13 +488,7 @@ impl Redirector {
 
     /// Each mapping with its statistics, in the order they were added.
     pub fn mapping_counts(&self) -> Result<Vec<(Mapping, MappingCounts)>> {
-        let name = maps::STATS;
-        let map = self
-            .ebpf
-            .map(name)
-            .ok_or(Error::Missing { kind: "map", name })?;
-        let stats = PerCpuHashMap::<&MapData, u32, MappingStats>::try_from(map)
-            .map_err(|e| map_error("opening", name, e))?;
+        let stats = self.map::<PerCpuHashMap<_, u32, MappingStats>>(maps::STATS)?;
         self.mappings
             .iter()
             .map(|m| {
@@ -591,7 +574,7 @@ impl Redirector {
 
     /// The programs' counters, summed over CPUs.
     pub fn counters(&self) -> Result<Counters> {
-        let array = self.per_cpu::<u64>(maps::COUNTERS)?;
+        let array = self.map::<PerCpuArray<_, u64>>(maps::COUNTERS)?;
         let mut values = Vec::with_capacity(Counter::ALL.len());
         for c in Counter::ALL {
             let per_cpu = array
@@ -608,12 +591,28 @@ impl Redirector {
         self.logger.take()
     }
 
-    fn per_cpu<V: aya::Pod>(&self, name: &'static str) -> Result<PerCpuArray<&MapData, V>> {
+    /// The map `name`, as its typed view `M` (read-only).
+    fn map<'a, M>(&'a self, name: &'static str) -> Result<M>
+    where
+        M: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,
+    {
         let map = self
             .ebpf
             .map(name)
             .ok_or(Error::Missing { kind: "map", name })?;
-        PerCpuArray::try_from(map).map_err(|e| map_error("opening", name, e))
+        M::try_from(map).map_err(|e| map_error("opening", name, e))
+    }
+
+    /// The map `name`, as its typed view `M`.
+    fn map_mut<'a, M>(&'a mut self, name: &'static str) -> Result<M>
+    where
+        M: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+    {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(Error::Missing { kind: "map", name })?;
+        M::try_from(map).map_err(|e| map_error("opening", name, e))
     }
 
     /// The program `name`, as its type `P`.
@@ -637,12 +636,6 @@ impl Redirector {
     /// Zeroes the stats of `slot` on every CPU and stamps its generation.
     fn reset_stats(&mut self, slot: Slot) -> Result<()> {
         let name = maps::STATS;
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(Error::Missing { kind: "map", name })?;
-        let mut stats = PerCpuHashMap::<&mut MapData, u32, MappingStats>::try_from(map)
-            .map_err(|e| map_error("opening", name, e))?;
         let cpus =
             aya::util::nr_cpus().map_err(|(path, source)| Error::io("reading", path, source))?;
         let fresh = MappingStats {
@@ -651,7 +644,7 @@ impl Redirector {
         };
         let values = PerCpuValues::try_from(vec![fresh; cpus])
             .map_err(|e| Error::io("building per-CPU stats for", name, e))?;
-        stats
+        self.map_mut::<PerCpuHashMap<_, u32, MappingStats>>(name)?
             .insert(slot.index, values, 0)
             .map_err(|e| map_error("writing", name, e))
     }
@@ -709,12 +702,7 @@ impl Redirector {
             listeners::warn_mixed_owners(&found);
         }
         let name = maps::LISTENERS;
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(Error::Missing { kind: "map", name })?;
-        let mut hash = aya::maps::SockHash::<&mut MapData, u32>::try_from(map)
-            .map_err(|e| map_error("opening", name, e))?;
+        let mut hash = self.map_mut::<aya::maps::SockHash<_, u32>>(name)?;
         for l in found {
             use std::os::fd::AsRawFd as _;
             hash.insert(u32::from(l.port), l.fd.as_raw_fd(), 0)
@@ -728,25 +716,11 @@ impl Redirector {
         Ok(())
     }
 
-    fn udp_binds(&mut self) -> Result<HashMap<&mut MapData, u16, u16>> {
-        let name = maps::UDP_BINDS;
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(Error::Missing { kind: "map", name })?;
-        HashMap::try_from(map).map_err(|e| map_error("opening", name, e))
-    }
-
     /// Writes TARGETS[port] from `self.targets` (or removes it).
     fn write_target(&mut self, port: u16) -> Result<()> {
         let name = maps::TARGETS;
         let count = self.targets.get(&port).copied().unwrap_or(0);
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(Error::Missing { kind: "map", name })?;
-        let mut targets = HashMap::<&mut MapData, u16, u32>::try_from(map)
-            .map_err(|e| map_error("opening", name, e))?;
+        let mut targets = self.map_mut::<HashMap<_, u16, u32>>(name)?;
         if count == 0 {
             match targets.remove(&port) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
@@ -784,23 +758,9 @@ impl Redirector {
             .filter(|bit| self.ports.contains_key(&((base + bit) as u16)))
             .fold(0u64, |w, bit| w | (1 << bit));
         let name = maps::PORTS;
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(Error::Missing { kind: "map", name })?;
-        let mut ports =
-            Array::<&mut MapData, u64>::try_from(map).map_err(|e| map_error("opening", name, e))?;
-        ports
+        self.map_mut::<Array<_, u64>>(name)?
             .set(index, word, 0)
             .map_err(|e| map_error("writing", name, e))
-    }
-
-    fn table(&mut self) -> Result<HashMap<&mut MapData, MappingKey, MappingValue>> {
-        let map = self.ebpf.map_mut(maps::MAPPINGS).ok_or(Error::Missing {
-            kind: "map",
-            name: maps::MAPPINGS,
-        })?;
-        HashMap::try_from(map).map_err(|e| map_error("opening", maps::MAPPINGS, e))
     }
 }
 
