@@ -52,7 +52,10 @@ pub mod status;
 pub mod user;
 
 #[cfg(target_os = "linux")]
-pub use ebpf::{Counters, MappingCounts, Options, PortOwner, Redirector};
+pub use ebpf::{
+    Counters, LoadOptions, MappingCounts, Options, PortOwner, Programs, Redirector, Scope,
+    ScopeBuilder, ScopeStats,
+};
 pub use error::{Error, Result};
 pub use mapping::{Mapping, MappingError, MappingSet, Proto};
 pub use redirect_common::Counter;
