@@ -26,6 +26,8 @@
 //!   programs a cgroup carries.
 //! - [`status`]: the status socket each live instance serves, and
 //!   collecting every instance's status for `redirect status`.
+//! - [`daemon`]: `redirect daemon`: config file, control socket, reload,
+//!   metrics, pinned state that outlives restarts.
 //! - [`control`]: the daemon's control protocol and a blocking client.
 //! - [`user`]: looking up and becoming another user (`exec --user`).
 //! - [`error`]: the [`Error`] type; every variant names the cause and a fix.
@@ -43,6 +45,8 @@
 
 pub mod cgroup;
 pub mod control;
+#[cfg(target_os = "linux")]
+pub mod daemon;
 #[cfg(target_os = "linux")]
 pub mod ebpf;
 pub mod error;

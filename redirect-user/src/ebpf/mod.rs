@@ -67,8 +67,17 @@ pub enum PortOwner {
 }
 
 impl PortOwner {
-    /// The OWNER map entry.
-    fn entry(&self) -> Result<redirect_common::Owner> {
+    /// Parses `--owner`/`owner =`: a cgroup v2 directory (an absolute
+    /// path), else a user name or uid.
+    pub fn parse(text: &str) -> std::result::Result<Self, crate::MappingError> {
+        if text.starts_with('/') {
+            return Ok(PortOwner::Cgroup(PathBuf::from(text)));
+        }
+        Ok(PortOwner::Uid(crate::user::User::lookup(text)?.uid))
+    }
+
+    /// The OWNERS map entry.
+    pub(crate) fn entry(&self) -> Result<redirect_common::Owner> {
         use std::os::unix::fs::MetadataExt as _;
         Ok(match self {
             PortOwner::Uid(uid) => redirect_common::Owner {
@@ -103,7 +112,7 @@ impl PortOwner {
     }
 
     /// Whether process `pid` is this owner (for listeners found in /proc).
-    fn owns(&self, pid: i32) -> bool {
+    pub(crate) fn owns(&self, pid: i32) -> bool {
         match self {
             PortOwner::Uid(uid) => listeners::real_uid(pid) == Some(*uid),
             PortOwner::Cgroup(path) => {

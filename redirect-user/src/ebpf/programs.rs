@@ -1317,7 +1317,7 @@ pub(super) fn table_key(id: u32, m: &Mapping) -> MappingKey {
 }
 
 /// The mapping a pinned MAPPINGS entry stands for.
-fn mapping_of(key: &MappingKey, value: &MappingValue) -> Mapping {
+pub(super) fn mapping_of(key: &MappingKey, value: &MappingValue) -> Mapping {
     let addr = (key.addr != ADDR_ANY).then(|| {
         let mut b = [0u8; 16];
         for (i, w) in key.addr.iter().enumerate() {
