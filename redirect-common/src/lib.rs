@@ -95,6 +95,11 @@ pub mod programs {
     /// `sockops` of a steering instance: registers the scope's new
     /// listeners on TO ports for [`STEER`].
     pub const SOCK_LISTEN: &str = "sockops_listen";
+    /// `cgroup/post_bind4` of a steering instance: marks sockets the
+    /// scope's owner binds to a TO port.
+    pub const POST_BIND4: &str = "post_bind4";
+    /// `cgroup/post_bind6`: as [`POST_BIND4`] for IPv6.
+    pub const POST_BIND6: &str = "post_bind6";
 }
 
 /// Names of the globals the loader sets before loading.
@@ -449,11 +454,15 @@ pub enum Counter {
     /// sk_lookup could not hand the connection to the registered socket
     /// (wrong family or protocol, or not listening): refused.
     SteerBadSocket = 21,
+    /// A listener on a TO port not registered because the scope has an
+    /// owner and the owner did not bind it (bound by someone else before
+    /// the mapping existed, or autobound by `listen()`).
+    ListenerNotOwner = 22,
 }
 
 impl Counter {
     /// Number of counters; the length of [`maps::COUNTERS`].
-    pub const COUNT: u32 = 22;
+    pub const COUNT: u32 = 23;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -479,6 +488,7 @@ impl Counter {
         Counter::ListenerIneligible,
         Counter::ListenerTaken,
         Counter::SteerBadSocket,
+        Counter::ListenerNotOwner,
     ];
 
     /// Stable snake_case name, used in logs and status output.
@@ -506,6 +516,7 @@ impl Counter {
             Counter::ListenerIneligible => "listener_ineligible",
             Counter::ListenerTaken => "listener_taken",
             Counter::SteerBadSocket => "steer_bad_socket",
+            Counter::ListenerNotOwner => "listener_not_owner",
         }
     }
 }

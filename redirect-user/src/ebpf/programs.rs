@@ -34,7 +34,9 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, PerCpuValues, SockHash},
-    programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, links::FdLink},
+    programs::{
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, Program, SkLookup, SockOps, links::FdLink,
+    },
 };
 use aya_log::EbpfLogger;
 use redirect_common::{
@@ -87,19 +89,19 @@ const SHARED_MAPS: [&str; 12] = [
 ];
 
 /// The maps a steering instance really uses, and the size of each there.
-const STEER_MAPS: [(&str, u32); 4] = [
+const STEER_MAPS: [(&str, u32); 5] = [
     (maps::MAPPINGS, 1024),
     (maps::PORTS, 1024),
     (maps::TARGETS, 1024),
     (maps::LISTENERS, 1024),
+    (maps::OWNERS, 1),
 ];
 
 /// Maps a steering instance has (it is the same object) but never uses:
 /// made as small as the kernel allows.
-const STEER_UNUSED: [&str; 6] = [
+const STEER_UNUSED: [&str; 5] = [
     maps::SCOPES,
     maps::GRANTS,
-    maps::OWNERS,
     maps::UDP_BINDS,
     maps::REV_NAT,
     maps::STATS,
@@ -601,41 +603,7 @@ impl Shared {
             .pin_dir
             .as_ref()
             .map(|d| pin::scope_dir(d, id).join("links").join(name));
-        if let Some(path) = &pin_path
-            && let Some(adopted) = pin::adopt_link(path)?
-        {
-            let prog = self
-                .ebpf
-                .program(name)
-                .ok_or(Error::Missing {
-                    kind: "program",
-                    name,
-                })?
-                .fd()
-                .map_err(load_error(name))?;
-            pin::replace_program(&adopted, prog.as_fd(), path)?;
-            return Ok(ScopeLink::Pinned(path.clone()));
-        }
-        let link: FdLink = if name == programs::SOCK_OPS {
-            let p = program::<SockOps>(&mut self.ebpf, name)?;
-            let link_id = p
-                .attach(dir.as_fd(), CgroupAttachMode::Single)
-                .map_err(|e| attach_error(name, dir.path(), e))?;
-            let link = p.take_link(link_id).map_err(load_error(name))?;
-            link.try_into().map_err(|e| link_error(name, e))?
-        } else {
-            // `Single` means "no flags": a cgroup bpf_link always
-            // coexists with other programs (as BPF_F_ALLOW_MULTI would),
-            // and the kernel rejects any flag on BPF_LINK_CREATE for
-            // cgroups with EINVAL.
-            let p = program::<CgroupSockAddr>(&mut self.ebpf, name)?;
-            let link_id = p
-                .attach(dir.as_fd(), CgroupAttachMode::Single)
-                .map_err(|e| attach_error(name, dir.path(), e))?;
-            let link = p.take_link(link_id).map_err(load_error(name))?;
-            link.try_into().map_err(|e| link_error(name, e))?
-        };
-        pin_link(link, pin_path)
+        link_or_adopt(&mut self.ebpf, name, AttachTo::Cgroup(dir), pin_path)
     }
 
     /// Loads the scope's steering instance (maps of its own, the scope id
@@ -683,6 +651,17 @@ impl Shared {
         program::<SockOps>(&mut steer, programs::SOCK_LISTEN)?
             .load()
             .map_err(load_error(programs::SOCK_LISTEN))?;
+        for name in [programs::POST_BIND4, programs::POST_BIND6] {
+            program::<CgroupSock>(&mut steer, name)?
+                .load()
+                .map_err(load_error(name))?;
+        }
+        // The owner, for post_bind's marks and sock_ops' check.
+        if let Some(owner) = &scope.owner {
+            map_mut::<HashMap<_, u32, Owner>>(&mut steer, maps::OWNERS)?
+                .insert(id, owner.entry()?, 0)
+                .map_err(|e| map_error("writing", maps::OWNERS, e))?;
+        }
         log::debug!(
             "steering instance of scope {id} loaded for {}",
             netns.display()
@@ -705,75 +684,23 @@ impl Shared {
             .as_ref()
             .map(|d| pin::scope_dir(d, id).join("steer").join("links"));
         let steer = scope.steer.as_mut().expect("loaded by load_steer");
-        // sock_ops first: a listener created from now on is registered.
-        let listen_pin = steer_links.as_ref().map(|d| d.join(programs::SOCK_LISTEN));
-        let link = match listen_pin
-            .as_ref()
-            .map(|p| pin::adopt_link(p))
-            .transpose()?
-            .flatten()
-        {
-            Some(adopted) => {
-                let path = listen_pin.clone().expect("adopted from a pin");
-                let prog = steer
-                    .program(programs::SOCK_LISTEN)
-                    .ok_or(Error::Missing {
-                        kind: "program",
-                        name: programs::SOCK_LISTEN,
-                    })?
-                    .fd()
-                    .map_err(load_error(programs::SOCK_LISTEN))?;
-                pin::replace_program(&adopted, prog.as_fd(), &path)?;
-                ScopeLink::Pinned(path)
-            }
-            None => {
-                let p = program::<SockOps>(steer, programs::SOCK_LISTEN)?;
-                let link_id = p
-                    .attach(dir.as_fd(), CgroupAttachMode::Single)
-                    .map_err(|e| attach_error(programs::SOCK_LISTEN, dir.path(), e))?;
-                let link = p
-                    .take_link(link_id)
-                    .map_err(load_error(programs::SOCK_LISTEN))?;
-                let fd: FdLink = link
-                    .try_into()
-                    .map_err(|e| link_error(programs::SOCK_LISTEN, e))?;
-                pin_link(fd, listen_pin)?
-            }
-        };
-        scope.links.push(link);
-        let steer_pin = steer_links.as_ref().map(|d| d.join(programs::STEER));
-        let link = match steer_pin
-            .as_ref()
-            .map(|p| pin::adopt_link(p))
-            .transpose()?
-            .flatten()
-        {
-            Some(adopted) => {
-                let path = steer_pin.clone().expect("adopted from a pin");
-                let prog = steer
-                    .program(programs::STEER)
-                    .ok_or(Error::Missing {
-                        kind: "program",
-                        name: programs::STEER,
-                    })?
-                    .fd()
-                    .map_err(load_error(programs::STEER))?;
-                pin::replace_program(&adopted, prog.as_fd(), &path)?;
-                ScopeLink::Pinned(path)
-            }
-            None => {
-                let netns = std::fs::File::open(&netns_path).map_err(|e| Error::NetnsPath {
-                    path: netns_path.clone(),
-                    source: e,
-                })?;
-                let p = program::<SkLookup>(steer, programs::STEER)?;
-                let link_id = p
-                    .attach(netns)
-                    .map_err(|e| attach_error(programs::STEER, &netns_path, e))?;
-                let link = p.take_link(link_id).map_err(load_error(programs::STEER))?;
-                pin_link(FdLink::from(link), steer_pin)?
-            }
-        };
+        let pin = |name: &str| steer_links.as_ref().map(|d| d.join(name));
+        // post_bind first (owner marks), then sock_ops (a listener created
+        // from now on is registered), then sk_lookup on the namespace.
+        for name in [
+            programs::POST_BIND4,
+            programs::POST_BIND6,
+            programs::SOCK_LISTEN,
+        ] {
+            let link = link_or_adopt(steer, name, AttachTo::Cgroup(dir), pin(name))?;
+            scope.links.push(link);
+        }
+        let link = link_or_adopt(
+            steer,
+            programs::STEER,
+            AttachTo::Netns(&netns_path),
+            pin(programs::STEER),
+        )?;
         scope.links.push(link);
         Ok(())
     }
@@ -1366,6 +1293,85 @@ fn counters_of(ebpf: &Ebpf) -> Result<Counters> {
     Ok(Counters { values })
 }
 
+/// What a program is attached to.
+enum AttachTo<'a> {
+    /// A cgroup (sock_addr, sock_ops, post_bind programs).
+    Cgroup(&'a CgroupDir),
+    /// A network namespace file (sk_lookup).
+    Netns(&'a Path),
+}
+
+/// Links program `name` of `ebpf` to `target`, or, when a link is pinned at
+/// `pin_path` already, adopts it and replaces its program in place. A new
+/// link is pinned at `pin_path` when given.
+fn link_or_adopt(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    target: AttachTo<'_>,
+    pin_path: Option<PathBuf>,
+) -> Result<ScopeLink> {
+    if let Some(path) = &pin_path
+        && let Some(adopted) = pin::adopt_link(path)?
+    {
+        let prog = ebpf
+            .program(name)
+            .ok_or(Error::Missing {
+                kind: "program",
+                name,
+            })?
+            .fd()
+            .map_err(load_error(name))?;
+        pin::replace_program(&adopted, prog.as_fd(), path)?;
+        return Ok(ScopeLink::Pinned(path.clone()));
+    }
+    let program = ebpf.program_mut(name).ok_or(Error::Missing {
+        kind: "program",
+        name,
+    })?;
+    // `Single` means "no flags": a cgroup bpf_link always coexists with
+    // other programs (as BPF_F_ALLOW_MULTI would), and the kernel rejects
+    // any flag on BPF_LINK_CREATE for cgroups with EINVAL.
+    let mode = CgroupAttachMode::Single;
+    let link: FdLink = match (program, target) {
+        (Program::CgroupSockAddr(p), AttachTo::Cgroup(dir)) => {
+            let id = p
+                .attach(dir.as_fd(), mode)
+                .map_err(|e| attach_error(name, dir.path(), e))?;
+            let link = p.take_link(id).map_err(load_error(name))?;
+            link.try_into().map_err(|e| link_error(name, e))?
+        }
+        (Program::SockOps(p), AttachTo::Cgroup(dir)) => {
+            let id = p
+                .attach(dir.as_fd(), mode)
+                .map_err(|e| attach_error(name, dir.path(), e))?;
+            let link = p.take_link(id).map_err(load_error(name))?;
+            link.try_into().map_err(|e| link_error(name, e))?
+        }
+        (Program::CgroupSock(p), AttachTo::Cgroup(dir)) => {
+            let id = p
+                .attach(dir.as_fd(), mode)
+                .map_err(|e| attach_error(name, dir.path(), e))?;
+            let link = p.take_link(id).map_err(load_error(name))?;
+            link.try_into().map_err(|e| link_error(name, e))?
+        }
+        (Program::SkLookup(p), AttachTo::Netns(path)) => {
+            let netns = std::fs::File::open(path).map_err(|e| Error::NetnsPath {
+                path: path.to_path_buf(),
+                source: e,
+            })?;
+            let id = p.attach(netns).map_err(|e| attach_error(name, path, e))?;
+            FdLink::from(p.take_link(id).map_err(load_error(name))?)
+        }
+        _ => {
+            return Err(Error::Missing {
+                kind: "program of the expected type",
+                name,
+            });
+        }
+    };
+    pin_link(link, pin_path)
+}
+
 /// Pins `link` at `path` when given (it then outlives the process), or
 /// keeps it owned.
 fn pin_link(link: FdLink, path: Option<PathBuf>) -> Result<ScopeLink> {
@@ -1439,7 +1445,7 @@ where
 /// The program `name` of `ebpf`, as its type `P`.
 fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P>
 where
-    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+    &'a mut P: TryFrom<&'a mut Program, Error = aya::programs::ProgramError>,
 {
     ebpf.program_mut(name)
         .ok_or(Error::Missing {
