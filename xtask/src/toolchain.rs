@@ -102,6 +102,21 @@ pub fn ensure_test_tools() -> anyhow::Result<()> {
     ensure_tools(&TEST_TOOLS, "the tests")
 }
 
+/// What `cargo xtask test --kernel` needs on the host: qemu (the guest
+/// runs under its software emulation), a static busybox (the guest's shell
+/// and mount, insmod, poweroff…), objcopy (strips the test binaries), and
+/// apt-get/dpkg-deb to fetch and unpack the kernel package.
+const VM_TOOLS: [(&str, &str); 3] = [
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("busybox", "busybox-static"),
+    ("objcopy", "binutils"),
+];
+
+/// Installs what booting the suite in a qemu guest needs.
+pub fn ensure_vm_tools() -> anyhow::Result<()> {
+    ensure_tools(&VM_TOOLS, "cargo xtask test --kernel")
+}
+
 /// Installs, with apt-get, the packages of whichever `(binary, package)`
 /// pairs have no binary on PATH; `purpose` says who needs them.
 pub fn ensure_tools(tools: &[(&str, &str)], purpose: &str) -> anyhow::Result<()> {
@@ -131,20 +146,27 @@ fn on_path(bin: &str) -> bool {
         .any(|dir| dir.join(bin).is_file())
 }
 
+/// apt-get as root (through sudo when not root), non-interactive.
+fn apt(args: &[&str]) -> Command {
+    let mut cmd = if is_root() {
+        Command::new("apt-get")
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg("apt-get");
+        c
+    };
+    cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+    cmd
+}
+
+/// Refreshes the package lists.
+pub fn apt_update() -> anyhow::Result<()> {
+    status(&mut apt(&["update", "-qq"]))
+}
+
 /// Installs Debian packages (through sudo when not root).
 pub fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
-    let apt = |args: &[&str]| {
-        let mut cmd = if is_root() {
-            Command::new("apt-get")
-        } else {
-            let mut c = Command::new("sudo");
-            c.arg("apt-get");
-            c
-        };
-        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
-        cmd
-    };
-    status(&mut apt(&["update", "-qq"]))?;
+    apt_update()?;
     let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
     args.extend_from_slice(packages);
     status(&mut apt(&args))
