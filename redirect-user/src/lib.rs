@@ -26,6 +26,7 @@
 //!   programs a cgroup carries.
 //! - [`status`]: the status socket each live instance serves, and
 //!   collecting every instance's status for `redirect status`.
+//! - [`control`]: the daemon's control protocol and a blocking client.
 //! - [`user`]: looking up and becoming another user (`exec --user`).
 //! - [`error`]: the [`Error`] type; every variant names the cause and a fix.
 //!
@@ -41,6 +42,7 @@
 #![deny(missing_docs)]
 
 pub mod cgroup;
+pub mod control;
 #[cfg(target_os = "linux")]
 pub mod ebpf;
 pub mod error;

@@ -155,7 +155,11 @@ fn apt(args: &[&str]) -> Command {
         c.arg("apt-get");
         c
     };
-    cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+    // Wait for another apt (unattended upgrades, a second xtask) rather
+    // than failing at once on its lock.
+    cmd.args(["-o", "DPkg::Lock::Timeout=600"])
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive");
     cmd
 }
 
