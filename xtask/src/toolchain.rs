@@ -88,7 +88,8 @@ fn ensure_llvm() -> anyhow::Result<()> {
 
 /// The programs the integration tests run, with the Debian package that
 /// provides each.
-const TEST_TOOLS: [(&str, &str); 5] = [
+const TEST_TOOLS: [(&str, &str); 6] = [
+    ("ip", "iproute2"),
     ("dig", "bind9-dnsutils"),
     ("dnsmasq", "dnsmasq-base"),
     ("unshare", "util-linux"),

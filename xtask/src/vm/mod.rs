@@ -152,6 +152,8 @@ fn test_binaries() -> anyhow::Result<Vec<PathBuf>> {
         !tests.is_empty(),
         "cargo test --no-run listed no test binary"
     );
+    // Cargo reports them in build order; run them in a stable one.
+    tests.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
     Ok(tests)
 }
 
