@@ -26,6 +26,8 @@ use std::{
 
 use anyhow::Context as _;
 
+use super::workloads::{Placement, cpu_args};
+
 /// The server namespace's address on the veth pair (TEST-NET-1: used only
 /// inside namespaces the bench creates).
 pub const SRV_ADDR: &str = "192.0.2.1";
@@ -61,11 +63,22 @@ pub struct Env {
     pub redirect: PathBuf,
     /// Where outputs go (target/bench).
     pub out_dir: PathBuf,
+    /// Which CPUs the servers and clients run on.
+    pub placement: Placement,
+    /// The nice value of every process the bench starts (see
+    /// [`prioritize`]).
+    pub nice: i32,
     servers: Vec<Child>,
 }
 
 impl Env {
-    pub fn new(bench_agent: PathBuf, redirect: PathBuf, out_dir: PathBuf) -> anyhow::Result<Self> {
+    pub fn new(
+        bench_agent: PathBuf,
+        redirect: PathBuf,
+        out_dir: PathBuf,
+        placement: Placement,
+        nice: i32,
+    ) -> anyhow::Result<Self> {
         let pid = std::process::id();
         let root = cgroup2_root()?;
         let cgroup = root.join(format!("redirect-bench-{pid}"));
@@ -77,6 +90,8 @@ impl Env {
             bench_agent,
             redirect,
             out_dir,
+            placement,
+            nice,
             servers: Vec::new(),
         };
         env.create_namespaces()?;
@@ -122,11 +137,13 @@ impl Env {
         let echo = format!("0.0.0.0:{}", ECHO.1);
         let udp = format!("0.0.0.0:{}", UDP.1);
         let iperf = IPERF.1.to_string();
-        for args in [
-            vec![agent.as_str(), "serve-tcp", &echo],
-            vec![agent.as_str(), "serve-udp", &udp],
-            vec!["iperf3", "-s", "-p", &iperf],
-        ] {
+        let cpu = cpu_args(self.placement.server);
+        let cpu: Vec<&str> = cpu.iter().map(String::as_str).collect();
+        let mut tcp = vec![agent.as_str(), "serve-tcp", &echo];
+        tcp.extend(&cpu);
+        let mut udp_args = vec![agent.as_str(), "serve-udp", &udp];
+        udp_args.extend(&cpu);
+        for args in [tcp, udp_args, vec!["iperf3", "-s", "-p", &iperf]] {
             // In the clients' cgroup: the scope of the redirect paths, so
             // that inbound steering finds these listeners and registers them.
             let child = self
@@ -170,6 +187,7 @@ impl Env {
         cmd.args(["netns", "exec", ns])
             .args(args)
             .stdin(Stdio::null());
+        prioritize(&mut cmd, self.nice);
         if in_cgroup {
             let procs = Arc::new(
                 fs::OpenOptions::new()
@@ -197,6 +215,7 @@ impl Env {
     pub fn host_command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(args[0]);
         cmd.args(&args[1..]).stdin(Stdio::null());
+        prioritize(&mut cmd, self.nice);
         cmd
     }
 
@@ -207,12 +226,25 @@ impl Env {
         run(&all)
     }
 
+    /// A client command on `side`: local clients run in the bench's
+    /// cgroup (the scope of the redirect paths); inbound clients stand for
+    /// other hosts, so they run outside it and no cgroup program sees
+    /// their connects.
+    pub fn client_command(&self, side: Side, args: &[&str]) -> Command {
+        self.command(side, side == Side::Local, args)
+    }
+
     /// Runs a bench-agent client and returns its `key=value` output line.
     pub fn client(&self, side: Side, args: &[&str]) -> anyhow::Result<String> {
         let agent = self.bench_agent.display().to_string();
         let mut all = vec![agent.as_str()];
         all.extend_from_slice(args);
-        output(self.command(side, true, &all))
+        output(self.client_command(side, &all))
+    }
+
+    /// The server namespace's bind-mounted file (for sk_lookup queries).
+    pub fn srv_netns_path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.srv))
     }
 
     /// Writes a file under the output directory and returns its path.
@@ -233,6 +265,42 @@ impl Drop for Env {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
         remove_cgroup(&self.cgroup);
+    }
+}
+
+/// Starts `cmd` in a session of its own, which is also the leader of its
+/// own process group (so that `Process` can stop it with its children),
+/// killed if the bench dies (`PR_SET_PDEATHSIG`), and at `nice`.
+///
+/// Why a session: with `kernel.sched_autogroup_enabled` (the default),
+/// the scheduler shares the CPU between sessions first and applies nice
+/// values only within a session, so a plain nice does nothing against the
+/// compile jobs of other sessions. Each process gets its own autogroup,
+/// whose nice is set through `/proc/self/autogroup`. Without autogroups the
+/// plain nice (also set) applies.
+fn prioritize(cmd: &mut Command, nice: i32) {
+    let value = format!("{nice}\n");
+    // SAFETY: only async-signal-safe syscalls run between fork and exec,
+    // on memory allocated before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if nice != 0 {
+                libc::setpriority(libc::PRIO_PROCESS, 0, nice);
+                let fd = libc::open(
+                    c"/proc/self/autogroup".as_ptr(),
+                    libc::O_WRONLY | libc::O_CLOEXEC,
+                );
+                if fd >= 0 {
+                    libc::write(fd, value.as_ptr().cast(), value.len());
+                    libc::close(fd);
+                }
+            }
+            Ok(())
+        });
     }
 }
 

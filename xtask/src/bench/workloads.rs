@@ -74,66 +74,188 @@ impl Metric {
 }
 
 /// How long each measurement runs.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct Durations {
     /// iperf3 runs (whole seconds, at least 1).
     pub iperf_secs: u32,
-    /// Rate and latency loops.
-    pub loop_secs: f64,
+    /// Connection-rate loops.
+    pub conn_secs: f64,
+    /// Latency loops (TCP and UDP request/response).
+    pub lat_secs: f64,
 }
 
-/// Measures every metric `path` supports; the path is already started.
+/// Where the bench-agent processes run: fixed CPUs, so that every run sees
+/// the same placement (see `bench-agent`'s module docs).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Placement {
+    /// CPU of the TCP and UDP servers.
+    pub server: Option<usize>,
+    /// CPU of the connection-rate client.
+    pub conn_client: Option<usize>,
+    /// CPU of the latency clients.
+    pub lat_client: Option<usize>,
+}
+
+impl Placement {
+    /// The placement for this machine: with two CPUs or more, servers on
+    /// CPU 1; the connection-rate client on CPU 0, so that client and
+    /// server run in parallel; the latency clients on the server's CPU, so
+    /// that a round trip never waits for a cross-CPU wake-up (an IPI, slow
+    /// in a VM) and never sometimes does. One CPU: nothing to choose.
+    pub fn for_this_machine() -> Placement {
+        let cpus = thread::available_parallelism().map_or(1, usize::from);
+        if cpus < 2 {
+            return Placement::default();
+        }
+        Placement {
+            server: Some(1),
+            conn_client: Some(0),
+            lat_client: Some(1),
+        }
+    }
+
+    /// Text for the report.
+    pub fn describe(self) -> String {
+        let cpu = |c: Option<usize>| c.map_or("any CPU".into(), |c| format!("CPU {c}"));
+        format!(
+            "servers on {}, connection-rate client on {}, latency clients on {}",
+            cpu(self.server),
+            cpu(self.conn_client),
+            cpu(self.lat_client)
+        )
+    }
+}
+
+/// `--cpu N` for a bench-agent command line, or nothing.
+pub fn cpu_args(cpu: Option<usize>) -> Vec<String> {
+    cpu.map_or_else(Vec::new, |c| vec!["--cpu".into(), c.to_string()])
+}
+
+/// What one visit of a path measured.
+#[derive(Debug, Default)]
+pub struct Measured {
+    /// The figures.
+    pub figures: BTreeMap<Metric, f64>,
+}
+
+/// The order a visit measures in: the connection rate first, so that a
+/// reference measured in reverse order and the path's own figure are
+/// taken back to back.
+const ORDER: [Metric; 5] = [
+    Metric::ConnRate,
+    Metric::LatP50,
+    Metric::UdpP50,
+    Metric::Tput1,
+    Metric::Tput4,
+];
+
+/// Measures on `dialer` (a started path, or a direct path) every metric
+/// `carrier` supports (throughput only when `throughput`), in [`ORDER`] or
+/// in reverse.
 pub fn measure(
     env: &Env,
-    path: &dyn BenchPath,
+    dialer: &dyn BenchPath,
+    carrier: &dyn BenchPath,
     d: Durations,
-) -> anyhow::Result<BTreeMap<Metric, f64>> {
-    let side = path.side();
-    let port = |(from, to): (u16, u16)| if path.dials_to() { to } else { from };
-    let secs = format!("{}", d.loop_secs);
-    let mut out = BTreeMap::new();
-    for m in Metric::ALL {
-        if m.udp() && !path.udp() {
+    throughput: bool,
+    reverse: bool,
+) -> anyhow::Result<Measured> {
+    let side = dialer.side();
+    let port = |(from, to): (u16, u16)| if dialer.dials_to() { to } else { from };
+    let mut out = Measured::default();
+    let mut order = ORDER;
+    if reverse {
+        order.reverse();
+    }
+    for m in order {
+        if m.udp() && !carrier.udp() {
             continue;
         }
         let value = match m {
             Metric::Tput1 | Metric::Tput4 => {
+                if !throughput {
+                    continue;
+                }
                 let streams = if m == Metric::Tput1 { 1 } else { 4 };
                 iperf(env, side, port(IPERF), streams, d.iperf_secs)?
             }
-            Metric::ConnRate => {
-                let line = env.client(
-                    side,
-                    &["conn-rate", &addr(side, port(ECHO)).to_string(), &secs],
-                )?;
-                field(&line, "value")?
+            Metric::ConnRate => conn_rate(env, side, port(ECHO), d.conn_secs)?.rate,
+            Metric::LatP50 | Metric::UdpP50 => {
+                let (verb, p) = if m == Metric::LatP50 {
+                    ("latency", port(ECHO))
+                } else {
+                    ("udp-latency", port(UDP))
+                };
+                let l = latency(env, side, verb, p, d.lat_secs)?;
+                let p99 = if m == Metric::LatP50 {
+                    Metric::LatP99
+                } else {
+                    Metric::UdpP99
+                };
+                out.figures.insert(p99, l.p99);
+                l.p50
             }
-            Metric::LatP50 | Metric::LatP99 => {
-                if m == Metric::LatP99 {
-                    continue; // measured together with p50
-                }
-                let line = env.client(
-                    side,
-                    &["latency", &addr(side, port(ECHO)).to_string(), &secs],
-                )?;
-                out.insert(Metric::LatP99, field(&line, "p99")?);
-                field(&line, "p50")?
-            }
-            Metric::UdpP50 | Metric::UdpP99 => {
-                if m == Metric::UdpP99 {
-                    continue;
-                }
-                let line = env.client(
-                    side,
-                    &["udp-latency", &addr(side, port(UDP)).to_string(), &secs],
-                )?;
-                out.insert(Metric::UdpP99, field(&line, "p99")?);
-                field(&line, "p50")?
-            }
+            // Measured together with p50.
+            Metric::LatP99 | Metric::UdpP99 => continue,
         };
-        out.insert(m, value);
+        out.figures.insert(m, value);
     }
     Ok(out)
+}
+
+/// A connection-rate run.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnRate {
+    /// Connections per second completed within the run.
+    pub rate: f64,
+    /// Connections opened (completed or not): the denominator of the
+    /// per-connection eBPF cost.
+    pub opened: f64,
+}
+
+/// The connection-rate client against `port` of the server.
+pub fn conn_rate(env: &Env, side: Side, port: u16, secs: f64) -> anyhow::Result<ConnRate> {
+    let mut args = vec![
+        "conn-rate".to_owned(),
+        addr(side, port).to_string(),
+        secs.to_string(),
+    ];
+    args.extend(cpu_args(env.placement.conn_client));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let line = env.client(side, &args)?;
+    Ok(ConnRate {
+        rate: field(&line, "value")?,
+        opened: field(&line, "opened")?,
+    })
+}
+
+/// A request/response latency run.
+#[derive(Clone, Copy, Debug)]
+pub struct Latency {
+    /// Median µs.
+    pub p50: f64,
+    /// 99th percentile µs.
+    pub p99: f64,
+    /// Round trips made, warm-up included: the denominator of the
+    /// per-round-trip eBPF cost.
+    pub total: f64,
+}
+
+/// `verb` (`latency` or `udp-latency`) against `port` of the server.
+pub fn latency(env: &Env, side: Side, verb: &str, port: u16, secs: f64) -> anyhow::Result<Latency> {
+    let mut args = vec![
+        verb.to_owned(),
+        addr(side, port).to_string(),
+        secs.to_string(),
+    ];
+    args.extend(cpu_args(env.placement.lat_client));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let line = env.client(side, &args)?;
+    Ok(Latency {
+        p50: field(&line, "p50")?,
+        p99: field(&line, "p99")?,
+        total: field(&line, "total")?,
+    })
 }
 
 /// iperf3 against the server namespace's iperf3 server; Gbit/s received.
@@ -157,7 +279,7 @@ fn iperf(env: &Env, side: Side, port: u16, streams: u32, secs: u32) -> anyhow::R
     // The server takes a moment to accept the next test after the last.
     let mut last = None;
     for _ in 0..3 {
-        match output(env.command(side, true, &args)) {
+        match output(env.client_command(side, &args)) {
             Ok(json) => {
                 let v: serde_json::Value =
                     serde_json::from_str(&json).context("iperf3 -J output")?;
@@ -181,7 +303,7 @@ pub fn setup_ms(env: &Env, path: &dyn BenchPath) -> anyhow::Result<(f64, Box<dyn
     let agent = env.bench_agent.display().to_string();
     let target = addr(side, ECHO.0).to_string();
     let poller = env
-        .command(side, true, &[&agent, "first-connect", &target, "10"])
+        .client_command(side, &[&agent, "first-connect", &target, "10"])
         .stdout(Stdio::piped())
         .spawn()
         .context("starting the first-connect poller")?;
@@ -229,22 +351,8 @@ pub fn conn_rate_with_mappings(env: &Env, extra: u32, d: Durations) -> anyhow::R
     let mut line = String::new();
     BufReader::new(holder.stdout.take().context("stdout")?).read_line(&mut line)?;
     anyhow::ensure!(line.trim() == "ready", "hold-mappings: {line}");
-    let secs = format!("{}", d.loop_secs);
-    let result = env
-        .client(
-            Side::Local,
-            &["conn-rate", &addr(Side::Local, ECHO.0).to_string(), &secs],
-        )
-        .and_then(|l| field(&l, "value"));
+    let result = conn_rate(env, Side::Local, ECHO.0, d.conn_secs).map(|c| c.rate);
     drop(holder.stdin.take());
     let _ = holder.wait();
     result
-}
-
-/// Time to add one mapping at run time: (p50 µs, p99 µs).
-pub fn add_mapping_us(env: &Env) -> anyhow::Result<(f64, f64)> {
-    let agent = env.bench_agent.display().to_string();
-    let cgroup = env.cgroup.display().to_string();
-    let line = output(env.host_command(&[&agent, "add-mapping", &cgroup, "200"]))?;
-    Ok((field(&line, "p50")?, field(&line, "p99")?))
 }
