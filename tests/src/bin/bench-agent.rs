@@ -5,10 +5,13 @@
 //! ```text
 //! bench-agent serve-tcp ADDR [--cpu C]   event-driven TCP server (one thread)
 //! bench-agent serve-udp ADDR [--cpu C]   UDP echo server
-//! bench-agent conn-rate ADDR SECS [--inflight N] [--cpu C] [--linger0]
+//! bench-agent conn-rate ADDR SECS [--inflight N] [--cpu C] [--linger0] [TURNS]
 //!                                        new connections per second
-//! bench-agent latency ADDR SECS [--cpu C]      64-byte ping-pong, one connection
-//! bench-agent udp-latency ADDR SECS [--cpu C]  64-byte sendto/recvfrom ping-pong
+//! bench-agent latency ADDR SECS [--cpu C] [TURNS]      64-byte ping-pong, one connection
+//! bench-agent udp-latency ADDR SECS [--cpu C] [TURNS]  64-byte sendto/recvfrom ping-pong
+//!
+//! TURNS = --turn OURS THEIRS [--first] [--slice-ms MS]: take turns of MS
+//! (100) with a second client through two FIFOs (see `Turns`).
 //! bench-agent first-connect ADDR SECS    retry until one request succeeds;
 //!                                        prints its wall-clock time (µs)
 //! bench-agent hold-mappings CGROUP FROM:TO EXTRA
@@ -91,9 +94,10 @@ fn main() {
             secs(),
             opt("--inflight").unwrap_or(8),
             flag("--linger0"),
+            Turns::from_args(&args),
         ),
-        "latency" => latency(addr(), secs()),
-        "udp-latency" => udp_latency(addr(), secs()),
+        "latency" => latency(addr(), secs(), Turns::from_args(&args)),
+        "udp-latency" => udp_latency(addr(), secs(), Turns::from_args(&args)),
         "first-connect" => first_connect(addr(), secs()),
         "hold-mappings" => hold_mappings(arg(1), arg(2), arg(3).parse().expect("EXTRA")),
         "add-mapping" => add_mapping(arg(1), arg(2).parse().expect("N")),
@@ -280,9 +284,18 @@ struct Slot {
     got: usize,
 }
 
-/// Opens connections to `addr` for `secs`, `inflight` at a time, each:
-/// connect, 64-byte `C` request, 64-byte reply, close. Prints the rate.
-fn conn_rate(addr: SocketAddr, secs: Duration, inflight: usize, linger0: bool) {
+/// Counts of a connection-rate run.
+#[derive(Default)]
+struct ConnCounts {
+    done: u64,
+    opened: u64,
+    errors: u64,
+}
+
+/// Opens connections to `addr`, `inflight` at a time, each: connect,
+/// 64-byte `C` request, 64-byte reply, close; for `secs` in all, in turns
+/// (see [`Turns`]). Prints the rate over the time spent in its turns.
+fn conn_rate(addr: SocketAddr, secs: Duration, inflight: usize, linger0: bool, turns: Turns) {
     let mut poll = Poll::new().expect("epoll");
     let mut events = Events::with_capacity(inflight.max(1) * 2);
     let mut slots: Vec<Slot> = (0..inflight)
@@ -292,11 +305,58 @@ fn conn_rate(addr: SocketAddr, secs: Duration, inflight: usize, linger0: bool) {
             got: 0,
         })
         .collect();
+    let mut counts = ConnCounts::default();
+    // In turns, the connections still in flight when a turn ends get a
+    // short grace and are then abandoned (not counted): waiting for a
+    // straggler (a SYN dropped by a full backlog is retried after 1 s)
+    // would stretch a 100 ms turn to a second.
+    let grace = if turns.fifos.is_some() {
+        Duration::from_millis(20)
+    } else {
+        IO_TIMEOUT
+    };
+    let busy = turns.run(secs, Duration::ZERO, |until| {
+        burst(
+            addr,
+            &mut poll,
+            &mut events,
+            &mut slots,
+            until,
+            grace,
+            linger0,
+            &mut counts,
+        );
+    });
+    let ConnCounts {
+        done,
+        opened,
+        errors,
+    } = counts;
+    println!(
+        "value={:.1} n={done} opened={opened} errors={errors}",
+        done as f64 / busy.as_secs_f64()
+    );
+}
+
+/// Keeps `slots` full of connections until `until`, then lets those in
+/// flight finish (counted too: the time they take is part of the burst)
+/// for up to `grace`.
+#[allow(clippy::too_many_arguments)]
+fn burst(
+    addr: SocketAddr,
+    poll: &mut Poll,
+    events: &mut Events,
+    slots: &mut [Slot],
+    until: Instant,
+    grace: Duration,
+    linger0: bool,
+    counts: &mut ConnCounts,
+) {
     let mut buf = [0u8; 256];
-    let (mut done, mut errors, mut opened) = (0u64, 0u64, 0u64);
-    let open = |poll: &Poll, slot: &mut Slot, i: usize| -> io::Result<()> {
+    let registry = poll.registry().try_clone().expect("epoll registry");
+    let open = |slot: &mut Slot, i: usize| -> io::Result<()> {
         let mut stream = MioStream::connect(addr)?;
-        poll.registry().register(
+        registry.register(
             &mut stream,
             Token(i),
             Interest::READABLE | Interest::WRITABLE,
@@ -308,18 +368,17 @@ fn conn_rate(addr: SocketAddr, secs: Duration, inflight: usize, linger0: bool) {
         };
         Ok(())
     };
-    let start = Instant::now();
-    let end = start + secs;
     for (i, slot) in slots.iter_mut().enumerate() {
-        open(&poll, slot, i).expect("connect");
-        opened += 1;
+        open(slot, i).expect("connect");
+        counts.opened += 1;
     }
-    let mut open_slots = inflight;
-    let mut now = start;
-    // Stops opening at `end`; the connections in flight then finish (or
+    let mut open_slots = slots.len();
+    let mut now = Instant::now();
+    // Stops opening at `until`; the connections in flight then finish (or
     // are abandoned after a grace period).
-    while open_slots > 0 && now < end + IO_TIMEOUT {
-        poll.poll(&mut events, Some(Duration::from_millis(100)))
+    while open_slots > 0 && now < until + grace {
+        let left = (until + grace).saturating_duration_since(now);
+        poll.poll(events, Some(left.min(Duration::from_millis(100))))
             .or_else(|e| {
                 if e.kind() == ErrorKind::Interrupted {
                     Ok(())
@@ -329,7 +388,7 @@ fn conn_rate(addr: SocketAddr, secs: Duration, inflight: usize, linger0: bool) {
             })
             .expect("epoll_wait");
         now = Instant::now();
-        for event in &events {
+        for event in events.iter() {
             let i = event.token().0;
             let slot = &mut slots[i];
             let Some(stream) = slot.stream.as_mut() else {
@@ -343,25 +402,23 @@ fn conn_rate(addr: SocketAddr, secs: Duration, inflight: usize, linger0: bool) {
                 }
                 Step::Wait => false,
                 Step::Done => {
-                    if now < end {
-                        done += 1;
-                    }
+                    counts.done += 1;
                     true
                 }
                 Step::Failed => {
-                    errors += 1;
+                    counts.errors += 1;
                     true
                 }
             };
             if finished {
                 slot.stream = None; // close
-                if now < end {
-                    if let Err(e) = open(&poll, slot, i) {
-                        errors += 1;
+                if now < until {
+                    if let Err(e) = open(slot, i) {
+                        counts.errors += 1;
                         eprintln!("bench-agent: connect: {e}");
                         open_slots -= 1;
                     } else {
-                        opened += 1;
+                        counts.opened += 1;
                     }
                 } else {
                     open_slots -= 1;
@@ -369,15 +426,103 @@ fn conn_rate(addr: SocketAddr, secs: Duration, inflight: usize, linger0: bool) {
             }
         }
         assert!(
-            errors <= 100 + done / 100,
-            "conn-rate: {errors} failed connections ({done} done): see the server"
+            counts.errors <= 100 + counts.done / 100,
+            "conn-rate: {} failed connections ({} done): see the server",
+            counts.errors,
+            counts.done
         );
     }
-    let elapsed = secs.as_secs_f64();
-    println!(
-        "value={:.1} n={done} opened={opened} errors={errors}",
-        done as f64 / elapsed
-    );
+    // Abandoned after the grace period: closed here.
+    for slot in slots.iter_mut() {
+        slot.stream = None;
+    }
+}
+
+/// Taking turns with a second client: this one works only while it holds
+/// the turn (a byte passed through two FIFOs), for `slice` at a time, so
+/// that two clients measuring two paths alternate every 100 ms and see
+/// the same machine. Without `--turn`, one turn as long as the run.
+struct Turns {
+    /// (ours to wait on, theirs to hand over to), and whether we start.
+    fifos: Option<(std::fs::File, std::fs::File, bool)>,
+    slice: Duration,
+}
+
+impl Turns {
+    fn from_args(args: &[String]) -> Turns {
+        let i = args.iter().position(|a| a == "--turn");
+        let slice_ms = args
+            .iter()
+            .position(|a| a == "--slice-ms")
+            .and_then(|i| args.get(i + 1)?.parse().ok())
+            .unwrap_or(100);
+        let fifos = i.map(|i| {
+            let open = |p: &String| {
+                // Read-write: opening a FIFO this way never blocks, so
+                // neither client waits for the other to open its end.
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(p)
+                    .unwrap_or_else(|e| panic!("opening {p}: {e}"))
+            };
+            let (ours, theirs) = (&args[i + 1], &args[i + 2]);
+            (
+                open(ours),
+                open(theirs),
+                args.iter().any(|a| a == "--first"),
+            )
+        });
+        Turns {
+            fifos,
+            slice: Duration::from_millis(slice_ms),
+        }
+    }
+
+    /// Calls `work(until)` in turns until it has had `secs` of turns (after
+    /// a first, uncounted `warmup` inside the first turn); returns the time
+    /// spent in counted turns.
+    fn run(&self, secs: Duration, warmup: Duration, mut work: impl FnMut(Instant)) -> Duration {
+        let Some((ours, theirs, first)) = &self.fifos else {
+            if !warmup.is_zero() {
+                work(Instant::now() + warmup);
+            }
+            let t = Instant::now();
+            work(t + secs);
+            return t.elapsed();
+        };
+        let turns = secs.as_nanos().div_ceil(self.slice.as_nanos()).max(1);
+        let mut token = [0u8; 1];
+        let mut busy = Duration::ZERO;
+        for n in 0..turns {
+            if n > 0 || !first {
+                wait_turn(ours, &mut token);
+            }
+            if n == 0 && !warmup.is_zero() {
+                work(Instant::now() + warmup);
+            }
+            let t = Instant::now();
+            work(t + self.slice);
+            busy += t.elapsed();
+            (&*theirs).write_all(b"t").expect("handing the turn over");
+        }
+        busy
+    }
+}
+
+/// Waits (up to 30 s: the other client died, or is stuck) for the turn.
+fn wait_turn(fifo: &std::fs::File, token: &mut [u8; 1]) {
+    use std::os::fd::AsRawFd as _;
+    let mut pfd = libc::pollfd {
+        fd: fifo.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let ready = unsafe { libc::poll(&mut pfd, 1, 30_000) };
+    assert!(ready == 1, "the other client never handed the turn over");
+    let mut f = fifo;
+    f.read_exact(token).expect("reading the turn");
 }
 
 enum Step {
@@ -451,40 +596,41 @@ fn percentiles(mut samples: Vec<u32>, total: u64) {
     );
 }
 
-/// Runs `once` (one request/response) for `secs` after a warm-up; returns
-/// the round trips in ns and the number of requests, warm-up included.
-/// The sample buffer is allocated up front.
-fn sample(secs: Duration, mut once: impl FnMut()) -> (Vec<u32>, u64) {
-    let warm = Instant::now();
-    let mut warmup = 0u64;
-    while warm.elapsed() < WARMUP {
-        once();
-        warmup += 1;
-    }
-    let mut samples = Vec::with_capacity(4_000_000);
-    let start = Instant::now();
-    while start.elapsed() < secs && samples.len() < samples.capacity() {
-        let t = Instant::now();
-        once();
-        samples.push(t.elapsed().as_nanos().min(u128::from(u32::MAX)) as u32);
-    }
-    let total = warmup + samples.len() as u64;
+/// Runs `once` (one request/response) for `secs` of turns after a
+/// warm-up; returns the round trips in ns and the number of requests,
+/// warm-up included. The sample buffer is allocated up front.
+fn sample(secs: Duration, turns: &Turns, mut once: impl FnMut()) -> (Vec<u32>, u64) {
+    let mut samples: Vec<u32> = Vec::with_capacity(4_000_000);
+    let mut total = 0u64;
+    let mut warm = true;
+    turns.run(secs, WARMUP, |until| {
+        while Instant::now() < until && samples.len() < samples.capacity() {
+            let t = Instant::now();
+            once();
+            total += 1;
+            if !warm {
+                samples.push(t.elapsed().as_nanos().min(u128::from(u32::MAX)) as u32);
+            }
+        }
+        // The first call is the warm-up.
+        warm = false;
+    });
     (samples, total)
 }
 
-fn latency(addr: SocketAddr, secs: Duration) {
+fn latency(addr: SocketAddr, secs: Duration, turns: Turns) {
     let mut stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT).expect("connect");
     stream.set_nodelay(true).unwrap();
     stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     let mut buf = [0u8; 64];
-    let (samples, total) = sample(secs, || {
+    let (samples, total) = sample(secs, &turns, || {
         stream.write_all(&MSG).expect("write");
         stream.read_exact(&mut buf).expect("read");
     });
     percentiles(samples, total);
 }
 
-fn udp_latency(addr: SocketAddr, secs: Duration) {
+fn udp_latency(addr: SocketAddr, secs: Duration, turns: Turns) {
     let bind = if addr.is_ipv4() {
         "0.0.0.0:0"
     } else {
@@ -493,7 +639,7 @@ fn udp_latency(addr: SocketAddr, secs: Duration) {
     let socket = UdpSocket::bind(bind).expect("bind");
     socket.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     let mut buf = [0u8; 2048];
-    let (samples, total) = sample(secs, || {
+    let (samples, total) = sample(secs, &turns, || {
         socket.send_to(&MSG, addr).expect("sendto");
         socket.recv_from(&mut buf).expect("recvfrom");
     });

@@ -1,12 +1,15 @@
-//! The bench's own world: two network namespaces joined by a veth pair, a
-//! child cgroup for the clients, and the servers. Everything is created
-//! here and removed on drop; nothing the bench does touches the host's
-//! network stack or iptables.
+//! The bench's own worlds, two identical ones: each has two network
+//! namespaces joined by a veth pair, a child cgroup for its local clients
+//! and servers, and the servers. The *test* world is where a path is set
+//! up; the *base* world stays untouched, and the direct reference runs
+//! there at the same time as the path (the two clients take turns, see
+//! `workloads::duel`). Everything is created here and removed on drop;
+//! nothing the bench does touches the host's network stack or iptables.
 //!
 //! ```text
 //!  netns SRV (lo + veth-srv 192.0.2.1)          netns CLI (veth-cli 192.0.2.2)
 //!    echo :8443  iperf3 :8444  udp echo :5353       inbound clients
-//!    local clients (in the bench cgroup)
+//!    local clients (in the world's cgroup)
 //! ```
 //!
 //! The ports clients ask for (443, 444, 53) are privileged on purpose: that
@@ -49,14 +52,30 @@ pub enum Side {
     Remote,
 }
 
-/// The namespaces, the client cgroup and the servers.
+/// Which of the two identical worlds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum World {
+    /// Where the path under test is set up.
+    Test,
+    /// Never touched: the direct reference.
+    Base,
+}
+
+/// The namespaces, the client cgroups and the servers of both worlds.
 pub struct Env {
-    /// The server namespace's name.
+    /// The test world's server namespace.
     pub srv: String,
-    /// The client namespace's name.
+    /// The test world's client namespace.
     pub cli: String,
-    /// The clients' cgroup (cgroup v2 directory).
+    /// The test world's cgroup (cgroup v2 directory): the scope of the
+    /// redirect paths.
     pub cgroup: PathBuf,
+    /// The base world's server and client namespaces.
+    base_ns: (String, String),
+    /// The base world's cgroup.
+    base_cgroup: PathBuf,
+    /// The two FIFOs through which paired clients take turns.
+    pub fifos: (PathBuf, PathBuf),
     /// Built binaries.
     pub bench_agent: PathBuf,
     /// The `redirect` binary.
@@ -82,11 +101,29 @@ impl Env {
         let pid = std::process::id();
         let root = cgroup2_root()?;
         let cgroup = root.join(format!("redirect-bench-{pid}"));
-        fs::create_dir(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
+        let base_cgroup = root.join(format!("redirect-bench-base-{pid}"));
+        for dir in [&cgroup, &base_cgroup] {
+            fs::create_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let fifos = (out_dir.join("turn-base"), out_dir.join("turn-test"));
+        for f in [&fifos.0, &fifos.1] {
+            let _ = fs::remove_file(f);
+            let c = std::ffi::CString::new(f.as_os_str().as_encoded_bytes())?;
+            // SAFETY: a valid C string.
+            anyhow::ensure!(
+                unsafe { libc::mkfifo(c.as_ptr(), 0o600) } == 0,
+                "mkfifo {}: {}",
+                f.display(),
+                std::io::Error::last_os_error()
+            );
+        }
         let mut env = Env {
             srv: format!("rbench-srv-{pid}"),
             cli: format!("rbench-cli-{pid}"),
             cgroup,
+            base_ns: (format!("rbench-bsrv-{pid}"), format!("rbench-bcli-{pid}")),
+            base_cgroup,
+            fifos,
             bench_agent,
             redirect,
             out_dir,
@@ -94,13 +131,23 @@ impl Env {
             nice,
             servers: Vec::new(),
         };
-        env.create_namespaces()?;
-        env.start_servers()?;
+        for world in [World::Test, World::Base] {
+            env.create_namespaces(world)?;
+            env.start_servers(world)?;
+        }
         Ok(env)
     }
 
-    fn create_namespaces(&self) -> anyhow::Result<()> {
-        let (srv, cli) = (self.srv.as_str(), self.cli.as_str());
+    /// The (server, client) namespaces of `world`.
+    fn ns(&self, world: World) -> (&str, &str) {
+        match world {
+            World::Test => (&self.srv, &self.cli),
+            World::Base => (&self.base_ns.0, &self.base_ns.1),
+        }
+    }
+
+    fn create_namespaces(&self, world: World) -> anyhow::Result<()> {
+        let (srv, cli) = self.ns(world);
         run(&["ip", "netns", "add", srv])?;
         run(&["ip", "netns", "add", cli])?;
         run(&[
@@ -132,7 +179,7 @@ impl Env {
         Ok(())
     }
 
-    fn start_servers(&mut self) -> anyhow::Result<()> {
+    fn start_servers(&mut self, world: World) -> anyhow::Result<()> {
         let agent = self.bench_agent.display().to_string();
         let echo = format!("0.0.0.0:{}", ECHO.1);
         let udp = format!("0.0.0.0:{}", UDP.1);
@@ -147,7 +194,7 @@ impl Env {
             // In the clients' cgroup: the scope of the redirect paths, so
             // that inbound steering finds these listeners and registers them.
             let child = self
-                .command(Side::Local, true, &args)
+                .command_in(world, Side::Local, true, &args)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -157,7 +204,7 @@ impl Env {
         // Wait until both TCP servers accept, directly.
         for port in [ECHO.1, IPERF.1] {
             let deadline = Instant::now() + Duration::from_secs(10);
-            while !self.tcp_ready(port) {
+            while !self.tcp_ready(world, port) {
                 anyhow::ensure!(Instant::now() < deadline, "server on :{port} did not start");
                 thread::sleep(Duration::from_millis(50));
             }
@@ -165,8 +212,9 @@ impl Env {
         Ok(())
     }
 
-    fn tcp_ready(&self, port: u16) -> bool {
-        self.command(
+    fn tcp_ready(&self, world: World, port: u16) -> bool {
+        self.command_in(
+            world,
             Side::Local,
             false,
             &["bash", "-c", &format!("exec 3<>/dev/tcp/127.0.0.1/{port}")],
@@ -176,12 +224,23 @@ impl Env {
         .is_ok_and(|s| s.success())
     }
 
-    /// A command run in `side`'s namespace, inside the clients' cgroup when
-    /// `in_cgroup`.
+    /// A command run in `side`'s namespace of the test world, inside its
+    /// cgroup when `in_cgroup`.
     pub fn command(&self, side: Side, in_cgroup: bool, args: &[&str]) -> Command {
+        self.command_in(World::Test, side, in_cgroup, args)
+    }
+
+    /// A command run in `side`'s namespace of `world`, inside its cgroup
+    /// when `in_cgroup`.
+    pub fn command_in(&self, world: World, side: Side, in_cgroup: bool, args: &[&str]) -> Command {
+        let (srv, cli) = self.ns(world);
         let ns = match side {
-            Side::Local => &self.srv,
-            Side::Remote => &self.cli,
+            Side::Local => srv,
+            Side::Remote => cli,
+        };
+        let cgroup = match world {
+            World::Test => &self.cgroup,
+            World::Base => &self.base_cgroup,
         };
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", ns])
@@ -192,7 +251,7 @@ impl Env {
             let procs = Arc::new(
                 fs::OpenOptions::new()
                     .write(true)
-                    .open(self.cgroup.join("cgroup.procs"))
+                    .open(cgroup.join("cgroup.procs"))
                     .expect("open bench cgroup.procs"),
             );
             // SAFETY: only write(2) runs between fork and exec.
@@ -231,7 +290,12 @@ impl Env {
     /// other hosts, so they run outside it and no cgroup program sees
     /// their connects.
     pub fn client_command(&self, side: Side, args: &[&str]) -> Command {
-        self.command(side, side == Side::Local, args)
+        self.client_command_in(World::Test, side, args)
+    }
+
+    /// [`Env::client_command`] in `world`.
+    pub fn client_command_in(&self, world: World, side: Side, args: &[&str]) -> Command {
+        self.command_in(world, side, side == Side::Local, args)
     }
 
     /// Runs a bench-agent client and returns its `key=value` output line.
@@ -261,10 +325,14 @@ impl Drop for Env {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for ns in [&self.srv, &self.cli] {
+        for ns in [&self.srv, &self.cli, &self.base_ns.0, &self.base_ns.1] {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
         remove_cgroup(&self.cgroup);
+        remove_cgroup(&self.base_cgroup);
+        for f in [&self.fifos.0, &self.fifos.1] {
+            let _ = fs::remove_file(f);
+        }
     }
 }
 

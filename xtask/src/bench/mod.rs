@@ -2,19 +2,21 @@
 //! machine, as ratios against the direct path measured in the same round.
 //!
 //! Method, built to stay readable on a small, shared VM:
-//! - **Paired visits**: each round visits every path once, in an order
-//!   rotated and reversed from one round to the next. A visit measures the
-//!   direct path of the path's side first (the reference, workloads in
-//!   reverse order), then starts the path and measures it (workloads in
-//!   order), with short loops (0.3–1 s): each figure is divided by a
-//!   reference taken seconds before, the two connection rates back to
-//!   back. Drifts in the machine's load (other builds start and stop) hit
-//!   both alike; a burst hits one visit, which the median over rounds and
-//!   the trimmed range (the single best and worst round dropped from 5
-//!   rounds up) discard.
-//! - **A/A control**: a visit whose path is the direct path again; its
-//!   ratios are the run's noise band, and a target whose margin is within
-//!   it is reported as too noisy to judge.
+//! - **Two worlds, clients in turns**: the bench builds two identical
+//!   worlds (namespaces, cgroup, servers; `env.rs`). A path is set up in
+//!   the test world only; while it runs, the direct path of the same side
+//!   is measured in the base world at the same time, the two clients
+//!   taking turns of 100 ms (`workloads::duel`). Each figure is divided by
+//!   a reference taken in the same second: load that comes and goes
+//!   (other builds) hits both alike.
+//! - **Rounds**: each round visits every path once, in an order rotated
+//!   and reversed from one round to the next; the report gives the median
+//!   of the per-round ratios and a trimmed range (the single best and
+//!   worst round dropped from 5 rounds up), so a burst that hits one round
+//!   is discarded.
+//! - **A/A control**: a visit whose path is the test world's direct path;
+//!   its ratios are the run's noise band, and a target whose margin is
+//!   within it is reported as too noisy to judge.
 //! - **Placement and priority**: servers and clients are pinned to fixed
 //!   CPUs (`workloads::Placement`), and every process the bench starts
 //!   runs in a scheduler autogroup of its own at a raised priority
@@ -148,12 +150,14 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
 }
 
 /// The Debian packages the bench runs, keyed by the binary it needs.
-const BENCH_TOOLS: [(&str, &str); 8] = [
+const BENCH_TOOLS: [(&str, &str); 9] = [
     ("iperf3", "iperf3"),
     ("socat", "socat"),
     ("haproxy", "haproxy"),
     ("iptables", "iptables"),
     ("conntrack", "conntrack"),
+    // Removes the iptables nat table after the iptables paths (paths.rs).
+    ("nft", "nftables"),
     ("ip", "iproute2"),
     ("sysctl", "procps"),
     // Not a binary: the chart's font (see chart.rs).
@@ -208,9 +212,6 @@ fn measure_all(
                 path.name()
             );
             results.load.push(load1());
-            // The reference first, in reverse order, with nothing set up.
-            let reference = workloads::measure(env, direct, path, d, throughput, true)
-                .with_context(|| format!("measuring direct before {}", path.name()))?;
             let guard = if path.dials_to() {
                 path.start(env)?
             } else {
@@ -218,7 +219,9 @@ fn measure_all(
                 results.push_setup(path.name(), ms);
                 guard
             };
-            let measured = workloads::measure(env, path, path, d, throughput, false)
+            // Alternate who starts each duel, by round and by path.
+            let base_first = (round + i) % 2 == 0;
+            let measured = workloads::measure(env, path, d, throughput, base_first)
                 .with_context(|| format!("measuring {}", path.name()))?;
             drop(guard);
             let show = |f: &BTreeMap<workloads::Metric, f64>| {
@@ -229,14 +232,14 @@ fn measure_all(
             };
             eprintln!(
                 "xtask: bench   reference {}\nxtask: bench   path      {}",
-                show(&reference.figures),
+                show(&measured.reference),
                 show(&measured.figures)
             );
             results.push_visit(
                 round,
                 path.name(),
                 direct.name(),
-                &reference.figures,
+                &measured.reference,
                 &measured.figures,
             );
         }

@@ -490,7 +490,7 @@ pub fn markdown(r: &Results) -> String {
         s += &format!("- **Skipped** `{path}`: {why}\n");
     }
 
-    s += "\n## Direct path, absolute (median over every reference measurement)\n\n";
+    s += "\n## Direct path, absolute (median over every reference measurement, base world)\n\n";
     s += "| workload | direct (local) | direct-in (inbound) |\n|---|---|---|\n";
     for m in Metric::ALL {
         let cell = |path: &str| {
@@ -505,19 +505,19 @@ pub fn markdown(r: &Results) -> String {
         );
     }
 
-    s += "\n## Ratios against the direct path measured just before\n\n";
-    s += "Median (trimmed min–max) over rounds of path ÷ direct of the same side. Every \
-          visit of a path measures the direct path first (the reference: its workloads in \
-          reverse order), then starts the path and measures it (workloads in order), so \
-          each pair of figures is taken seconds apart, the connection rates back to back. \
-          For throughput and connection rate higher is better \
+    s += "\n## Ratios against the direct path measured at the same time\n\n";
+    s += "Median (trimmed min–max) over rounds of path ÷ direct of the same side. The path \
+          is set up in the bench's test world while the direct path is measured in an \
+          identical, untouched base world, the two clients taking turns of 100 ms, so each \
+          ratio compares figures taken in the same second (iperf3 runs one after the \
+          other). For throughput and connection rate higher is better \
           (1.000 = as fast as direct); for latency the ratio is also path ÷ direct, so \
           lower is better (1.000 = no added latency). – means the path does not carry that \
           traffic (HAProxy has no UDP) or the workload is not run inbound. The range drops \
           each row's single lowest and highest round when there are 5 rounds or more.\n\n";
-    s += "`direct (A/A)` is a visit like the others whose \"path\" is the direct path \
-          again: its spread around 1.000 is the noise floor of this run, against which the \
-          other rows should be read.\n\n";
+    s += "`direct (A/A)` is a visit like the others whose \"path\" is the test world's \
+          direct path: its spread around 1.000 is the noise floor of this run, against which \
+          the other rows should be read.\n\n";
     s += "| path |";
     for m in Metric::ALL {
         s += &format!(" {} |", m.label());

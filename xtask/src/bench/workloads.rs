@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, process::Stdio, thread, time::Duration};
 use anyhow::Context as _;
 
 use super::{
-    env::{ECHO, Env, IPERF, Side, UDP, addr, output},
+    env::{ECHO, Env, IPERF, Side, UDP, World, addr, output},
     paths::BenchPath,
 };
 
@@ -134,13 +134,14 @@ pub fn cpu_args(cpu: Option<usize>) -> Vec<String> {
 /// What one visit of a path measured.
 #[derive(Debug, Default)]
 pub struct Measured {
-    /// The figures.
+    /// The direct path's figures, from the base world, taken in turns with
+    /// the path's.
+    pub reference: BTreeMap<Metric, f64>,
+    /// The path's figures.
     pub figures: BTreeMap<Metric, f64>,
 }
 
-/// The order a visit measures in: the connection rate first, so that a
-/// reference measured in reverse order and the path's own figure are
-/// taken back to back.
+/// The order a visit measures in.
 const ORDER: [Metric; 5] = [
     Metric::ConnRate,
     Metric::LatP50,
@@ -149,58 +150,147 @@ const ORDER: [Metric; 5] = [
     Metric::Tput4,
 ];
 
-/// Measures on `dialer` (a started path, or a direct path) every metric
-/// `carrier` supports (throughput only when `throughput`), in [`ORDER`] or
-/// in reverse.
+/// Measures every metric `path` (already started in the test world)
+/// supports, throughput only when `throughput`, each against the direct
+/// path of its side in the base world: the connection rate and the
+/// latencies as a duel (the two clients take turns of 100 ms, see
+/// [`duel`]), throughput (iperf3) one after the other, `base_first`
+/// deciding who starts.
 pub fn measure(
     env: &Env,
-    dialer: &dyn BenchPath,
-    carrier: &dyn BenchPath,
+    path: &dyn BenchPath,
     d: Durations,
     throughput: bool,
-    reverse: bool,
+    base_first: bool,
 ) -> anyhow::Result<Measured> {
-    let side = dialer.side();
-    let port = |(from, to): (u16, u16)| if dialer.dials_to() { to } else { from };
+    let side = path.side();
+    let port = |(from, to): (u16, u16)| if path.dials_to() { to } else { from };
     let mut out = Measured::default();
-    let mut order = ORDER;
-    if reverse {
-        order.reverse();
-    }
-    for m in order {
-        if m.udp() && !carrier.udp() {
+    for m in ORDER {
+        if m.udp() && !path.udp() {
             continue;
         }
-        let value = match m {
+        match m {
             Metric::Tput1 | Metric::Tput4 => {
                 if !throughput {
                     continue;
                 }
                 let streams = if m == Metric::Tput1 { 1 } else { 4 };
-                iperf(env, side, port(IPERF), streams, d.iperf_secs)?
+                let mut both = [(World::Base, IPERF.1), (World::Test, port(IPERF))];
+                if !base_first {
+                    both.reverse();
+                }
+                for (world, p) in both {
+                    let v = iperf(env, world, side, p, streams, d.iperf_secs)?;
+                    match world {
+                        World::Base => out.reference.insert(m, v),
+                        World::Test => out.figures.insert(m, v),
+                    };
+                }
             }
-            Metric::ConnRate => conn_rate(env, side, port(ECHO), d.conn_secs)?.rate,
+            Metric::ConnRate => {
+                let [b, t] = duel(
+                    env,
+                    side,
+                    "conn-rate",
+                    [ECHO.1, port(ECHO)],
+                    d.conn_secs,
+                    env.placement.conn_client,
+                    base_first,
+                )?;
+                out.reference.insert(m, field(&b, "value")?);
+                out.figures.insert(m, field(&t, "value")?);
+            }
             Metric::LatP50 | Metric::UdpP50 => {
-                let (verb, p) = if m == Metric::LatP50 {
-                    ("latency", port(ECHO))
+                let (verb, ports, p99) = if m == Metric::LatP50 {
+                    ("latency", [ECHO.1, port(ECHO)], Metric::LatP99)
                 } else {
-                    ("udp-latency", port(UDP))
+                    ("udp-latency", [UDP.1, port(UDP)], Metric::UdpP99)
                 };
-                let l = latency(env, side, verb, p, d.lat_secs)?;
-                let p99 = if m == Metric::LatP50 {
-                    Metric::LatP99
-                } else {
-                    Metric::UdpP99
-                };
-                out.figures.insert(p99, l.p99);
-                l.p50
+                let [b, t] = duel(
+                    env,
+                    side,
+                    verb,
+                    ports,
+                    d.lat_secs,
+                    env.placement.lat_client,
+                    base_first,
+                )?;
+                out.reference.insert(m, field(&b, "p50")?);
+                out.reference.insert(p99, field(&b, "p99")?);
+                out.figures.insert(m, field(&t, "p50")?);
+                out.figures.insert(p99, field(&t, "p99")?);
             }
             // Measured together with p50.
-            Metric::LatP99 | Metric::UdpP99 => continue,
-        };
-        out.figures.insert(m, value);
+            Metric::LatP99 | Metric::UdpP99 => {}
+        }
     }
     Ok(out)
+}
+
+/// Runs bench-agent `verb` twice at once, on `side` of the base world
+/// against `ports[0]` and of the test world against `ports[1]`, for
+/// `secs` each, taking turns of 100 ms through the env's FIFOs, so that
+/// both see the same machine: load that comes and goes (other builds)
+/// hits both alike. Returns their output lines, base first.
+pub fn duel(
+    env: &Env,
+    side: Side,
+    verb: &str,
+    ports: [u16; 2],
+    secs: f64,
+    cpu: Option<usize>,
+    base_first: bool,
+) -> anyhow::Result<[String; 2]> {
+    let agent = env.bench_agent.display().to_string();
+    let (fb, ft) = (
+        env.fifos.0.display().to_string(),
+        env.fifos.1.display().to_string(),
+    );
+    let spawn = |world: World, port: u16, ours: &str, theirs: &str, first: bool| {
+        let mut args = vec![
+            agent.clone(),
+            verb.to_owned(),
+            addr(side, port).to_string(),
+            secs.to_string(),
+            "--turn".into(),
+            ours.to_owned(),
+            theirs.to_owned(),
+        ];
+        if first {
+            args.push("--first".into());
+        }
+        args.extend(cpu_args(cpu));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        env.client_command_in(world, side, &args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {args:?}"))
+    };
+    let base = spawn(World::Base, ports[0], &fb, &ft, base_first)?;
+    let test = spawn(World::Test, ports[1], &ft, &fb, !base_first);
+    let wait = |c: std::process::Child| -> anyhow::Result<String> {
+        let out = c.wait_with_output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "bench-agent {verb} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let test = match test {
+        Ok(t) => t,
+        Err(e) => {
+            // The base client would wait 30 s for a turn: stop it now.
+            let mut base = base;
+            let _ = base.kill();
+            let _ = base.wait();
+            return Err(e);
+        }
+    };
+    let (b, t) = (wait(base), wait(test));
+    Ok([b?, t?])
 }
 
 /// A connection-rate run.
@@ -232,10 +322,6 @@ pub fn conn_rate(env: &Env, side: Side, port: u16, secs: f64) -> anyhow::Result<
 /// A request/response latency run.
 #[derive(Clone, Copy, Debug)]
 pub struct Latency {
-    /// Median µs.
-    pub p50: f64,
-    /// 99th percentile µs.
-    pub p99: f64,
     /// Round trips made, warm-up included: the denominator of the
     /// per-round-trip eBPF cost.
     pub total: f64,
@@ -252,14 +338,19 @@ pub fn latency(env: &Env, side: Side, verb: &str, port: u16, secs: f64) -> anyho
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let line = env.client(side, &args)?;
     Ok(Latency {
-        p50: field(&line, "p50")?,
-        p99: field(&line, "p99")?,
         total: field(&line, "total")?,
     })
 }
 
-/// iperf3 against the server namespace's iperf3 server; Gbit/s received.
-fn iperf(env: &Env, side: Side, port: u16, streams: u32, secs: u32) -> anyhow::Result<f64> {
+/// iperf3 against `world`'s iperf3 server; Gbit/s received.
+fn iperf(
+    env: &Env,
+    world: World,
+    side: Side,
+    port: u16,
+    streams: u32,
+    secs: u32,
+) -> anyhow::Result<f64> {
     let ip = addr(side, port).ip().to_string();
     let (port, streams, secs) = (port.to_string(), streams.to_string(), secs.to_string());
     let args = [
@@ -279,7 +370,7 @@ fn iperf(env: &Env, side: Side, port: u16, streams: u32, secs: u32) -> anyhow::R
     // The server takes a moment to accept the next test after the last.
     let mut last = None;
     for _ in 0..3 {
-        match output(env.client_command(side, &args)) {
+        match output(env.client_command_in(world, side, &args)) {
             Ok(json) => {
                 let v: serde_json::Value =
                     serde_json::from_str(&json).context("iperf3 -J output")?;
