@@ -138,6 +138,18 @@ impl Env {
         Ok(env)
     }
 
+    /// Exchanges the roles of the two worlds: the base world becomes the
+    /// test world and the other way round. The bench does it every round,
+    /// so that state a path leaves behind in the test world (TIME_WAIT
+    /// sockets, say; the first full runs showed the test world slower than
+    /// the base world after a few visits) weighs on both sides of the
+    /// ratios alike instead of on one.
+    pub fn swap_worlds(&mut self) {
+        std::mem::swap(&mut self.srv, &mut self.base_ns.0);
+        std::mem::swap(&mut self.cli, &mut self.base_ns.1);
+        std::mem::swap(&mut self.cgroup, &mut self.base_cgroup);
+    }
+
     /// The (server, client) namespaces of `world`.
     fn ns(&self, world: World) -> (&str, &str) {
         match world {

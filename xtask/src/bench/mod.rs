@@ -10,7 +10,8 @@
 //!   a reference taken in the same second: load that comes and goes
 //!   (other builds) hits both alike.
 //! - **Rounds**: each round visits every path once, in an order rotated
-//!   and reversed from one round to the next; the report gives the median
+//!   and reversed from one round to the next, and the two worlds swap
+//!   roles from one round to the next (`Env::swap_worlds`); the report gives the median
 //!   of the per-round ratios and a trimmed range (the single best and
 //!   worst round dropped from 5 rounds up), so a burst that hits one round
 //!   is discarded.
@@ -128,7 +129,8 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     results.load_start = load_start;
     results.placement = placement.describe();
     results.nice = opts.nice;
-    measure_all(&env, &paths, &mut results)?;
+    let mut env = env;
+    measure_all(&mut env, &paths, &mut results)?;
     measure_costs(&env, &paths, durations, &mut results);
     drop(env);
 
@@ -168,7 +170,7 @@ const BENCH_TOOLS: [(&str, &str); 9] = [
 ];
 
 fn measure_all(
-    env: &Env,
+    env: &mut Env,
     paths: &[Box<dyn BenchPath>],
     results: &mut Results,
 ) -> anyhow::Result<()> {
@@ -198,6 +200,10 @@ fn measure_all(
             order.reverse();
         }
         let throughput = round < results.tput_reps;
+        if round > 0 {
+            env.swap_worlds();
+        }
+        let env: &Env = env;
         for i in order {
             let path = visited[i];
             let direct = available
