@@ -1,12 +1,7 @@
-//! `sockops`: counts TCP connections currently established through a
-//! redirect. A connection rewritten by connect4/6 is counted when it is
-//! established and uncounted when it closes (the state callback, which is
-//! enabled only for these sockets).
-//!
-//!
-//! It also registers listeners for inbound steering: a socket that starts
-//! listening on a mapping's TO port goes into `LISTENERS` (see
-//! `steer.rs`).
+//! `sockops_stats` (shared instance): counts TCP connections currently
+//! established through a redirect. A connection rewritten by connect4/6 is
+//! counted when it is established and uncounted when it closes (the state
+//! callback, which is enabled only for these sockets).
 //!
 //! Minimum kernel version: 5.3 (`ctx->sk` and sk_storage in sock_ops).
 
@@ -17,9 +12,7 @@ use aya_ebpf::{
 };
 use redirect_common::OrigDst;
 
-use redirect_common::Counter;
-
-use crate::maps::{LISTENERS, ORIG_DST, Stat, TARGETS, add_stat, count};
+use crate::maps::{ORIG_DST, Stat, add_stat};
 
 /// `BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB`: our connect completed.
 const ACTIVE_ESTABLISHED_CB: u32 = 4;
@@ -29,11 +22,8 @@ const STATE_CB: u32 = 10;
 const STATE_CB_FLAG: u32 = 1 << 2;
 /// `BPF_TCP_CLOSE`.
 const TCP_CLOSE: u32 = 7;
-/// `BPF_SOCK_OPS_TCP_LISTEN_CB`: called right after listen().
-const TCP_LISTEN_CB: u32 = 11;
-
 /// The sock_ops verdict; the value is ignored for these callbacks.
-const SOCK_OPS_OK: u32 = 1;
+pub const SOCK_OPS_OK: u32 = 1;
 
 /// Counts established redirected connections (name: the section is
 /// "sockops", so the function must not be).
@@ -42,27 +32,9 @@ pub fn sockops_stats(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         ACTIVE_ESTABLISHED_CB => on_established(&ctx),
         STATE_CB if ctx.arg(1) == TCP_CLOSE => on_close(&ctx),
-        TCP_LISTEN_CB => on_listen(&ctx),
         _ => {}
     }
     SOCK_OPS_OK
-}
-
-/// Registers a new listener whose port is some mapping's TO.
-#[inline(always)]
-fn on_listen(ctx: &SockOpsContext) {
-    // local_port is in host byte order in sock_ops (remote_port is not).
-    let port = ctx.local_port();
-    // SAFETY: presence check only.
-    if unsafe { TARGETS.get(port as u16) }.is_none() {
-        return;
-    }
-    // SAFETY: the context is the kernel's, valid for this call.
-    let ops = unsafe { &mut *ctx.ops };
-    match LISTENERS.update(port, ops, 0) {
-        Ok(()) => count(Counter::ListenerRegistered),
-        Err(_) => count(Counter::ErrListener),
-    }
 }
 
 #[inline(always)]

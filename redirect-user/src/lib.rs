@@ -26,6 +26,9 @@
 //!   programs a cgroup carries.
 //! - [`status`]: the status socket each live instance serves, and
 //!   collecting every instance's status for `redirect status`.
+//! - [`daemon`]: `redirect daemon`: config file, control socket, reload,
+//!   metrics, pinned state that outlives restarts.
+//! - [`control`]: the daemon's control protocol and a blocking client.
 //! - [`user`]: looking up and becoming another user (`exec --user`).
 //! - [`error`]: the [`Error`] type; every variant names the cause and a fix.
 //!
@@ -41,6 +44,9 @@
 #![deny(missing_docs)]
 
 pub mod cgroup;
+pub mod control;
+#[cfg(target_os = "linux")]
+pub mod daemon;
 #[cfg(target_os = "linux")]
 pub mod ebpf;
 pub mod error;
@@ -50,7 +56,10 @@ pub mod status;
 pub mod user;
 
 #[cfg(target_os = "linux")]
-pub use ebpf::{Counters, MappingCounts, Options, PortOwner, Redirector};
+pub use ebpf::{
+    Counters, LoadOptions, MappingCounts, Options, PortOwner, Programs, Redirector, Scope,
+    ScopeBuilder, ScopeStats,
+};
 pub use error::{Error, Result};
 pub use mapping::{Mapping, MappingError, MappingSet, Proto};
 pub use redirect_common::Counter;

@@ -28,6 +28,8 @@ use std::{
 };
 
 pub use redirect;
+
+pub mod daemon;
 use redirect::{
     cgroup::{ChildCgroup, cgroup2_root},
     ebpf::attached_programs,
@@ -94,11 +96,16 @@ pub fn wait_detached(cgroup: &Path) -> Vec<String> {
 }
 
 /// A workspace binary that `nobody` can run wherever the checkout lives:
-/// a copy in `$TMPDIR/redirect-tests-bin` (one fixed directory, refreshed
-/// once per test process, so runs do not accumulate copies).
+/// a copy in `$TMPDIR/redirect-tests-bin-<checkout>` (one fixed directory
+/// per checkout, refreshed once per test process, so runs do not
+/// accumulate copies and two checkouts tested at once never run each
+/// other's binaries).
 pub fn binary(name: &str) -> PathBuf {
+    use std::hash::{Hash as _, Hasher as _};
     static COPIED: Mutex<Vec<String>> = Mutex::new(Vec::new());
-    let dir = std::env::temp_dir().join("redirect-tests-bin");
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    target_dir().hash(&mut hasher);
+    let dir = std::env::temp_dir().join(format!("redirect-tests-bin-{:016x}", hasher.finish()));
     let copy = dir.join(name);
     let mut copied = COPIED.lock().unwrap();
     if !copied.iter().any(|n| n == name) {

@@ -1,0 +1,3 @@
+//! The verbs of the `redirect` command that have files of their own.
+
+pub mod daemon;
