@@ -24,6 +24,9 @@
 //! - [`cgroup`]: finding cgroup v2, opening a scope, child cgroups for `exec`.
 //! - [`ebpf`]: loading, attaching and owning the programs; counters; which
 //!   programs a cgroup carries.
+//! - [`proxy`]: the fallback proxy (tokio TCP and UDP forwarder, PROXY
+//!   protocol) for hosts where eBPF cannot run; the only backend on macOS
+//!   and Windows.
 //! - [`status`]: the status socket each live instance serves, and
 //!   collecting every instance's status for `redirect status`.
 //! - [`user`]: looking up and becoming another user (`exec --user`).
@@ -40,17 +43,21 @@
 
 #![deny(missing_docs)]
 
-pub mod cgroup;
 #[cfg(target_os = "linux")]
+pub mod cgroup;
+#[cfg(with_ebpf)]
 pub mod ebpf;
 pub mod error;
 pub mod mapping;
-#[cfg(target_os = "linux")]
+pub mod proxy;
+#[cfg(with_ebpf)]
 pub mod status;
+#[cfg(unix)]
 pub mod user;
 
-#[cfg(target_os = "linux")]
+#[cfg(with_ebpf)]
 pub use ebpf::{Counters, MappingCounts, Options, PortOwner, Redirector};
 pub use error::{Error, Result};
 pub use mapping::{Mapping, MappingError, MappingSet, Proto};
+pub use proxy::{Proxy, ProxyOptions, ProxyProtocol};
 pub use redirect_common::Counter;

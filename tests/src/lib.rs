@@ -28,14 +28,14 @@ use std::{
 };
 
 pub use redirect;
-use redirect::{
-    cgroup::{ChildCgroup, cgroup2_root},
-    ebpf::attached_programs,
-};
+use redirect::cgroup::ChildCgroup;
+#[cfg(feature = "ebpf")]
+use redirect::{cgroup::cgroup2_root, ebpf::attached_programs};
 
 /// uid and gid of `nobody` on Debian.
 pub const NOBODY: u32 = 65534;
 
+#[cfg(feature = "ebpf")]
 /// Whether privileged tests can run here. Off CI, prints why not and
 /// returns false (the caller returns early); under `CI=true`, panics.
 pub fn privileged(test: &str) -> bool {
@@ -51,6 +51,7 @@ pub fn privileged(test: &str) -> bool {
     }
 }
 
+#[cfg(feature = "ebpf")]
 /// A fresh `redirect-test-<tag>-<pid>-<n>` child of the cgroup v2 root,
 /// removed (with anything left inside killed) on drop.
 pub fn test_cgroup(tag: &str) -> ChildCgroup {
@@ -64,6 +65,7 @@ pub fn test_cgroup(tag: &str) -> ChildCgroup {
     ChildCgroup::create(&root, &name).expect("create test cgroup")
 }
 
+#[cfg(feature = "ebpf")]
 /// A [`redirect::Redirector`] for one mapping (given as text) attached to
 /// `cgroup`, with default options.
 pub fn attach(cgroup: &Path, mapping: &str) -> redirect::Redirector {
@@ -71,6 +73,7 @@ pub fn attach(cgroup: &Path, mapping: &str) -> redirect::Redirector {
     redirect::Redirector::attach(cgroup, mappings, &redirect::Options::default()).expect("attach")
 }
 
+#[cfg(feature = "ebpf")]
 /// Names of the programs attached directly to `cgroup`.
 pub fn attached(cgroup: &Path) -> Vec<String> {
     attached_programs(cgroup)
@@ -80,6 +83,7 @@ pub fn attached(cgroup: &Path) -> Vec<String> {
         .collect()
 }
 
+#[cfg(feature = "ebpf")]
 /// Waits (up to 3 s) until nothing is attached to `cgroup`; returns what is
 /// still attached otherwise.
 pub fn wait_detached(cgroup: &Path) -> Vec<String> {
