@@ -450,7 +450,17 @@ impl RedirectProcess {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut child = Command::new(binary("redirect"))
+        Self::start_program(binary("redirect"), args)
+    }
+
+    /// Starts `PROGRAM ARGS…` (a wrapper such as `setpriv` that runs
+    /// `redirect`) with piped output.
+    pub fn start_program<I, S>(program: impl AsRef<OsStr>, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -1,8 +1,10 @@
 //! The fallback proxy with real sockets on loopback: echo, bulk transfer with
 //! checksums, half-close, many connections, the limits, the idle timeout,
 //! graceful drain, UDP sessions. These run in the library (in this process);
-//! `proxy_cli.rs` covers the `redirect run --backend proxy` command, and
-//! `proxy_peers.rs` PROXY protocol against real nginx and haproxy.
+//! the last part covers the `redirect run --backend proxy|auto` command
+//! (drain on SIGTERM, memory with a slow reader, the fallback when
+//! capabilities are dropped, the privilege error), and the middle one
+//! PROXY protocol against real nginx and haproxy.
 //!
 //! Every listener binds port 0 on loopback, so the tests never take a port
 //! they did not pick.
@@ -13,7 +15,10 @@ use std::{
     time::Duration,
 };
 
-use redirect_tests::redirect::proxy::{self, ProxyOptions, Stats, Target};
+use redirect_tests::redirect::{
+    ProxyProtocol,
+    proxy::{self, ProxyOptions, Stats, Target},
+};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream, UdpSocket},
@@ -570,4 +575,379 @@ async fn udp_sessions_are_bounded() {
     }
     assert_eq!(p.get(|s| &s.udp_sessions), 2, "never more than the bound");
     assert_eq!(p.get(|s| &s.udp_expired), 1, "the idlest made room");
+}
+
+// ---------------------------------------------------------------------------
+// PROXY protocol against real peers: nginx (`listen … proxy_protocol`) and
+// haproxy (`bind … accept-proxy`), each started by the test on a port it
+// picked, with its files in a temporary directory of its own.
+
+/// A free loopback port, picked by binding port 0 (the peers below cannot
+/// be handed a socket).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A program of a Debian package the tests need; `cargo xtask test`
+/// installs it.
+fn tool(name: &str) -> std::path::PathBuf {
+    for dir in ["/usr/sbin", "/usr/bin", "/sbin", "/bin"] {
+        let path = std::path::Path::new(dir).join(name);
+        if path.exists() {
+            return path;
+        }
+    }
+    panic!("{name} is not installed: `cargo xtask test` installs it (apt-get install {name})");
+}
+
+/// A peer process, killed and its directory removed on drop.
+struct Peer {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+    port: u16,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn peer_dir(name: &str) -> std::path::PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "redirect-test-{name}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// nginx answering every request with the client address it learnt from
+/// the PROXY header, and logging it.
+fn nginx() -> Peer {
+    let dir = peer_dir("nginx");
+    let port = free_port();
+    let d = dir.display();
+    let conf = format!(
+        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+         error_log {d}/error.log;\nevents {{ worker_connections 64; }}\n\
+         http {{\n  log_format pp '$proxy_protocol_addr:$proxy_protocol_port via $remote_addr';\n\
+           access_log {d}/access.log pp;\n  client_body_temp_path {d}/body;\n\
+           proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
+           uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+           server {{\n    listen 127.0.0.1:{port} proxy_protocol;\n\
+             location / {{ return 200 \"client=$proxy_protocol_addr:$proxy_protocol_port\\n\"; }}\n  }}\n}}\n"
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    let child = std::process::Command::new(tool("nginx"))
+        .args([
+            "-e",
+            &format!("{d}/error.log"),
+            "-c",
+            &format!("{d}/nginx.conf"),
+        ])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("start nginx");
+    wait_listening(port, &dir);
+    Peer { child, dir, port }
+}
+
+/// haproxy answering every request with the client address it learnt from
+/// the PROXY header, and logging it to stdout.
+fn haproxy() -> Peer {
+    let dir = peer_dir("haproxy");
+    let port = free_port();
+    let conf = format!(
+        "global\n  log stdout format raw local0\n\
+         defaults\n  mode http\n  log global\n  option httplog\n  timeout connect 5s\n\
+           timeout client 5s\n  timeout server 5s\n\
+         frontend fe\n  bind 127.0.0.1:{port} accept-proxy\n\
+           http-request return status 200 content-type text/plain lf-string \"client=%[src]:%[src_port]\\n\"\n"
+    );
+    let cfg = dir.join("haproxy.cfg");
+    std::fs::write(&cfg, conf).unwrap();
+    let child = std::process::Command::new(tool("haproxy"))
+        .args(["-db", "-f"])
+        .arg(&cfg)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(dir.join("stdout.log")).unwrap())
+        .spawn()
+        .expect("start haproxy");
+    wait_listening(port, &dir);
+    Peer { child, dir, port }
+}
+
+fn wait_listening(port: u16, dir: &std::path::Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "peer never listened on {port}; see {}",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One HTTP request through the proxy, from 127.0.0.2 (so that the real
+/// client's address differs from the proxy's, 127.0.0.1); returns the
+/// client's address and the response body.
+async fn http_from_127_0_0_2(proxy: SocketAddr) -> (SocketAddr, String) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut c = socket.connect(proxy).await.unwrap();
+    let me = c.local_addr().unwrap();
+    c.write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut resp = Vec::new();
+    timeout(Duration::from_secs(5), c.read_to_end(&mut resp))
+        .await
+        .expect("response within 5 s")
+        .unwrap();
+    let resp = String::from_utf8_lossy(&resp).into_owned();
+    let body = resp
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    (me, body)
+}
+
+async fn check_proxy_protocol(peer: &Peer, version: ProxyProtocol, log: &str) {
+    let backend: SocketAddr = format!("127.0.0.1:{}", peer.port).parse().unwrap();
+    let options = ProxyOptions {
+        proxy_protocol: Some(version),
+        ..ProxyOptions::default()
+    };
+    let p = TestProxy::tcp("127.0.0.1", backend, options).await;
+    let (me, body) = http_from_127_0_0_2(p.addr).await;
+    assert_eq!(
+        body,
+        format!("client={me}"),
+        "{version}: the backend saw the real client"
+    );
+    // And wrote it to its log.
+    let log_path = peer.dir.join(log);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if text.contains(&me.to_string()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{version}: {me} not in {}:\n{text}",
+            log_path.display()
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_v1_and_v2_accepted_by_nginx() {
+    use ProxyProtocol::{V1, V2};
+    let nginx = nginx();
+    check_proxy_protocol(&nginx, V1, "access.log").await;
+    check_proxy_protocol(&nginx, V2, "access.log").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_v1_and_v2_accepted_by_haproxy() {
+    use ProxyProtocol::{V1, V2};
+    let haproxy = haproxy();
+    check_proxy_protocol(&haproxy, V1, "stdout.log").await;
+    check_proxy_protocol(&haproxy, V2, "stdout.log").await;
+}
+
+// ---------------------------------------------------------------------------
+// The `redirect` command with the proxy backend.
+
+use redirect_tests::{RedirectProcess, TcpServer, binary};
+
+/// `redirect run --backend proxy --map FROM:TO` with a FROM picked free on
+/// loopback; waits for the ready line.
+fn run_proxy(to: u16, extra: &[&str]) -> (RedirectProcess, u16, String) {
+    let from = free_port();
+    let mut args = vec![
+        "run".to_owned(),
+        "--backend".into(),
+        "proxy".into(),
+        "--map".into(),
+        format!("127.0.0.1:{from}:{to}"),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut p = RedirectProcess::start(args);
+    let ready = p.wait_ready();
+    (p, from, ready)
+}
+
+fn vm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+#[test]
+fn cli_proxy_forwards_and_drains_on_sigterm() {
+    use std::io::{Read as _, Write as _};
+    let server = TcpServer::start("127.0.0.1:0", "to");
+    let (mut p, from, ready) = run_proxy(server.addr.port(), &["--drain-timeout", "10"]);
+    assert!(ready.contains("backend proxy"), "{ready}");
+    // One connection in flight when SIGTERM arrives.
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", from)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    p.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(p.child.try_wait().unwrap().is_none(), "still draining");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", from)).is_err(),
+        "no new connections while draining"
+    );
+    c.write_all(b"in flight\n").unwrap();
+    let mut reply = [0u8; 12];
+    c.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"to:in flight");
+    drop(c);
+    let status = p.wait_exit();
+    assert!(status.success(), "clean exit after the drain: {status:?}");
+}
+
+#[test]
+fn cli_slow_reader_does_not_grow_memory() {
+    use std::io::{Read as _, Write as _};
+    // The backend writes up to 1 GiB as fast as it can; the client reads
+    // 4 KiB every 50 ms.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let to = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let buf = vec![7u8; 1 << 20];
+        for _ in 0..1024 {
+            if s.write_all(&buf).is_err() {
+                return;
+            }
+        }
+    });
+    let (p, from, _) = run_proxy(to, &[]);
+    let pid = p.child.id();
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", from)).unwrap();
+    let mut buf = [0u8; 4096];
+    let mut samples = Vec::new();
+    for i in 0..80 {
+        c.read_exact(&mut buf).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        if i % 20 == 19 {
+            samples.push(vm_rss_kib(pid));
+        }
+    }
+    let growth = samples.last().unwrap().saturating_sub(samples[0]);
+    assert!(
+        growth < 2048,
+        "RSS grew by {growth} KiB while the client read slowly: {samples:?} KiB"
+    );
+    assert!(
+        *samples.last().unwrap() < 32 * 1024,
+        "RSS {samples:?} KiB: buffers are not bounded"
+    );
+}
+
+/// Runs `redirect ARGS` under `setpriv` with CAP_BPF, CAP_SYS_ADMIN,
+/// CAP_NET_ADMIN and CAP_PERFMON removed from the bounding set (so root
+/// cannot load eBPF programs).
+fn start_without_bpf_caps(args: &[String]) -> RedirectProcess {
+    let mut all = vec![
+        "--bounding-set=-bpf,-sys_admin,-net_admin,-perfmon".to_owned(),
+        "--inh-caps=-all".into(),
+        binary("redirect").display().to_string(),
+    ];
+    all.extend(args.iter().cloned());
+    RedirectProcess::start_program(tool("setpriv"), all)
+}
+
+#[test]
+fn cli_auto_falls_back_to_the_proxy_without_bpf_capabilities() {
+    use std::io::{Read as _, Write as _};
+    let server = TcpServer::start("127.0.0.1:0", "to");
+    let from = free_port();
+    let mut p = start_without_bpf_caps(&[
+        "run".into(),
+        "--map".into(),
+        format!("127.0.0.1:{from}:{}", server.addr.port()),
+    ]);
+    let ready = p.wait_ready();
+    assert!(ready.contains("backend proxy: auto"), "{ready}");
+    assert!(ready.contains("CAP_BPF"), "says why: {ready}");
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", from)).unwrap();
+    c.write_all(b"hi\n").unwrap();
+    let mut reply = [0u8; 5];
+    c.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"to:hi");
+}
+
+#[cfg(feature = "ebpf")]
+#[test]
+fn cli_auto_picks_ebpf_when_it_can_attach() {
+    if !redirect_tests::privileged("auto-ebpf") {
+        return;
+    }
+    let cgroup = redirect_tests::test_cgroup("auto");
+    let mut p = RedirectProcess::start([
+        "run",
+        "--map",
+        "61443:61444",
+        "--cgroup",
+        &cgroup.path().display().to_string(),
+    ]);
+    let ready = p.wait_ready();
+    assert!(ready.contains("backend ebpf: auto"), "{ready}");
+}
+
+#[test]
+fn cli_privileged_port_error_lists_the_ways_out() {
+    // In a network namespace of its own (nothing of the host is bound), as
+    // nobody: port 80 is privileged there.
+    let out = std::process::Command::new(tool("unshare"))
+        .args(["--net", "--"])
+        .arg(tool("setpriv"))
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(binary("redirect"))
+        .args([
+            "run",
+            "--backend",
+            "proxy",
+            "--map",
+            "127.0.0.1:80:8080/tcp",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    for way in [
+        "cap_net_bind_service",
+        "ip_unprivileged_port_start",
+        "per network namespace",
+        "--backend ebpf",
+        "--grant 80",
+    ] {
+        assert!(err.contains(way), "{way:?} missing from: {err}");
+    }
 }

@@ -152,7 +152,7 @@ impl Stats {
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     /// FROM could not be bound; the hint lists the ways out on this OS.
-    #[error("binding {proto} {addr} (FROM of {mapping}): {source}{hint}")]
+    #[error("binding {proto} {addr} (FROM of {mapping}): {cause}{hint}")]
     Bind {
         /// The mapping.
         mapping: Mapping,
@@ -160,8 +160,8 @@ pub enum ProxyError {
         proto: &'static str,
         /// The address.
         addr: SocketAddr,
-        /// The failure.
-        source: io::Error,
+        /// The failure (not a `source`: the message already includes it).
+        cause: io::Error,
         /// What to do, starting with "; ", or empty.
         hint: String,
     },
@@ -179,8 +179,8 @@ impl ProxyError {
     /// Whether the failure is a missing privilege (the caller may try
     /// another backend).
     pub fn is_permission(&self) -> bool {
-        matches!(self, ProxyError::Bind { source, .. }
-            if source.kind() == io::ErrorKind::PermissionDenied)
+        matches!(self, ProxyError::Bind { cause, .. }
+            if cause.kind() == io::ErrorKind::PermissionDenied)
     }
 }
 
@@ -366,7 +366,7 @@ fn bind_error(
         mapping,
         proto,
         addr,
-        source,
+        cause: source,
         hint,
     }
 }
