@@ -29,6 +29,7 @@
 //!   and Windows.
 //! - [`status`]: the status socket each live instance serves, and
 //!   collecting every instance's status for `redirect status`.
+//! - [`control`]: the daemon's control protocol and a blocking client.
 //! - [`user`]: looking up and becoming another user (`exec --user`).
 //! - [`error`]: the [`Error`] type; every variant names the cause and a fix.
 //!
@@ -45,6 +46,8 @@
 
 #[cfg(target_os = "linux")]
 pub mod cgroup;
+#[cfg(unix)]
+pub mod control;
 #[cfg(with_ebpf)]
 pub mod ebpf;
 pub mod error;
@@ -56,7 +59,10 @@ pub mod status;
 pub mod user;
 
 #[cfg(with_ebpf)]
-pub use ebpf::{Counters, MappingCounts, Options, PortOwner, Redirector};
+pub use ebpf::{
+    Counters, LoadOptions, MappingCounts, Options, PortOwner, Programs, Redirector, Scope,
+    ScopeBuilder, ScopeStats,
+};
 pub use error::{Error, Result};
 pub use mapping::{Mapping, MappingError, MappingSet, Proto};
 pub use proxy::{Proxy, ProxyOptions, ProxyProtocol};

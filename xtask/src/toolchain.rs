@@ -141,7 +141,11 @@ pub fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
             c.arg("apt-get");
             c
         };
-        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        // Wait for another apt (unattended upgrades, a second xtask) rather
+        // than failing at once on its lock.
+        cmd.args(["-o", "DPkg::Lock::Timeout=600"])
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive");
         cmd
     };
     status(&mut apt(&["update", "-qq"]))?;
