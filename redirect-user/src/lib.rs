@@ -24,6 +24,8 @@
 //! - [`cgroup`]: finding cgroup v2, opening a scope, child cgroups for `exec`.
 //! - [`ebpf`]: loading, attaching and owning the programs; counters; which
 //!   programs a cgroup carries.
+//! - [`doctor`]: what works on this host (every hook tried for real) and
+//!   what to do about the rest, for `redirect doctor`.
 //! - [`proxy`]: the fallback proxy (tokio TCP and UDP forwarder, PROXY
 //!   protocol) for hosts where eBPF cannot run; the only backend on macOS
 //!   and Windows.
@@ -48,6 +50,7 @@
 pub mod cgroup;
 #[cfg(unix)]
 pub mod control;
+pub mod doctor;
 #[cfg(with_ebpf)]
 pub mod ebpf;
 pub mod error;

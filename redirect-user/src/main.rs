@@ -84,6 +84,11 @@ enum Command {
     /// cgroup removed.
     #[command(after_help = EXAMPLES)]
     Exec(ExecArgs),
+    /// Check what works on this host (kernel, capabilities, every eBPF
+    /// hook tried for real, ports) and say what to do about the rest.
+    ///
+    /// Exits 0 only when the chosen backend can run.
+    Doctor(cmd::doctor::DoctorArgs),
     /// Show every live redirector on this host: scope, mappings with their
     /// counters, attached programs.
     Status(StatusArgs),
@@ -192,6 +197,7 @@ fn main() -> ExitCode {
             Command::Run(args) => run(args, &options).await,
             Command::Exec(args) => exec(args, &options).await,
             Command::Status(args) => show_status(&args),
+            Command::Doctor(args) => cmd::doctor::run(&args),
         }
     });
     match result {

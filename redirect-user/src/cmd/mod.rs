@@ -1,4 +1,5 @@
 //! Verbs and options of the `redirect` command that live outside main.rs:
 //! one file per concern (tubular's `cmd/tubectl` layout).
 
+pub mod doctor;
 pub mod proxy;
