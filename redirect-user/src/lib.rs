@@ -24,6 +24,11 @@
 //! - [`cgroup`]: finding cgroup v2, opening a scope, child cgroups for `exec`.
 //! - [`ebpf`]: loading, attaching and owning the programs; counters; which
 //!   programs a cgroup carries.
+//! - [`doctor`]: what works on this host (every hook tried for real) and
+//!   what to do about the rest, for `redirect doctor`.
+//! - [`proxy`]: the fallback proxy (tokio TCP and UDP forwarder, PROXY
+//!   protocol) for hosts where eBPF cannot run; the only backend on macOS
+//!   and Windows.
 //! - [`status`]: the status socket each live instance serves, and
 //!   collecting every instance's status for `redirect status`.
 //! - [`daemon`]: `redirect daemon`: config file, control socket, reload,
@@ -43,23 +48,29 @@
 
 #![deny(missing_docs)]
 
+#[cfg(target_os = "linux")]
 pub mod cgroup;
+#[cfg(unix)]
 pub mod control;
-#[cfg(target_os = "linux")]
+#[cfg(with_ebpf)]
 pub mod daemon;
-#[cfg(target_os = "linux")]
+pub mod doctor;
+#[cfg(with_ebpf)]
 pub mod ebpf;
 pub mod error;
 pub mod mapping;
-#[cfg(target_os = "linux")]
+pub mod proxy;
+#[cfg(with_ebpf)]
 pub mod status;
+#[cfg(unix)]
 pub mod user;
 
-#[cfg(target_os = "linux")]
+#[cfg(with_ebpf)]
 pub use ebpf::{
     Counters, LoadOptions, MappingCounts, Options, PortOwner, Programs, Redirector, Scope,
     ScopeBuilder, ScopeStats,
 };
 pub use error::{Error, Result};
 pub use mapping::{Mapping, MappingError, MappingSet, Proto};
+pub use proxy::{Proxy, ProxyOptions, ProxyProtocol};
 pub use redirect_common::Counter;
