@@ -27,6 +27,8 @@
 //! - [`status`]: the status socket each live instance serves, and
 //!   collecting every instance's status for `redirect status`.
 //! - [`control`]: the daemon's control protocol and a blocking client.
+//! - [`oci`]: OCI hook logic: container state and annotations to a
+//!   control request.
 //! - [`user`]: looking up and becoming another user (`exec --user`).
 //! - [`error`]: the [`Error`] type; every variant names the cause and a fix.
 //!
@@ -47,6 +49,7 @@ pub mod control;
 pub mod ebpf;
 pub mod error;
 pub mod mapping;
+pub mod oci;
 #[cfg(target_os = "linux")]
 pub mod status;
 pub mod user;

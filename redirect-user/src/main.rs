@@ -28,6 +28,9 @@ use tokio::{
     signal::unix::{Signal, SignalKind, signal},
 };
 
+#[path = "cmd/oci_hook.rs"]
+mod oci_hook;
+
 const EXAMPLES: &str = "\
 Examples:
   # Clients on this host that connect to port 443 reach the server on 8443:
@@ -84,6 +87,9 @@ enum Command {
     /// Show every live redirector on this host: scope, mappings with their
     /// counters, attached programs.
     Status(StatusArgs),
+    /// OCI runtime hook (createRuntime, poststop): asks the daemon for a
+    /// scope per container annotated io.redirect.map (docs/CONTAINERS.md).
+    OciHook(oci_hook::OciHookArgs),
 }
 
 #[derive(Args, Debug)]
@@ -186,6 +192,7 @@ fn main() -> ExitCode {
             Command::Run(args) => run(args, &options).await,
             Command::Exec(args) => exec(args, &options).await,
             Command::Status(args) => show_status(&args),
+            Command::OciHook(args) => Ok(oci_hook::run(&args)),
         }
     });
     match result {
