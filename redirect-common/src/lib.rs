@@ -16,12 +16,20 @@
 /// Each name is at most 15 bytes so that the kernel (and `bpftool`) shows it
 /// whole; the eBPF side names its statics exactly like this.
 pub mod maps {
+    /// Hash from a cgroup id (`u64`, the cgroup directory's inode) to the
+    /// id (`u32`) of the scope attached there: how a program learns whose
+    /// mappings apply.
+    pub const SCOPES: &str = "SCOPES";
+    /// Array of one `u32`: bit `n` is set when some scope's cgroup is at
+    /// depth `n` below the cgroup v2 root, so a program only asks for the
+    /// ancestors that can be scopes.
+    pub const LEVELS: &str = "LEVELS";
     /// Hash map from [`MappingKey`](crate::MappingKey) to
     /// [`MappingValue`](crate::MappingValue): the active mappings.
     pub const MAPPINGS: &str = "MAPPINGS";
-    /// Array of [`PORT_WORDS`](crate::PORT_WORDS) `u64` words: bit `p % 64`
-    /// of word `p / 64` is set when some mapping has FROM port `p`, so the
-    /// common case (an unmapped port) costs one array lookup.
+    /// Hash from a [`ScopePort`](crate::ScopePort) (a scope and a FROM
+    /// port) to the `SHAPE_*` bits of the mapping keys present for it, so
+    /// that a connect does exactly the lookups that can hit.
     pub const PORTS: &str = "PORTS";
     /// Socket storage holding an [`OrigDst`](crate::OrigDst) for every
     /// socket whose connect was rewritten; freed with the socket.
@@ -35,20 +43,23 @@ pub mod maps {
     pub const STATS: &str = "STATS";
     /// Per-CPU array of `u64`, indexed by [`Counter`](crate::Counter).
     pub const COUNTERS: &str = "COUNTERS";
-    /// Hash from a port (`u16`, host order) to `1`: ports processes in the
-    /// scope may bind without CAP_NET_BIND_SERVICE (`--grant`).
+    /// Hash from a [`ScopePort`](crate::ScopePort) to `1`: ports the
+    /// scope's processes may bind without CAP_NET_BIND_SERVICE (`--grant`).
     pub const GRANTS: &str = "GRANTS";
-    /// Sockhash from a TO port (`u32`, host order) to the listening socket
-    /// registered for it: where sk_lookup steers inbound connections.
+    /// Sockhash from [`listener_key`](crate::listener_key) (family and TO
+    /// port) to the listening socket registered for it: where sk_lookup
+    /// steers inbound connections. One per steering instance (scope).
     pub const LISTENERS: &str = "LISTENERS";
-    /// Hash from a TO port (`u16`, host order) to the number of mappings
-    /// that target it: listeners on these ports are registered.
+    /// Hash from a [`ScopePort`](crate::ScopePort) (a TO port) to the
+    /// number of the scope's mappings that target it: listeners on these
+    /// are registered, and with an owner only the owner may bind them.
     pub const TARGETS: &str = "TARGETS";
-    /// Array of one [`Owner`](crate::Owner): who may bind the TO ports.
-    pub const OWNER: &str = "OWNER";
-    /// Hash from a TO port (`u16`) to its FROM port (`u16`), for UDP
-    /// mappings in inbound mode: a UDP bind of TO in the scope is rewritten
-    /// to a bind of FROM.
+    /// Hash from a scope id (`u32`) to its [`Owner`](crate::Owner): who
+    /// may bind the scope's TO ports.
+    pub const OWNERS: &str = "OWNERS";
+    /// Hash from a [`ScopePort`](crate::ScopePort) (a TO port) to the
+    /// [`UdpBind`](crate::UdpBind) of a UDP mapping in inbound mode: a UDP
+    /// bind of TO in the scope is rewritten to a bind of FROM.
     pub const UDP_BINDS: &str = "UDP_BINDS";
 }
 
@@ -81,6 +92,90 @@ pub mod programs {
     /// (A `#[sock_ops]` function named `sockops` would collide with its
     /// section name.)
     pub const SOCK_OPS: &str = "sockops_stats";
+    /// `sockops` of a steering instance: registers the scope's new
+    /// listeners on TO ports for [`STEER`].
+    pub const SOCK_LISTEN: &str = "sockops_listen";
+}
+
+/// Names of the globals the loader sets before loading.
+pub mod globals {
+    /// `u32`: the scope a steering instance ([`programs::STEER`](crate::programs::STEER),
+    /// [`programs::SOCK_LISTEN`](crate::programs::SOCK_LISTEN)) serves.
+    pub const STEER_SCOPE: &str = "STEER_SCOPE";
+}
+
+/// Version of the layout of every map above and of the pinned state
+/// directory (`<pin_dir>/v<LAYOUT_VERSION>/`). Bumped whenever a key or
+/// value layout, a map type or a map's meaning changes: a loader never
+/// reuses pinned maps of another version.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Upper bound on the number of scopes one program set serves.
+pub const MAX_SCOPES: u32 = 4096;
+
+/// Deepest cgroup level (the root is 0) at which a scope may sit; bounds
+/// the programs' walk up the cgroup tree.
+pub const MAX_LEVEL: u32 = 31;
+
+/// A scope and a port: the key of the per-scope port tables.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ScopePort {
+    /// The scope's id (the value in [`maps::SCOPES`]).
+    pub scope: u32,
+    /// A port, host byte order.
+    pub port: u16,
+    /// Always zero.
+    pub _pad: u16,
+}
+
+impl ScopePort {
+    /// The key for `port` (host order) in `scope`.
+    pub const fn new(scope: u32, port: u16) -> Self {
+        Self {
+            scope,
+            port,
+            _pad: 0,
+        }
+    }
+}
+
+/// [`maps::PORTS`] bit: a mapping keyed (address, TCP) exists.
+pub const SHAPE_ADDR_TCP: u8 = 1 << 0;
+/// [`maps::PORTS`] bit: a mapping keyed (address, UDP) exists.
+pub const SHAPE_ADDR_UDP: u8 = 1 << 1;
+/// [`maps::PORTS`] bit: a mapping keyed (address, any protocol) exists.
+pub const SHAPE_ADDR_ANY: u8 = 1 << 2;
+/// [`maps::PORTS`] bit: a mapping keyed (any address, TCP) exists.
+pub const SHAPE_ANY_TCP: u8 = 1 << 3;
+/// [`maps::PORTS`] bit: a mapping keyed (any address, UDP) exists.
+pub const SHAPE_ANY_UDP: u8 = 1 << 4;
+/// [`maps::PORTS`] bit: a mapping keyed (any address, any protocol) exists.
+pub const SHAPE_ANY_ANY: u8 = 1 << 5;
+
+/// The [`maps::PORTS`] bit of a mapping key with (`has_addr`, `proto`).
+pub const fn shape(has_addr: bool, proto: u8) -> u8 {
+    match (has_addr, proto) {
+        (true, PROTO_TCP) => SHAPE_ADDR_TCP,
+        (true, PROTO_UDP) => SHAPE_ADDR_UDP,
+        (true, _) => SHAPE_ADDR_ANY,
+        (false, PROTO_TCP) => SHAPE_ANY_TCP,
+        (false, PROTO_UDP) => SHAPE_ANY_UDP,
+        (false, _) => SHAPE_ANY_ANY,
+    }
+}
+
+/// `AF_INET`.
+pub const AF_INET: u32 = 2;
+/// `AF_INET6`.
+pub const AF_INET6: u32 = 10;
+
+/// The [`maps::LISTENERS`] key of a listener of `family` (`AF_INET` or
+/// `AF_INET6`) on `port` (host order): IPv4 and IPv6 listeners on one TO
+/// port are registered side by side.
+pub const fn listener_key(family: u32, port: u16) -> u32 {
+    let v6 = if family == AF_INET6 { 1 << 16 } else { 0 };
+    v6 | port as u32
 }
 
 /// Upper bound on the number of mappings one redirector holds; also the
@@ -96,9 +191,6 @@ pub const MAX_LISTENERS: u32 = 4096;
 /// Upper bound on the number of granted ports (there are 1023 privileged
 /// ones).
 pub const MAX_GRANTS: u32 = 1024;
-
-/// Number of `u64` words in [`maps::PORTS`]: one bit per port.
-pub const PORT_WORDS: u32 = 65_536 / 64;
 
 /// Entries of [`maps::REV_NAT`]; the least recently used is evicted.
 pub const REV_NAT_ENTRIES: u32 = 65_536;
@@ -122,11 +214,14 @@ pub const ADDR_ANY: Addr = [0; 4];
 /// Key of the [`maps::MAPPINGS`] table.
 ///
 /// The programs look up, in order: (address, port, protocol), (address,
-/// port, any protocol), (any address, port, protocol), (any, port, any).
+/// port, any protocol), (any address, port, protocol), (any, port, any),
+/// each only when [`maps::PORTS`] says that shape exists for the port.
 /// Userspace rejects overlapping mappings, so at most one of these exists.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct MappingKey {
+    /// The scope the mapping belongs to.
+    pub scope: u32,
     /// Destination address the mapping is scoped to, or [`ADDR_ANY`].
     pub addr: Addr,
     /// Destination port the client asked for (FROM), host byte order.
@@ -139,15 +234,45 @@ pub struct MappingKey {
 }
 
 impl MappingKey {
-    /// The key for `addr`, `port` (host byte order) and `proto`.
-    pub const fn new(addr: Addr, port: u16, proto: u8) -> Self {
+    /// The key for `addr`, `port` (host byte order) and `proto` in `scope`.
+    pub const fn new(scope: u32, addr: Addr, port: u16, proto: u8) -> Self {
         Self {
+            scope,
             addr,
             port,
             proto,
             _pad: 0,
         }
     }
+}
+
+/// Value of [`maps::TARGETS`]: a TO port of a scope.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// How many of the scope's mappings send traffic to this port.
+    pub count: u32,
+    /// Always zero.
+    pub _pad: u32,
+    /// Where an eligible listener may be bound besides the wildcard
+    /// address: the mappings' address when they all have the same one,
+    /// else [`ADDR_ANY`] (then only a wildcard listener serves them, so a
+    /// loopback-only server is never exposed through FROM).
+    pub addr: Addr,
+}
+
+/// Value of [`maps::UDP_BINDS`]: a UDP bind of TO by the scope is rewritten
+/// to FROM, but only on the mapping's address (or any address for a
+/// wildcard mapping), so a mapping never widens a bind.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UdpBind {
+    /// FROM, host byte order.
+    pub from: u16,
+    /// Always zero.
+    pub _pad: u16,
+    /// The mapping's address, or [`ADDR_ANY`].
+    pub addr: Addr,
 }
 
 /// [`MappingValue::flags`]: the mapping's UDP side is served inbound by
@@ -245,8 +370,8 @@ pub const OWNER_UID: u32 = 1;
 /// [`Owner::level`]) or below it.
 pub const OWNER_CGROUP: u32 = 2;
 
-/// Who may bind the TO ports of the mappings (`--owner`), so that no one
-/// else can squat them; the single entry of [`maps::OWNER`].
+/// Who may bind the TO ports of a scope's mappings (`--owner`), so that no
+/// one else can squat them; the value of [`maps::OWNERS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Owner {
@@ -312,11 +437,23 @@ pub enum Counter {
     /// UDP to FROM left alone because the service itself is bound to FROM
     /// (inbound UDP mode).
     SkipUdpServed = 17,
+    /// A program ran for a process whose cgroup belongs to no scope (a
+    /// scope being added or removed): nothing done.
+    SkipNoScope = 18,
+    /// A listener on a TO port not registered because its address or
+    /// family does not serve the mapping (a loopback-only listener, say).
+    ListenerIneligible = 19,
+    /// A listener not registered because an eligible one is registered
+    /// already for that family and port: the first one keeps the traffic.
+    ListenerTaken = 20,
+    /// sk_lookup could not hand the connection to the registered socket
+    /// (wrong family or protocol, or not listening): refused.
+    SteerBadSocket = 21,
 }
 
 impl Counter {
     /// Number of counters; the length of [`maps::COUNTERS`].
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 22;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -338,6 +475,10 @@ impl Counter {
         Counter::BindRefused,
         Counter::BindRewritten,
         Counter::SkipUdpServed,
+        Counter::SkipNoScope,
+        Counter::ListenerIneligible,
+        Counter::ListenerTaken,
+        Counter::SteerBadSocket,
     ];
 
     /// Stable snake_case name, used in logs and status output.
@@ -361,6 +502,10 @@ impl Counter {
             Counter::BindRefused => "bind_refused",
             Counter::BindRewritten => "bind_rewritten",
             Counter::SkipUdpServed => "skip_udp_served",
+            Counter::SkipNoScope => "skip_no_scope",
+            Counter::ListenerIneligible => "listener_ineligible",
+            Counter::ListenerTaken => "listener_taken",
+            Counter::SteerBadSocket => "steer_bad_socket",
         }
     }
 }
@@ -376,4 +521,7 @@ mod pod {
     unsafe impl aya::Pod for super::RevNatKey {}
     unsafe impl aya::Pod for super::RevNatValue {}
     unsafe impl aya::Pod for super::Owner {}
+    unsafe impl aya::Pod for super::ScopePort {}
+    unsafe impl aya::Pod for super::UdpBind {}
+    unsafe impl aya::Pod for super::Target {}
 }

@@ -25,12 +25,12 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
-use redirect_common::{Counter, OWNER_NONE, OWNER_UID};
+use redirect_common::{ADDR_ANY, Counter, OWNER_NONE, OWNER_UID, ScopePort};
 
 use crate::{
     ALLOW,
     ctx::{self, Family},
-    maps::{GRANTS, OWNER, TARGETS, UDP_BINDS, count},
+    maps::{GRANTS, OWNERS, TARGETS, UDP_BINDS, count, current_scope},
 };
 
 /// Fail the syscall.
@@ -44,19 +44,32 @@ const ALLOW_WITHOUT_CAP: i32 = 3;
 /// Grants IPv4 binds of granted ports.
 #[cgroup_sock_addr(bind4)]
 pub fn bind4(ctx: SockAddrContext) -> i32 {
-    grant(&ctx, Family::V4)
+    grant::<false>(&ctx)
 }
 
 /// Grants IPv6 binds of granted ports.
 #[cgroup_sock_addr(bind6)]
 pub fn bind6(ctx: SockAddrContext) -> i32 {
-    grant(&ctx, Family::V6)
+    grant::<true>(&ctx)
 }
 
+/// Why generic over the family rather than taking it as an argument: with
+/// one shared body LLVM merged the v4 and v6 address loads into one load
+/// through a computed context pointer, which the verifier rejects
+/// ("dereference of modified ctx ptr R4 off=4 disallowed"); a copy per
+/// family has one constant address layout.
 #[inline(always)]
-fn grant(ctx: &SockAddrContext, family: Family) -> i32 {
+fn grant<const V6: bool>(ctx: &SockAddrContext) -> i32 {
+    let family = if V6 { Family::V6 } else { Family::V4 };
+    let Some(scope) = current_scope() else {
+        return ALLOW;
+    };
     let port = ctx::dst_port(ctx);
-    if !may_bind(port) {
+    let key = ScopePort::new(scope, port);
+    // SAFETY: presence check only.
+    let reserved = unsafe { TARGETS.get(key) }.is_some();
+    let owner = is_owner(scope);
+    if reserved && !owner {
         count(Counter::BindRefused);
         debug!(
             ctx,
@@ -72,8 +85,12 @@ fn grant(ctx: &SockAddrContext, family: Family) -> i32 {
     }
     if ctx::protocol(ctx) == ctx::IPPROTO_UDP
         // SAFETY: copied out at once.
-        && let Some(from) = unsafe { UDP_BINDS.get(port) }.copied()
+        && let Some(bind) = unsafe { UDP_BINDS.get(key) }.copied()
+        // Never wider than the mapping: a mapping for 127.0.0.1 rewrites
+        // binds of 127.0.0.1 only, not of the wildcard address.
+        && (bind.addr == ADDR_ANY || bind.addr == ctx::dst_addr(ctx, family))
     {
+        let from = bind.from;
         ctx::set_dst_port(ctx, from);
         count(Counter::BindRewritten);
         debug!(
@@ -86,7 +103,7 @@ fn grant(ctx: &SockAddrContext, family: Family) -> i32 {
         return ALLOW_WITHOUT_CAP;
     }
     // SAFETY: presence check only.
-    if unsafe { GRANTS.get(port) }.is_none() {
+    if unsafe { GRANTS.get(key) }.is_none() {
         return ALLOW;
     }
     count(Counter::BindGranted);
@@ -94,15 +111,15 @@ fn grant(ctx: &SockAddrContext, family: Family) -> i32 {
     ALLOW_WITHOUT_CAP
 }
 
-/// Whether the current process may bind `port`: always, unless `--owner`
-/// reserves it (it is some mapping's TO) for someone else.
+/// Whether the current process is the owner of `scope`'s TO ports: true
+/// when the scope has no owner (anyone in it may bind them).
 #[inline(always)]
-fn may_bind(port: u16) -> bool {
-    let Some(owner) = OWNER.get(0) else {
+fn is_owner(scope: u32) -> bool {
+    // SAFETY: copied out at once.
+    let Some(owner) = unsafe { OWNERS.get(scope) }.copied() else {
         return true;
     };
-    // SAFETY: presence check only.
-    if owner.kind == OWNER_NONE || unsafe { TARGETS.get(port) }.is_none() {
+    if owner.kind == OWNER_NONE {
         return true;
     }
     if owner.kind == OWNER_UID {

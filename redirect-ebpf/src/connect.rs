@@ -16,7 +16,7 @@ use redirect_common::{Counter, FLAG_UDP_BIND, OrigDst};
 use crate::{
     ALLOW,
     ctx::{self, Family, IPPROTO_TCP, IPPROTO_UDP},
-    maps::{ORIG_DST, Stat, add_stat, count, lookup},
+    maps::{ORIG_DST, Stat, add_stat, count, current_scope, lookup},
     udp,
 };
 
@@ -58,8 +58,9 @@ fn try_redirect_connect(ctx: &SockAddrContext, family: Family) -> Result<Counter
         // source address; never anything to redirect.
         return Err(Counter::SkipPortZero);
     }
+    let scope = current_scope().ok_or(Counter::SkipNoScope)?;
     let addr = ctx::dst_addr(ctx, family);
-    let Some((key, target)) = lookup(&addr, from, proto as u8) else {
+    let Some((key, target)) = lookup(scope, &addr, from, proto as u8) else {
         forget(ctx);
         return Ok(Counter::ConnectUnmapped);
     };

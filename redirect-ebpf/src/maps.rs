@@ -5,44 +5,63 @@
 //! `redirect_common::maps`.
 
 use aya_ebpf::{
+    Global,
     bindings::BPF_F_NO_PREALLOC,
     btf_maps::SkStorage,
+    helpers::generated::bpf_get_current_ancestor_cgroup_id,
     macros::{btf_map, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
 };
 use redirect_common::{
-    ADDR_ANY, Addr, Counter, MAX_GRANTS, MAX_LISTENERS, MAX_MAPPINGS, MappingKey, MappingStats,
-    MappingValue, OrigDst, Owner, PORT_WORDS, PROTO_ANY, REV_NAT_ENTRIES, RevNatKey, RevNatValue,
+    ADDR_ANY, Addr, Counter, MAX_GRANTS, MAX_LEVEL, MAX_LISTENERS, MAX_MAPPINGS, MAX_SCOPES,
+    MappingKey, MappingStats, MappingValue, OrigDst, Owner, PROTO_ANY, PROTO_TCP, PROTO_UDP,
+    REV_NAT_ENTRIES, RevNatKey, RevNatValue, SHAPE_ADDR_ANY, SHAPE_ADDR_TCP, SHAPE_ADDR_UDP,
+    SHAPE_ANY_ANY, SHAPE_ANY_TCP, SHAPE_ANY_UDP, ScopePort, Target, UdpBind,
 };
 
-/// The active mappings, written by userspace at any time.
+/// The scope a steering instance serves; set by the loader (0 in the
+/// shared instance, whose programs find their scope through [`SCOPES`]).
+#[unsafe(no_mangle)]
+pub static STEER_SCOPE: Global<u32> = Global::new(0);
+
+/// cgroup id → scope id of every attached scope.
+#[map]
+pub static SCOPES: HashMap<u64, u32> = HashMap::with_max_entries(MAX_SCOPES, 0);
+
+/// Bit n: some scope sits at cgroup depth n.
+#[map]
+pub static LEVELS: Array<u32> = Array::with_max_entries(1, 0);
+
+/// The active mappings of every scope, written by userspace at any time.
 #[map]
 pub static MAPPINGS: HashMap<MappingKey, MappingValue> = HashMap::with_max_entries(MAX_MAPPINGS, 0);
 
-/// Ports the cgroup may bind without CAP_NET_BIND_SERVICE (`--grant`).
+/// Ports a scope may bind without CAP_NET_BIND_SERVICE (`--grant`).
 #[map]
-pub static GRANTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_GRANTS, 0);
+pub static GRANTS: HashMap<ScopePort, u8> = HashMap::with_max_entries(MAX_GRANTS * 4, 0);
 
-/// Listening sockets registered for inbound steering, keyed by their port
-/// (a mapping's TO). The kernel removes a socket when it closes.
+/// Listening sockets registered for inbound steering, keyed by family and
+/// port (`listener_key`). The kernel removes a socket when it closes.
 #[map]
 pub static LISTENERS: SockHash<u32> = SockHash::with_max_entries(MAX_LISTENERS, 0);
 
-/// TO ports of the live mappings: listeners on these are registered.
+/// TO ports of each scope's live mappings: listeners on these are
+/// registered, and with an owner only the owner may bind them.
 #[map]
-pub static TARGETS: HashMap<u16, u32> = HashMap::with_max_entries(MAX_MAPPINGS, 0);
+pub static TARGETS: HashMap<ScopePort, Target> = HashMap::with_max_entries(MAX_MAPPINGS, 0);
 
-/// Who may bind the TO ports (`--owner`); kind `OWNER_NONE`: anyone.
+/// Who may bind a scope's TO ports (`--owner`); no entry: anyone.
 #[map]
-pub static OWNER: Array<Owner> = Array::with_max_entries(1, 0);
+pub static OWNERS: HashMap<u32, Owner> = HashMap::with_max_entries(MAX_SCOPES, 0);
 
 /// TO → FROM of UDP mappings in inbound mode (see `bind.rs`).
 #[map]
-pub static UDP_BINDS: HashMap<u16, u16> = HashMap::with_max_entries(MAX_MAPPINGS, 0);
+pub static UDP_BINDS: HashMap<ScopePort, UdpBind> = HashMap::with_max_entries(MAX_MAPPINGS, 0);
 
-/// One bit per FROM port that has a mapping: the fast path for misses.
+/// For each scope's FROM ports, which key shapes have a mapping: the fast
+/// path for misses, and one MAPPINGS lookup for hits.
 #[map]
-pub static PORTS: Array<u64> = Array::with_max_entries(PORT_WORDS, 0);
+pub static PORTS: HashMap<ScopePort, u8> = HashMap::with_max_entries(MAX_MAPPINGS, 0);
 
 /// Original destination of every rewritten socket; freed with the socket,
 /// so nothing here outlives the connection.
@@ -110,29 +129,61 @@ pub fn add_stat(slot: u32, generation: u32, stat: Stat, delta: u64) {
     *field = field.wrapping_add(delta);
 }
 
-/// Whether any mapping has FROM port `port`: one array lookup.
+/// The scope of the calling process: the id of the first of its cgroup's
+/// ancestors (itself included) that is a scope.
+///
+/// Only the depths marked in [`LEVELS`] are asked, so a host whose scopes
+/// all sit at one depth (containers, services) pays one helper call and
+/// one hash lookup. Scopes never nest (userspace refuses it), so at most
+/// one ancestor matches.
 #[inline(always)]
-fn port_mapped(port: u16) -> bool {
-    let word = u32::from(port / 64);
-    let bit = u64::from(port % 64);
-    PORTS.get(word).is_some_and(|w| w & (1 << bit) != 0)
+pub fn current_scope() -> Option<u32> {
+    let levels = *LEVELS.get(0)?;
+    let mut level = 0;
+    while level <= MAX_LEVEL {
+        if levels & (1 << level) != 0 {
+            // SAFETY: plain helper call.
+            let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+            // SAFETY: copied out at once.
+            if let Some(scope) = unsafe { SCOPES.get(id) } {
+                return Some(*scope);
+            }
+        }
+        level += 1;
+    }
+    None
 }
 
-/// The mapping for a connection to (`addr`, `port`) over `proto`, most
-/// specific first; at most one can exist (userspace rejects overlaps).
+/// The mapping of `scope` for a connection to (`addr`, `port`) over
+/// `proto`, most specific first; at most one can exist (userspace rejects
+/// overlaps). Only shapes that [`PORTS`] lists are looked up: an unmapped
+/// port costs one lookup, a mapped one usually two.
 #[inline(always)]
-pub fn lookup(addr: &Addr, port: u16, proto: u8) -> Option<(MappingKey, MappingValue)> {
-    if !port_mapped(port) {
-        return None;
-    }
-    // Four explicit lookups: the verifier needs no loop bound this way.
+pub fn lookup(scope: u32, addr: &Addr, port: u16, proto: u8) -> Option<(MappingKey, MappingValue)> {
+    // SAFETY: copied out at once.
+    let shapes = *unsafe { PORTS.get(ScopePort::new(scope, port)) }?;
+    let (addr_proto, any_proto) = match proto {
+        PROTO_TCP => (SHAPE_ADDR_TCP, SHAPE_ANY_TCP),
+        PROTO_UDP => (SHAPE_ADDR_UDP, SHAPE_ANY_UDP),
+        _ => (0, 0),
+    };
+    // Four explicit candidates: the verifier needs no loop bound this way.
     let candidates = [
-        MappingKey::new(*addr, port, proto),
-        MappingKey::new(*addr, port, PROTO_ANY),
-        MappingKey::new(ADDR_ANY, port, proto),
-        MappingKey::new(ADDR_ANY, port, PROTO_ANY),
+        (addr_proto, MappingKey::new(scope, *addr, port, proto)),
+        (
+            SHAPE_ADDR_ANY,
+            MappingKey::new(scope, *addr, port, PROTO_ANY),
+        ),
+        (any_proto, MappingKey::new(scope, ADDR_ANY, port, proto)),
+        (
+            SHAPE_ANY_ANY,
+            MappingKey::new(scope, ADDR_ANY, port, PROTO_ANY),
+        ),
     ];
-    for key in candidates {
+    for (shape, key) in candidates {
+        if shapes & shape == 0 {
+            continue;
+        }
         // SAFETY: the value is copied out at once; userspace may replace it
         // concurrently, which at worst yields the old or the new target.
         if let Some(v) = unsafe { MAPPINGS.get(key) } {

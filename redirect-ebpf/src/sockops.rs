@@ -1,25 +1,32 @@
-//! `sockops`: counts TCP connections currently established through a
-//! redirect. A connection rewritten by connect4/6 is counted when it is
-//! established and uncounted when it closes (the state callback, which is
-//! enabled only for these sockets).
+//! `sockops` programs.
 //!
-//!
-//! It also registers listeners for inbound steering: a socket that starts
-//! listening on a mapping's TO port goes into `LISTENERS` (see
-//! `steer.rs`).
+//! - `sockops_stats` (shared instance): counts TCP connections currently
+//!   established through a redirect. A connection rewritten by connect4/6
+//!   is counted when it is established and uncounted when it closes (the
+//!   state callback, which is enabled only for these sockets).
+//! - `sockops_listen` (a scope's steering instance): registers a socket of
+//!   the scope that starts listening on one of its TO ports in
+//!   `LISTENERS`, for `steer.rs`, when it may serve the mapping: bound to
+//!   the wildcard address or the mappings' own address (never a
+//!   loopback-only server for a wildcard mapping), keyed by its family, and
+//!   never displacing a registered listener (the first keeps the traffic;
+//!   the kernel drops a socket from the sockhash when it closes, and the
+//!   next listen registers again). Who may listen at all is decided at
+//!   bind time (`bind.rs`, `--owner`).
 //!
 //! Minimum kernel version: 5.3 (`ctx->sk` and sk_storage in sock_ops).
 
 use core::ptr;
 
 use aya_ebpf::{
-    helpers::generated::bpf_sk_storage_get, macros::sock_ops, programs::SockOpsContext,
+    bindings::BPF_NOEXIST, helpers::generated::bpf_sk_storage_get, macros::sock_ops,
+    programs::SockOpsContext,
 };
-use redirect_common::OrigDst;
+use redirect_common::{
+    ADDR_ANY, AF_INET, AF_INET6, Addr, Counter, OrigDst, ScopePort, listener_key,
+};
 
-use redirect_common::Counter;
-
-use crate::maps::{LISTENERS, ORIG_DST, Stat, TARGETS, add_stat, count};
+use crate::maps::{LISTENERS, ORIG_DST, STEER_SCOPE, Stat, TARGETS, add_stat, count};
 
 /// `BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB`: our connect completed.
 const ACTIVE_ESTABLISHED_CB: u32 = 4;
@@ -42,25 +49,50 @@ pub fn sockops_stats(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         ACTIVE_ESTABLISHED_CB => on_established(&ctx),
         STATE_CB if ctx.arg(1) == TCP_CLOSE => on_close(&ctx),
-        TCP_LISTEN_CB => on_listen(&ctx),
         _ => {}
     }
     SOCK_OPS_OK
 }
 
-/// Registers a new listener whose port is some mapping's TO.
+/// Registers the scope's new listeners on TO ports.
+#[sock_ops]
+pub fn sockops_listen(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == TCP_LISTEN_CB {
+        on_listen(&ctx);
+    }
+    SOCK_OPS_OK
+}
+
 #[inline(always)]
 fn on_listen(ctx: &SockOpsContext) {
     // local_port is in host byte order in sock_ops (remote_port is not).
-    let port = ctx.local_port();
-    // SAFETY: presence check only.
-    if unsafe { TARGETS.get(port as u16) }.is_none() {
+    let port = ctx.local_port() as u16;
+    // SAFETY: copied out at once.
+    let Some(target) = unsafe { TARGETS.get(ScopePort::new(STEER_SCOPE.load(), port)) }.copied()
+    else {
+        return;
+    };
+    let family = ctx.family();
+    // Read both before choosing (see steer.rs on merged context loads).
+    let (ip4, ip6) = (ctx.local_ip4(), ctx.local_ip6());
+    let addr: Addr = if family == AF_INET {
+        [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip4]
+    } else if family == AF_INET6 {
+        ip6
+    } else {
+        return;
+    };
+    let wildcard = addr == ADDR_ANY || (family == AF_INET && ip4 == 0);
+    if !wildcard && (target.addr == ADDR_ANY || target.addr != addr) {
+        count(Counter::ListenerIneligible);
         return;
     }
     // SAFETY: the context is the kernel's, valid for this call.
     let ops = unsafe { &mut *ctx.ops };
-    match LISTENERS.update(port, ops, 0) {
+    match LISTENERS.update(listener_key(family, port), ops, u64::from(BPF_NOEXIST)) {
         Ok(()) => count(Counter::ListenerRegistered),
+        // -EEXIST: an eligible listener is registered already.
+        Err(-17) => count(Counter::ListenerTaken),
         Err(_) => count(Counter::ErrListener),
     }
 }

@@ -14,16 +14,15 @@ use core::ptr::{addr_of, read_volatile};
 
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
 use aya_log_ebpf::debug;
-use redirect_common::{Addr, Counter, PROTO_TCP};
+use redirect_common::{AF_INET6, Addr, Counter, PROTO_TCP, listener_key};
 
-use crate::maps::{LISTENERS, count, lookup};
+use crate::maps::{LISTENERS, STEER_SCOPE, count, lookup};
 
 /// `SK_PASS`: carry on with the kernel's normal socket lookup.
 const SK_PASS: u32 = 1;
 /// `SK_DROP`: refuse the connection.
 const SK_DROP: u32 = 0;
-/// `AF_INET`.
-const AF_INET: u32 = 2;
+use redirect_common::AF_INET;
 
 /// Steers connections for mapped ports to registered listeners.
 #[sk_lookup]
@@ -43,16 +42,30 @@ pub fn steer(ctx: SkLookupContext) -> u32 {
     // local_port is in host byte order here (unlike remote_port).
     let port = port as u16;
     let addr = local_addr(&ctx, family);
-    let Some((_, target)) = lookup(&addr, port, PROTO_TCP) else {
+    let Some((_, target)) = lookup(STEER_SCOPE.load(), &addr, port, PROTO_TCP) else {
         return SK_PASS;
     };
-    match LISTENERS.redirect_sk_lookup(&ctx, u32::from(target.port), 0) {
+    // The listener of the connection's own family first; an IPv4
+    // connection may also go to a dual-stack IPv6 listener.
+    let own = listener_key(family, target.port);
+    let dual = listener_key(AF_INET6, target.port);
+    let mut result = LISTENERS.redirect_sk_lookup(&ctx, own, 0);
+    if result.is_err() && family == AF_INET {
+        result = LISTENERS.redirect_sk_lookup(&ctx, dual, 0);
+    }
+    match result {
         Ok(()) => {
             count(Counter::SteerAssigned);
             SK_PASS
         }
-        Err(_) => {
-            count(Counter::SteerNoListener);
+        Err(e) => {
+            // -ENOENT: nothing registered; anything else: the registered
+            // socket could not take it (tubular's errors__bad_socket).
+            count(if e == -ENOENT {
+                Counter::SteerNoListener
+            } else {
+                Counter::SteerBadSocket
+            });
             debug!(
                 &ctx,
                 "sk_lookup: port {} has no listener on {}, refused", port, target.port
@@ -61,6 +74,9 @@ pub fn steer(ctx: SkLookupContext) -> u32 {
         }
     }
 }
+
+/// `ENOENT`: the sockhash has no socket under the key.
+const ENOENT: i32 = 2;
 
 /// The destination address, IPv4 mapped into `::ffff:a.b.c.d` (as in
 /// `ctx::dst_addr`).

@@ -20,7 +20,7 @@ use redirect_common::{
 use crate::{
     ALLOW,
     ctx::{self, Family},
-    maps::{MAPPINGS, REV_NAT, Stat, add_stat, count, lookup},
+    maps::{MAPPINGS, REV_NAT, Stat, add_stat, count, current_scope, lookup},
 };
 
 /// Rewrites the destination of an IPv4 `sendto()`.
@@ -72,8 +72,9 @@ fn try_redirect_sendmsg(ctx: &SockAddrContext, family: Family) -> Result<Counter
     if from == 0 {
         return Err(Counter::SkipPortZero);
     }
+    let scope = current_scope().ok_or(Counter::SkipNoScope)?;
     let addr = ctx::dst_addr(ctx, family);
-    let Some((key, target)) = lookup(&addr, from, PROTO_UDP) else {
+    let Some((key, target)) = lookup(scope, &addr, from, PROTO_UDP) else {
         return Ok(Counter::ConnectUnmapped);
     };
     if target.flags & FLAG_UDP_BIND != 0 {

@@ -92,6 +92,15 @@ pub enum Error {
         hint: &'static str,
     },
 
+    /// Taking hold of a link (to pin or adopt it) failed.
+    #[error("link of {program}: {source}")]
+    Link {
+        /// The program's name.
+        program: &'static str,
+        /// The failure.
+        source: Box<aya::programs::links::LinkError>,
+    },
+
     /// Reading or writing a BPF map failed.
     #[error("{op} map {map}: {source}")]
     Map {
@@ -113,6 +122,42 @@ pub enum Error {
         name: &'static str,
     },
 
+    /// The network namespace path given cannot be opened: bad input.
+    #[error(
+        "network namespace {path}: {source}; pass a namespace file such as /run/netns/NAME or \
+         /proc/PID/ns/net"
+    )]
+    NetnsPath {
+        /// The path given.
+        path: PathBuf,
+        /// The failure.
+        source: io::Error,
+    },
+
+    /// The pin directory cannot be used as it is.
+    #[error("pin directory {path}: {reason}; {hint}")]
+    PinDir {
+        /// The directory or pin involved.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+        /// What to do.
+        hint: String,
+    },
+
+    /// A scope overlaps one that is already attached (same name, same or
+    /// nested cgroup, same steered network namespace); nothing was
+    /// attached.
+    #[error("{0}")]
+    ScopeConflict(String),
+
+    /// No scope has this name.
+    #[error("no scope named {name}; `redirect status` lists them")]
+    ScopeNotFound {
+        /// The name asked for.
+        name: String,
+    },
+
     /// A file-system or system call failed.
     #[error("{op} {path}: {source}")]
     Io {
@@ -129,7 +174,10 @@ impl Error {
     /// Whether the error is the caller's input (exit code 2) rather than the
     /// environment (exit code 1).
     pub fn is_bad_input(&self) -> bool {
-        matches!(self, Error::Mapping(_))
+        matches!(
+            self,
+            Error::Mapping(_) | Error::ScopeConflict(_) | Error::NetnsPath { .. }
+        )
     }
 
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {

@@ -26,6 +26,8 @@
 //!   programs a cgroup carries.
 //! - [`status`]: the status socket each live instance serves, and
 //!   collecting every instance's status for `redirect status`.
+//! - [`daemon`]: `redirect daemon`: config file, control socket, reload,
+//!   metrics, pinned state that outlives restarts.
 //! - [`control`]: the daemon's control protocol and a blocking client.
 //! - [`oci`]: OCI hook logic: container state and annotations to a
 //!   control request.
@@ -46,6 +48,8 @@
 pub mod cgroup;
 pub mod control;
 #[cfg(target_os = "linux")]
+pub mod daemon;
+#[cfg(target_os = "linux")]
 pub mod ebpf;
 pub mod error;
 pub mod mapping;
@@ -55,7 +59,10 @@ pub mod status;
 pub mod user;
 
 #[cfg(target_os = "linux")]
-pub use ebpf::{Counters, MappingCounts, Options, PortOwner, Redirector};
+pub use ebpf::{
+    Counters, LoadOptions, MappingCounts, Options, PortOwner, Programs, Redirector, Scope,
+    ScopeBuilder, ScopeStats,
+};
 pub use error::{Error, Result};
 pub use mapping::{Mapping, MappingError, MappingSet, Proto};
 pub use redirect_common::Counter;

@@ -4,6 +4,8 @@
 //! input (nothing is attached), 1 for an environment problem (privileges,
 //! kernel, cgroup), 126/127 when `exec` cannot start its command.
 
+mod cmd;
+
 use std::{
     ffi::OsString,
     io::{self, Write as _},
@@ -27,9 +29,6 @@ use tokio::{
     net::{UnixListener, UnixStream},
     signal::unix::{Signal, SignalKind, signal},
 };
-
-#[path = "cmd/oci_hook.rs"]
-mod oci_hook;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -84,19 +83,41 @@ enum Command {
     /// cgroup removed.
     #[command(after_help = EXAMPLES)]
     Exec(ExecArgs),
-    /// Show every live redirector on this host: scope, mappings with their
-    /// counters, attached programs.
+    /// Show every live redirector on this host: the daemon's scopes (or,
+    /// with no daemon, what is pinned), and each `run`/`exec` instance.
     Status(StatusArgs),
+    /// Run the node daemon: keep the scopes of a config file attached, with
+    /// pinned state that outlives restarts and upgrades.
+    Daemon(cmd::daemon::DaemonArgs),
+    /// Add a mapping to a scope of the running daemon (lost on reload
+    /// unless written to the config file).
+    Add(cmd::daemon::EditArgs),
+    /// Remove a mapping from a scope of the running daemon.
+    Remove(cmd::daemon::EditArgs),
+    /// Make the running daemon re-read its config file and apply the
+    /// difference (as SIGHUP does).
+    Reload(cmd::daemon::ControlArgs),
+    /// Remove everything pinned under the daemon's pin directory (every
+    /// scope it attached), leaving the host as it found it.
+    Reset(cmd::daemon::ResetArgs),
     /// OCI runtime hook (createRuntime, poststop): asks the daemon for a
     /// scope per container annotated io.redirect.map (docs/CONTAINERS.md).
-    OciHook(oci_hook::OciHookArgs),
+    OciHook(cmd::oci_hook::OciHookArgs),
 }
 
 #[derive(Args, Debug)]
 struct StatusArgs {
-    /// Print one JSON object with `mappings` and `instances` arrays.
+    /// Print one JSON object with `mappings` and `instances` arrays (and
+    /// `daemon` when a daemon answers or state is pinned).
     #[arg(long)]
     json: bool,
+
+    #[command(flatten)]
+    control: cmd::daemon::ControlArgs,
+
+    /// Where to look for pinned state when no daemon answers.
+    #[arg(long, value_name = "DIR", default_value = redirect::ebpf::pin::DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -192,7 +213,26 @@ fn main() -> ExitCode {
             Command::Run(args) => run(args, &options).await,
             Command::Exec(args) => exec(args, &options).await,
             Command::Status(args) => show_status(&args),
-            Command::OciHook(args) => Ok(oci_hook::run(&args)),
+            Command::Daemon(args) => cmd::daemon::daemon(args).await,
+            Command::Add(a) => cmd::daemon::request(
+                &a.control.control,
+                redirect::control::Request::Add {
+                    scope: a.scope,
+                    mapping: a.mapping,
+                },
+            ),
+            Command::Remove(a) => cmd::daemon::request(
+                &a.control.control,
+                redirect::control::Request::Remove {
+                    scope: a.scope,
+                    mapping: a.mapping,
+                },
+            ),
+            Command::Reload(a) => {
+                cmd::daemon::request(&a.control, redirect::control::Request::Reload)
+            }
+            Command::Reset(a) => cmd::daemon::reset(a),
+            Command::OciHook(args) => Ok(cmd::oci_hook::run(&args)),
         }
     });
     match result {
@@ -213,6 +253,10 @@ fn is_bad_input(e: &anyhow::Error) -> bool {
         c.downcast_ref::<redirect::Error>()
             .is_some_and(redirect::Error::is_bad_input)
             || c.downcast_ref::<MappingError>().is_some()
+            || c.downcast_ref::<redirect::daemon::DaemonError>()
+                .is_some_and(redirect::daemon::DaemonError::is_bad_input)
+            || c.downcast_ref::<redirect::daemon::config::ConfigError>()
+                .is_some()
     })
 }
 
@@ -231,10 +275,7 @@ fn init_logging(verbose: u8) {
 
 /// `--owner`: a cgroup directory (an absolute path), else a user or uid.
 fn parse_owner(text: &str) -> Result<PortOwner, MappingError> {
-    if text.starts_with('/') {
-        return Ok(PortOwner::Cgroup(PathBuf::from(text)));
-    }
-    Ok(PortOwner::Uid(User::lookup(text)?.uid))
+    PortOwner::parse(text)
 }
 
 /// Attaches to `cgroup` with `mappings`, then grants `grants`.
@@ -369,13 +410,22 @@ async fn exec(args: ExecArgs, options: &Options) -> anyhow::Result<ExitCode> {
 /// `redirect status`: asks every live instance, prints a table or JSON.
 fn show_status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
     let report = Report::new(status::collect()?);
+    let daemon = cmd::daemon::daemon_status(&args.control.control)
+        .or_else(|| redirect::ebpf::pin::pinned_status(&args.pin_dir));
     let mut out = io::stdout().lock();
     if args.json {
-        serde_json::to_writer_pretty(&mut out, &report)?;
+        let mut value = serde_json::to_value(&report)?;
+        if let Some(d) = &daemon {
+            value["daemon"] = d.clone();
+        }
+        serde_json::to_writer_pretty(&mut out, &value)?;
         writeln!(out)?;
         return Ok(ExitCode::SUCCESS);
     }
-    if report.instances.is_empty() {
+    if let Some(d) = &daemon {
+        cmd::daemon::print_daemon(&mut out, d)?;
+    }
+    if report.instances.is_empty() && daemon.is_none() {
         writeln!(out, "no redirect instance is running")?;
     }
     for i in &report.instances {

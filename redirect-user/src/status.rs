@@ -82,6 +82,23 @@ pub struct MappingStatus {
     pub datagrams: u64,
 }
 
+impl MappingStatus {
+    /// The status of mapping `m` with counters `c`.
+    pub fn new(m: &crate::Mapping, c: &crate::MappingCounts) -> Self {
+        MappingStatus {
+            mapping: m.to_string(),
+            from: m.from,
+            to: m.to,
+            proto: m.proto.as_str().to_owned(),
+            address: m.addr.map(|a| a.to_string()),
+            redirected: c.redirected(),
+            connects: c.connects,
+            established: c.established,
+            datagrams: c.datagrams,
+        }
+    }
+}
+
 /// A mapping in the flat list of [`Report::mappings`].
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ReportMapping {

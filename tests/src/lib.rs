@@ -28,6 +28,8 @@ use std::{
 };
 
 pub use redirect;
+
+pub mod daemon;
 use redirect::{
     cgroup::{ChildCgroup, cgroup2_root},
     ebpf::attached_programs,

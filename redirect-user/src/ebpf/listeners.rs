@@ -27,8 +27,21 @@ pub struct FoundListener {
     pub fd: OwnedFd,
     /// The port it listens on.
     pub port: u16,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u32,
+    /// The address it is bound to, as the programs see addresses (IPv4
+    /// mapped); all zeroes for the IPv6 wildcard.
+    pub addr: redirect_common::Addr,
     /// The process it belongs to.
     pub pid: i32,
+}
+
+impl FoundListener {
+    /// Whether it is bound to the wildcard address (0.0.0.0 or ::).
+    pub fn is_wildcard(&self) -> bool {
+        self.addr == redirect_common::ADDR_ANY
+            || (self.family == redirect_common::AF_INET && self.addr[3] == 0)
+    }
 }
 
 /// Listening TCP sockets on one of `ports`, owned by processes of cgroup
@@ -65,15 +78,22 @@ pub fn find(scope: &Path, netns_ino: u64, ports: &HashSet<u16>) -> Vec<FoundList
             else {
                 continue;
             };
-            let (Some(&port), Ok(fd)) = (
+            let (Some(&(port, family, addr)), Ok(fd)) = (
                 listening.get(&inode),
                 entry.file_name().to_string_lossy().parse::<i32>(),
             ) else {
                 continue;
             };
             match dup_from(pid, fd) {
-                Ok(fd) => found.push(FoundListener { fd, port, pid }),
-                Err(e) => log::warn!("cannot take listener on :{port} from pid {pid}: {e}"),
+                Ok(fd) => found.push(FoundListener {
+                    fd,
+                    port,
+                    family,
+                    addr,
+                    pid,
+                }),
+                // It may have closed since /proc was read: skip it.
+                Err(e) => log::warn!("skipping the listener on :{port} of pid {pid}: {e}"),
             }
         }
     }
@@ -133,9 +153,12 @@ fn scope_pids(scope: &Path) -> Vec<i32> {
     pids
 }
 
-/// Socket inode → port of the listening sockets on `ports` in the process's
-/// network namespace.
-fn listening_inodes(proc_dir: &str, ports: &HashSet<u16>) -> HashMap<u64, u16> {
+/// What a listening socket is: its port, family and address.
+type Listening = (u16, u32, redirect_common::Addr);
+
+/// Socket inode → port, family and address of the listening sockets on
+/// `ports` in the process's network namespace.
+fn listening_inodes(proc_dir: &str, ports: &HashSet<u16>) -> HashMap<u64, Listening> {
     let mut out = HashMap::new();
     for table in ["tcp", "tcp6"] {
         let Ok(text) = fs::read_to_string(format!("{proc_dir}/net/{table}")) else {
@@ -146,8 +169,25 @@ fn listening_inodes(proc_dir: &str, ports: &HashSet<u16>) -> HashMap<u64, u16> {
     out
 }
 
+/// The address field of `/proc/net/tcp{,6}`: 8 or 32 hex digits, each
+/// group of 8 being a network-order word printed as a native integer.
+fn parse_proc_addr(hex: &str) -> Option<(u32, redirect_common::Addr)> {
+    let word = |i: usize| u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16).ok();
+    match hex.len() {
+        8 => Some((
+            redirect_common::AF_INET,
+            [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), word(0)?],
+        )),
+        32 => Some((
+            redirect_common::AF_INET6,
+            [word(0)?, word(1)?, word(2)?, word(3)?],
+        )),
+        _ => None,
+    }
+}
+
 /// Parses `/proc/net/tcp{,6}`: `sl local rem st … inode`.
-fn parse_proc_net_tcp(text: &str, ports: &HashSet<u16>) -> Vec<(u64, u16)> {
+fn parse_proc_net_tcp(text: &str, ports: &HashSet<u16>) -> Vec<(u64, Listening)> {
     text.lines()
         .skip(1)
         .filter_map(|line| {
@@ -156,10 +196,12 @@ fn parse_proc_net_tcp(text: &str, ports: &HashSet<u16>) -> Vec<(u64, u16)> {
             if *state != "0A" {
                 return None; // not TCP_LISTEN
             }
-            let port = u16::from_str_radix(local.rsplit_once(':')?.1, 16).ok()?;
+            let (addr, port) = local.rsplit_once(':')?;
+            let port = u16::from_str_radix(port, 16).ok()?;
+            let (family, addr) = parse_proc_addr(addr)?;
             ports
                 .contains(&port)
-                .then(|| Some((inode.parse().ok()?, port)))?
+                .then(|| Some((inode.parse().ok()?, (port, family, addr))))?
         })
         .collect()
 }
@@ -193,6 +235,16 @@ mod tests {
    2: 00000000:01BB 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4244 1 0000000000000000 100 0 0 10 0
 ";
         let ports: HashSet<u16> = [8443].into();
-        assert_eq!(parse_proc_net_tcp(text, &ports), vec![(4242, 8443)]);
+        let found = parse_proc_net_tcp(text, &ports);
+        assert_eq!(found.len(), 1);
+        let (inode, (port, family, addr)) = found[0];
+        assert_eq!(
+            (inode, port, family),
+            (4242, 8443, redirect_common::AF_INET)
+        );
+        assert_eq!(addr[3], 0);
+        let lo = parse_proc_addr("0100007F").unwrap().1;
+        let bytes: Vec<u8> = lo.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        assert_eq!(&bytes[12..], &[127, 0, 0, 1]);
     }
 }

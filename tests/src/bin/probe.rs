@@ -15,6 +15,9 @@
 //!                         print its `local=` and `peer=`, answer `to:LINE`
 //! probe udp-serve ADDR    bind UDP, print `listening local=ADDR`; answer
 //!                         one datagram with `to:DATAGRAM`
+//! probe loop ADDR SECS    TCP connect, send, read the reply, close, over
+//!                         and over for SECS seconds; print `ok=N`,
+//!                         `failed=N` and the first `error=`
 //! ```
 //!
 //! The one-shot modes print `local=`, `peer=` (getpeername, or the source
@@ -45,6 +48,7 @@ fn main() {
         "bind" => return bind(addr),
         "serve" => return serve(addr),
         "udp-serve" => return udp_serve(addr),
+        "loop" => return connect_loop(addr, arg().parse().expect("SECS")),
         _ => usage(),
     };
     match result {
@@ -55,6 +59,29 @@ fn main() {
             println!("error={e}");
             std::process::exit(1);
         }
+    }
+}
+
+/// Sequential connections for `secs` seconds (a bounded load loop).
+fn connect_loop(addr: SocketAddr, secs: f64) {
+    let end = std::time::Instant::now() + Duration::from_secs_f64(secs);
+    let (mut ok, mut failed, mut first) = (0u64, 0u64, None);
+    while std::time::Instant::now() < end {
+        match tcp(addr, "loop") {
+            Ok((_, _, reply)) if !reply.is_empty() => ok += 1,
+            Ok(_) => {
+                failed += 1;
+                first.get_or_insert_with(|| "empty reply".to_owned());
+            }
+            Err(e) => {
+                failed += 1;
+                first.get_or_insert(e);
+            }
+        }
+    }
+    println!("ok={ok}\nfailed={failed}");
+    if let Some(e) = first {
+        println!("error={e}");
     }
 }
 

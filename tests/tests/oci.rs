@@ -1,7 +1,3 @@
-//! PENDING: moves to tests/tests/oci.rs once `redirect daemon` is on main
-//! (it runs the real daemon; it passed against a stand-in built on
-//! `Redirector`). Not compiled until then.
-//!
 //! Containers through a real OCI runtime: runc runs busybox containers whose
 //! `config.json` calls the built `redirect oci-hook` at createRuntime and
 //! poststop, against a real `redirect daemon`.
@@ -64,13 +60,9 @@ impl Daemon {
             ),
         )
         .unwrap();
-        let process = RedirectProcess::start([
-            "daemon".as_ref(),
-            "--config".as_ref(),
-            config.as_os_str(),
-            "--control".as_ref(),
-            control.as_os_str(),
-        ]);
+        let mut process =
+            RedirectProcess::start(["daemon".as_ref(), "--config".as_ref(), config.as_os_str()]);
+        process.wait_ready();
         let daemon = Daemon {
             process,
             dir,
@@ -307,9 +299,7 @@ impl Container {
     /// Where runc puts the container's cgroup v2 directory when config.json
     /// names none.
     fn cgroup(&self) -> PathBuf {
-        redirect_tests::redirect::cgroup::cgroup2_root()
-            .unwrap()
-            .join(&self.id)
+        redirect::cgroup::cgroup2_root().unwrap().join(&self.id)
     }
 }
 
@@ -384,6 +374,11 @@ fn a_container_annotated_443_to_8443_is_served_inside_and_from_outside() {
     );
     let status = daemon.status().unwrap();
     assert!(mentions(&status, &format!("oci-{}", ctr.id)), "{status:#}");
+    let pins_during = daemon.pins();
+    assert!(
+        pins_during.len() > pins_before.len(),
+        "the container's scope is pinned: {pins_during:?}"
+    );
 
     // Inside: a client of the container reaches its own unprivileged server.
     assert_eq!(text(&ctr.wget("http://127.0.0.1:443/")), "page-one");

@@ -1,0 +1,1547 @@
+//! The loaded program set: the object is loaded once (aya parses the
+//! kernel's BTF once, ~30 ms) and its programs are attached to as many
+//! scopes as asked, each scope's mappings, grants, owner and counters
+//! keyed by its scope id in shared maps.
+//!
+//! What is per scope and what is shared:
+//!
+//! - shared (one copy): every map the cgroup programs use, keyed by scope
+//!   id (`MAPPINGS`, `PORTS`, `TARGETS`, `GRANTS`, `OWNERS`, `UDP_BINDS`),
+//!   plus `SCOPES` (cgroup id → scope id), `LEVELS`, `STATS`, `REV_NAT`,
+//!   `ORIG_DST`, `COUNTERS`;
+//! - per scope: one `bpf_link` per cgroup hook on the scope's cgroup, and,
+//!   when the scope steers a network namespace, a small *steering
+//!   instance*: `sk_lookup` on the namespace and `sockops_listen` on the
+//!   cgroup, loaded with the scope id as a constant and with maps of their
+//!   own. Why: an sk_lookup program cannot tell which namespace it runs in
+//!   (its context has no netns, and `bpf_get_netns_cookie` is not offered
+//!   to it), so one program per namespace is the only way to keep two
+//!   namespaces' mappings for the same port apart (tubular also runs one
+//!   dispatcher per namespace).
+//!
+//! Everything here is synchronous and quick (map writes, a few syscalls);
+//! callers on a tokio runtime should still use `spawn_blocking` for
+//! attaching, which reads /proc and may load a steering instance.
+
+use std::{
+    collections::{BTreeMap, HashMap as StdHashMap, HashSet},
+    net::IpAddr,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, PerCpuValues, SockHash},
+    programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, links::FdLink},
+};
+use aya_log::EbpfLogger;
+use redirect_common::{
+    ADDR_ANY, Addr, Counter, FLAG_UDP_BIND, MAX_LEVEL, MAX_MAPPINGS, MAX_SCOPES, MappingKey,
+    MappingStats, MappingValue, Owner, PROTO_ANY, PROTO_TCP, PROTO_UDP, ScopePort, Target, UdpBind,
+    globals, listener_key, maps, programs, shape,
+};
+
+use super::{
+    Counters, Logger, MappingCounts, PortOwner, attach_error, check_privileges, listeners,
+    map_error, pin, probe_kernel, raise_memlock_limit,
+};
+use crate::{Error, Mapping, MappingSet, Proto, Result, cgroup::CgroupDir};
+
+/// The eBPF object built by build.rs from the `redirect-ebpf` crate.
+pub(super) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect"));
+
+/// The cgroup sock_addr programs, in attach order: bind (independent of the
+/// rest) first, then the reverse paths (getpeername, recvmsg) before the
+/// forward ones (connect, sendmsg), so that nothing is ever rewritten while
+/// its reverse cannot be restored yet.
+pub const SOCK_ADDR_PROGRAMS: [&str; 10] = [
+    programs::BIND4,
+    programs::BIND6,
+    programs::GETPEERNAME4,
+    programs::GETPEERNAME6,
+    programs::RECVMSG4,
+    programs::RECVMSG6,
+    programs::CONNECT4,
+    programs::CONNECT6,
+    programs::SENDMSG4,
+    programs::SENDMSG6,
+];
+
+/// The maps of the shared instance that are pinned and reused.
+const SHARED_MAPS: [&str; 12] = [
+    maps::SCOPES,
+    maps::LEVELS,
+    maps::MAPPINGS,
+    maps::PORTS,
+    maps::GRANTS,
+    maps::TARGETS,
+    maps::OWNERS,
+    maps::UDP_BINDS,
+    maps::REV_NAT,
+    maps::STATS,
+    maps::COUNTERS,
+    maps::ORIG_DST,
+];
+
+/// The maps a steering instance really uses, and the size of each there.
+const STEER_MAPS: [(&str, u32); 4] = [
+    (maps::MAPPINGS, 1024),
+    (maps::PORTS, 1024),
+    (maps::TARGETS, 1024),
+    (maps::LISTENERS, 1024),
+];
+
+/// Maps a steering instance has (it is the same object) but never uses:
+/// made as small as the kernel allows.
+const STEER_UNUSED: [&str; 6] = [
+    maps::SCOPES,
+    maps::GRANTS,
+    maps::OWNERS,
+    maps::UDP_BINDS,
+    maps::REV_NAT,
+    maps::STATS,
+];
+
+/// aya's loader keeps `&'a` references to global values; these live for
+/// the whole program.
+static LOG_OFF: u8 = 0;
+static LOG_DEBUG: u8 = 4;
+
+/// How to load the program set.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Pin maps and links under this directory (on bpffs; see
+    /// [`pin::DEFAULT_PIN_DIR`]) so that they outlive the process: what is
+    /// pinned there already is adopted, never attached twice. `None`: the
+    /// process owns everything and the kernel detaches it when the process
+    /// exits.
+    pub pin_dir: Option<PathBuf>,
+    /// Log each rewrite from the eBPF side (aya-log, debug level). Off by
+    /// default: the verifier then removes the logging code entirely.
+    pub ebpf_debug_log: bool,
+}
+
+/// The loaded program set, shared by every [`Scope`](super::Scope) made
+/// from it. Cheap to clone (a reference count).
+///
+/// # Minimum kernel version
+///
+/// Linux 5.8 (getpeername hooks); 5.9 for steering.
+#[derive(Clone)]
+pub struct Programs {
+    pub(super) shared: Arc<Mutex<Shared>>,
+}
+
+impl std::fmt::Debug for Programs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Programs").finish_non_exhaustive()
+    }
+}
+
+/// What one attached scope is made of.
+pub(super) struct ScopeState {
+    pub(super) id: u32,
+    pub(super) name: String,
+    pub(super) cgroup: PathBuf,
+    pub(super) cgroup_id: u64,
+    pub(super) level: u32,
+    pub(super) netns: Option<(PathBuf, u64)>,
+    pub(super) owner: Option<PortOwner>,
+    pub(super) mappings: MappingSet,
+    pub(super) slots: StdHashMap<MappingKey, Slot>,
+    pub(super) grants: Vec<u16>,
+    links: Vec<ScopeLink>,
+    steer: Option<Ebpf>,
+}
+
+/// One link of a scope: owned by this process (closing it detaches), or
+/// pinned (it stays until its pin is removed).
+enum ScopeLink {
+    Owned(FdLink),
+    Pinned(PathBuf),
+}
+
+/// The stats slot held by a live mapping.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Slot {
+    pub(super) index: u32,
+    pub(super) generation: u32,
+}
+
+/// Hands out [`MappingStats`] slots. Generations come from one counter
+/// seeded above every generation in use (and the clock), so a reused
+/// slot never matches a late event of its previous mapping, across
+/// restarts too.
+#[derive(Debug)]
+pub(super) struct Slots {
+    next: u32,
+    free: Vec<u32>,
+    generation: u32,
+}
+
+impl Slots {
+    fn new(used: &[Slot]) -> Self {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_secs() as u32);
+        let max_gen = used.iter().map(|s| s.generation).max().unwrap_or(0);
+        let next = used.iter().map(|s| s.index + 1).max().unwrap_or(0);
+        let in_use: HashSet<u32> = used.iter().map(|s| s.index).collect();
+        Slots {
+            next,
+            free: (0..next).filter(|i| !in_use.contains(i)).collect(),
+            generation: max_gen.max(now).wrapping_add(1),
+        }
+    }
+
+    pub(super) fn take(&mut self) -> Option<Slot> {
+        let index = match self.free.pop() {
+            Some(i) => i,
+            None if self.next < MAX_MAPPINGS => {
+                self.next += 1;
+                self.next - 1
+            }
+            None => return None,
+        };
+        self.generation = self.generation.wrapping_add(1).max(1);
+        Some(Slot {
+            index,
+            generation: self.generation,
+        })
+    }
+
+    pub(super) fn give_back(&mut self, slot: Slot) {
+        self.free.push(slot.index);
+    }
+}
+
+/// Everything behind the [`Programs`] lock.
+pub(super) struct Shared {
+    ebpf: Ebpf,
+    loader: EbpfLoader<'static>,
+    pin_dir: Option<PathBuf>,
+    pub(super) scopes: BTreeMap<u32, ScopeState>,
+    /// How many scopes sit at each cgroup depth (the LEVELS bitmask).
+    levels: [u32; MAX_LEVEL as usize + 1],
+    slots: Slots,
+    logger: Option<Logger>,
+}
+
+impl Programs {
+    /// Loads the program set. With [`LoadOptions::pin_dir`], maps are
+    /// pinned (and reused when pinned already, after a layout check).
+    ///
+    /// Checks privileges and the kernel first; loads every cgroup program,
+    /// attaches nothing.
+    pub fn load(options: &LoadOptions) -> Result<Self> {
+        check_privileges()?;
+        probe_kernel()?;
+        raise_memlock_limit();
+        if let Some(dir) = &options.pin_dir {
+            pin::prepare(dir)?;
+        }
+        // EbpfLoader::new() parses the kernel's BTF (~30 ms), which these
+        // programs do not need; it is done once and the loader kept for
+        // the steering instances.
+        let mut loader = EbpfLoader::new();
+        loader.btf(None);
+        let level = if options.ebpf_debug_log {
+            &LOG_DEBUG
+        } else {
+            &LOG_OFF
+        };
+        loader.override_global("AYA_LOG_LEVEL", level, true);
+        if let Some(dir) = &options.pin_dir {
+            for name in SHARED_MAPS {
+                let path = pin::map_path(dir, name);
+                pin::check_pinned_map(&path, name)?;
+                loader.map_pin_path(name, path);
+            }
+        }
+        log::debug!("loading the eBPF object");
+        let mut ebpf = loader.load(OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
+        let logger = if options.ebpf_debug_log {
+            match EbpfLogger::init(&mut ebpf) {
+                Ok(logger) => Some(logger),
+                Err(e) => {
+                    log::warn!("eBPF logging unavailable: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        for name in SOCK_ADDR_PROGRAMS {
+            program::<CgroupSockAddr>(&mut ebpf, name)?
+                .load()
+                .map_err(load_error(name))?;
+        }
+        program::<SockOps>(&mut ebpf, programs::SOCK_OPS)?
+            .load()
+            .map_err(load_error(programs::SOCK_OPS))?;
+        let used = used_slots(&ebpf)?;
+        Ok(Programs {
+            shared: Arc::new(Mutex::new(Shared {
+                ebpf,
+                loader,
+                pin_dir: options.pin_dir.clone(),
+                scopes: BTreeMap::new(),
+                levels: [0; MAX_LEVEL as usize + 1],
+                slots: Slots::new(&used),
+                logger,
+            })),
+        })
+    }
+
+    /// Starts describing a scope on the cgroup v2 directory `cgroup`.
+    pub fn scope(&self, cgroup: impl AsRef<Path>) -> super::ScopeBuilder {
+        super::ScopeBuilder::new(self.clone(), cgroup.as_ref())
+    }
+
+    /// Scope ids present in the pinned state that no scope of this process
+    /// has adopted yet (after a restart: scopes to re-declare or remove).
+    pub fn unclaimed_pinned_scopes(&self) -> Result<Vec<u32>> {
+        let shared = self.lock();
+        let Some(dir) = &shared.pin_dir else {
+            return Ok(Vec::new());
+        };
+        let scopes_dir = pin::layout_dir(dir).join("scopes");
+        let mut ids = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(&scopes_dir) {
+            for e in entries.flatten() {
+                if let Ok(id) = e.file_name().to_string_lossy().parse::<u32>()
+                    && !shared.scopes.contains_key(&id)
+                {
+                    ids.push(id);
+                }
+            }
+        }
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// Detaches and forgets a pinned scope no one claimed (see
+    /// [`Programs::unclaimed_pinned_scopes`]).
+    pub fn remove_pinned_scope(&self, id: u32) -> Result<()> {
+        let mut shared = self.lock();
+        let Some(dir) = shared.pin_dir.clone() else {
+            return Ok(());
+        };
+        // Its links first: the hooks stop running for it.
+        let scope_dir = pin::scope_dir(&dir, id);
+        let _ = pin::reset(&scope_dir);
+        shared.forget_scope_maps(id, None)?;
+        Ok(())
+    }
+
+    /// The programs' global counters (every scope), summed over CPUs.
+    pub fn counters(&self) -> Result<Counters> {
+        let shared = self.lock();
+        let mut counters = counters_of(&shared.ebpf)?;
+        for scope in shared.scopes.values() {
+            if let Some(steer) = &scope.steer {
+                for (c, v) in counters_of(steer)?.values {
+                    counters.add(c, v);
+                }
+            }
+        }
+        Ok(counters)
+    }
+
+    /// Takes the eBPF logger (present with [`LoadOptions::ebpf_debug_log`]);
+    /// the caller polls it.
+    pub fn take_logger(&self) -> Option<Logger> {
+        self.lock().logger.take()
+    }
+
+    /// The kernel's ids of the loaded cgroup programs, by name.
+    pub fn program_ids(&self) -> Vec<(&'static str, u32)> {
+        let shared = self.lock();
+        SOCK_ADDR_PROGRAMS
+            .iter()
+            .chain(&[programs::SOCK_OPS])
+            .filter_map(|&name| {
+                let info = shared.ebpf.program(name)?.info().ok()?;
+                Some((name, info.id()))
+            })
+            .collect()
+    }
+
+    /// The pin directory, when state is pinned.
+    pub fn pin_dir(&self) -> Option<PathBuf> {
+        self.lock().pin_dir.clone()
+    }
+
+    pub(super) fn lock(&self) -> MutexGuard<'_, Shared> {
+        // A panic while holding the lock leaves maps as consistent as any
+        // crash would: keep going.
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// What a scope is asked to be.
+pub(super) struct ScopeRequest {
+    pub(super) name: String,
+    pub(super) cgroup: PathBuf,
+    pub(super) netns: Option<PathBuf>,
+    pub(super) owner: Option<PortOwner>,
+    pub(super) mappings: MappingSet,
+    pub(super) grants: Vec<u16>,
+}
+
+impl Shared {
+    /// Attaches (or adopts, when pinned state for its cgroup exists) a
+    /// scope; on error nothing of it stays attached.
+    pub(super) fn attach_scope(&mut self, req: ScopeRequest) -> Result<u32> {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = CgroupDir::open(&req.cgroup)?;
+        let cgroup = dir.path().to_path_buf();
+        let root = crate::cgroup::cgroup2_root()?;
+        let level = cgroup
+            .strip_prefix(&root)
+            .map(|rel| rel.components().count() as u32)
+            .map_err(|_| Error::NotCgroup2 {
+                path: cgroup.clone(),
+                reason: format!("it is not below {}", root.display()),
+                hint: format!(", such as {}", root.display()),
+            })?;
+        if level > MAX_LEVEL {
+            return Err(Error::ScopeConflict(format!(
+                "scope {}: cgroup {} is {level} levels deep; at most {MAX_LEVEL} are supported",
+                req.name,
+                cgroup.display()
+            )));
+        }
+        let cgroup_id = std::fs::metadata(&cgroup)
+            .map_err(|e| Error::io("reading", &cgroup, e))?
+            .ino();
+        let netns = match &req.netns {
+            Some(path) => {
+                let ino = std::fs::metadata(path)
+                    .map_err(|e| Error::NetnsPath {
+                        path: path.clone(),
+                        source: e,
+                    })?
+                    .ino();
+                Some((path.clone(), ino))
+            }
+            None => None,
+        };
+        for other in self.scopes.values() {
+            if other.name == req.name {
+                return Err(Error::ScopeConflict(format!(
+                    "a scope named {} is attached already; remove it first or pick another name",
+                    req.name
+                )));
+            }
+            if cgroup.starts_with(&other.cgroup) || other.cgroup.starts_with(&cgroup) {
+                return Err(Error::ScopeConflict(format!(
+                    "scope {}: cgroup {} is {} the cgroup {} of scope {}; scopes may not nest \
+                     (a connection would be rewritten twice): give each its own cgroup",
+                    req.name,
+                    cgroup.display(),
+                    if cgroup == other.cgroup {
+                        "the same as"
+                    } else {
+                        "nested with"
+                    },
+                    other.cgroup.display(),
+                    other.name
+                )));
+            }
+            if let (Some((_, a)), Some((path, b))) = (&netns, &other.netns)
+                && a == b
+            {
+                return Err(Error::ScopeConflict(format!(
+                    "scope {}: network namespace {} is steered by scope {} already; one scope \
+                     per namespace steers inbound traffic",
+                    req.name,
+                    path.display(),
+                    other.name
+                )));
+            }
+        }
+        let adopted = self.pinned_scope_id(cgroup_id)?;
+        let id = match adopted {
+            Some(id) => id,
+            None => self.free_scope_id()?,
+        };
+        let mut scope = ScopeState {
+            id,
+            name: req.name.clone(),
+            cgroup: cgroup.clone(),
+            cgroup_id,
+            level,
+            netns,
+            owner: req.owner.clone(),
+            mappings: MappingSet::default(),
+            slots: StdHashMap::new(),
+            grants: Vec::new(),
+            links: Vec::new(),
+            steer: None,
+        };
+        let result = self.build_scope(&mut scope, &dir, &req, adopted.is_some());
+        match result {
+            Ok(()) => {
+                self.scopes.insert(id, scope);
+                Ok(id)
+            }
+            Err(e) => {
+                // Undo: links close (owned) or unpin (new pins), entries go.
+                let pinned = scope
+                    .links
+                    .iter()
+                    .any(|l| matches!(l, ScopeLink::Pinned(_)));
+                if adopted.is_none() {
+                    for link in scope.links.drain(..) {
+                        if let ScopeLink::Pinned(path) = link {
+                            let _ = std::fs::remove_file(path);
+                        }
+                    }
+                    let _ = self.forget_scope_maps(id, Some(&scope));
+                    if pinned && let Some(dir) = &self.pin_dir {
+                        let _ = pin::reset(&pin::scope_dir(dir, id));
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn build_scope(
+        &mut self,
+        scope: &mut ScopeState,
+        dir: &CgroupDir,
+        req: &ScopeRequest,
+        adopted: bool,
+    ) -> Result<()> {
+        let id = scope.id;
+        // Owner first: the TO ports are reserved before anyone is steered
+        // to them.
+        {
+            let mut owners = map_mut::<HashMap<_, u32, Owner>>(&mut self.ebpf, maps::OWNERS)?;
+            match &req.owner {
+                Some(owner) => owners
+                    .insert(id, owner.entry()?, 0)
+                    .map_err(|e| map_error("writing", maps::OWNERS, e))?,
+                None => remove_key(&mut owners, &id, maps::OWNERS)?,
+            }
+        }
+        if let Some((path, _)) = scope.netns.clone() {
+            self.load_steer(scope, &path)?;
+        }
+        // Mappings: adopt what is pinned for this scope, then apply the
+        // difference with what is asked (kept mappings keep their counters).
+        if adopted {
+            for (key, value) in self.pinned_mappings(id)? {
+                let m = mapping_of(&key, &value);
+                scope.mappings.insert(m)?;
+                scope.slots.insert(
+                    key,
+                    Slot {
+                        index: value.slot,
+                        generation: value.generation,
+                    },
+                );
+            }
+            for m in scope.mappings.clone().iter() {
+                if req.mappings.get(&m) != Some(m) {
+                    self.remove_mapping(scope, &m)?;
+                }
+            }
+            let granted = self.pinned_grants(id)?;
+            for port in granted {
+                if !req.grants.contains(&port) {
+                    let mut g = map_mut::<HashMap<_, ScopePort, u8>>(&mut self.ebpf, maps::GRANTS)?;
+                    remove_key(&mut g, &ScopePort::new(id, port), maps::GRANTS)?;
+                } else {
+                    scope.grants.push(port);
+                }
+            }
+        }
+        for m in req.mappings.iter() {
+            if scope.mappings.get(&m) != Some(m) {
+                self.insert_mapping(scope, m)?;
+            }
+        }
+        for port in &req.grants {
+            self.grant(scope, *port)?;
+        }
+        // The scope goes live for its processes.
+        map_mut::<HashMap<_, u64, u32>>(&mut self.ebpf, maps::SCOPES)?
+            .insert(scope.cgroup_id, id, 0)
+            .map_err(|e| map_error("writing", maps::SCOPES, e))?;
+        self.levels[scope.level as usize] += 1;
+        self.write_levels()?;
+        // Links: sock_ops (only counts) first, then the sock_addr hooks in
+        // their order.
+        let names = std::iter::once(programs::SOCK_OPS).chain(SOCK_ADDR_PROGRAMS);
+        for name in names {
+            let link = self.link_cgroup(id, name, dir)?;
+            scope.links.push(link);
+        }
+        if scope.netns.is_some() {
+            self.attach_steer(scope, dir)?;
+        }
+        log::debug!(
+            "scope {} (id {id}) attached to {}",
+            scope.name,
+            scope.cgroup.display()
+        );
+        Ok(())
+    }
+
+    /// Attaches program `name` of the shared instance to the scope's
+    /// cgroup, or adopts and upgrades its pinned link.
+    fn link_cgroup(&mut self, id: u32, name: &'static str, dir: &CgroupDir) -> Result<ScopeLink> {
+        let pin_path = self
+            .pin_dir
+            .as_ref()
+            .map(|d| pin::scope_dir(d, id).join("links").join(name));
+        if let Some(path) = &pin_path
+            && let Some(adopted) = pin::adopt_link(path)?
+        {
+            let prog = self
+                .ebpf
+                .program(name)
+                .ok_or(Error::Missing {
+                    kind: "program",
+                    name,
+                })?
+                .fd()
+                .map_err(load_error(name))?;
+            pin::replace_program(&adopted, prog.as_fd(), path)?;
+            return Ok(ScopeLink::Pinned(path.clone()));
+        }
+        let link: FdLink = if name == programs::SOCK_OPS {
+            let p = program::<SockOps>(&mut self.ebpf, name)?;
+            let link_id = p
+                .attach(dir.as_fd(), CgroupAttachMode::Single)
+                .map_err(|e| attach_error(name, dir.path(), e))?;
+            let link = p.take_link(link_id).map_err(load_error(name))?;
+            link.try_into().map_err(|e| link_error(name, e))?
+        } else {
+            // `Single` means "no flags": a cgroup bpf_link always
+            // coexists with other programs (as BPF_F_ALLOW_MULTI would),
+            // and the kernel rejects any flag on BPF_LINK_CREATE for
+            // cgroups with EINVAL.
+            let p = program::<CgroupSockAddr>(&mut self.ebpf, name)?;
+            let link_id = p
+                .attach(dir.as_fd(), CgroupAttachMode::Single)
+                .map_err(|e| attach_error(name, dir.path(), e))?;
+            let link = p.take_link(link_id).map_err(load_error(name))?;
+            link.try_into().map_err(|e| link_error(name, e))?
+        };
+        pin_link(link, pin_path)
+    }
+
+    /// Loads the scope's steering instance (maps of its own, the scope id
+    /// as a constant); attaches nothing yet.
+    fn load_steer(&mut self, scope: &mut ScopeState, netns: &Path) -> Result<()> {
+        let id = scope.id;
+        let steer_dir = self
+            .pin_dir
+            .as_ref()
+            .map(|d| pin::scope_dir(d, id).join("steer"));
+        for (name, size) in STEER_MAPS {
+            self.loader.map_max_entries(name, size);
+        }
+        for name in STEER_UNUSED {
+            self.loader.map_max_entries(name, 1);
+        }
+        self.loader
+            .override_global(globals::STEER_SCOPE, &SCOPE_IDS[id as usize], true);
+        // Pinned maps of a steering instance live in its own directory;
+        // the shared instance's paths must not leak into it.
+        let mut names: Vec<&'static str> = SHARED_MAPS.to_vec();
+        names.push(maps::LISTENERS);
+        if let Some(dir) = &steer_dir {
+            let maps_dir = dir.join("maps");
+            std::fs::create_dir_all(&maps_dir).map_err(|e| Error::io("creating", &maps_dir, e))?;
+            std::fs::create_dir_all(dir.join("links"))
+                .map_err(|e| Error::io("creating", dir.join("links"), e))?;
+            for name in names {
+                let path = maps_dir.join(name);
+                pin::check_pinned_map(&path, name)?;
+                self.loader.map_pin_path(name, path);
+            }
+        }
+        let loaded = self.loader.load(OBJECT);
+        // Back to the shared instance's settings for the next load.
+        if let Some(dir) = &self.pin_dir {
+            for name in SHARED_MAPS {
+                self.loader.map_pin_path(name, pin::map_path(dir, name));
+            }
+        }
+        let mut steer = loaded.map_err(|e| Error::Load(Box::new(e)))?;
+        program::<SkLookup>(&mut steer, programs::STEER)?
+            .load()
+            .map_err(load_error(programs::STEER))?;
+        program::<SockOps>(&mut steer, programs::SOCK_LISTEN)?
+            .load()
+            .map_err(load_error(programs::SOCK_LISTEN))?;
+        log::debug!(
+            "steering instance of scope {id} loaded for {}",
+            netns.display()
+        );
+        scope.steer = Some(steer);
+        Ok(())
+    }
+
+    /// Registers the existing listeners and attaches the steering
+    /// instance: `sockops_listen` to the cgroup, `steer` to the namespace.
+    fn attach_steer(&mut self, scope: &mut ScopeState, dir: &CgroupDir) -> Result<()> {
+        let id = scope.id;
+        let targets: HashSet<u16> = scope.mappings.iter().map(|m| m.to).collect();
+        self.register_existing(scope, &targets)?;
+        let Some((netns_path, _)) = scope.netns.clone() else {
+            return Ok(());
+        };
+        let steer_links = self
+            .pin_dir
+            .as_ref()
+            .map(|d| pin::scope_dir(d, id).join("steer").join("links"));
+        let steer = scope.steer.as_mut().expect("loaded by load_steer");
+        // sock_ops first: a listener created from now on is registered.
+        let listen_pin = steer_links.as_ref().map(|d| d.join(programs::SOCK_LISTEN));
+        let link = match listen_pin
+            .as_ref()
+            .map(|p| pin::adopt_link(p))
+            .transpose()?
+            .flatten()
+        {
+            Some(adopted) => {
+                let path = listen_pin.clone().expect("adopted from a pin");
+                let prog = steer
+                    .program(programs::SOCK_LISTEN)
+                    .ok_or(Error::Missing {
+                        kind: "program",
+                        name: programs::SOCK_LISTEN,
+                    })?
+                    .fd()
+                    .map_err(load_error(programs::SOCK_LISTEN))?;
+                pin::replace_program(&adopted, prog.as_fd(), &path)?;
+                ScopeLink::Pinned(path)
+            }
+            None => {
+                let p = program::<SockOps>(steer, programs::SOCK_LISTEN)?;
+                let link_id = p
+                    .attach(dir.as_fd(), CgroupAttachMode::Single)
+                    .map_err(|e| attach_error(programs::SOCK_LISTEN, dir.path(), e))?;
+                let link = p
+                    .take_link(link_id)
+                    .map_err(load_error(programs::SOCK_LISTEN))?;
+                let fd: FdLink = link
+                    .try_into()
+                    .map_err(|e| link_error(programs::SOCK_LISTEN, e))?;
+                pin_link(fd, listen_pin)?
+            }
+        };
+        scope.links.push(link);
+        let steer_pin = steer_links.as_ref().map(|d| d.join(programs::STEER));
+        let link = match steer_pin
+            .as_ref()
+            .map(|p| pin::adopt_link(p))
+            .transpose()?
+            .flatten()
+        {
+            Some(adopted) => {
+                let path = steer_pin.clone().expect("adopted from a pin");
+                let prog = steer
+                    .program(programs::STEER)
+                    .ok_or(Error::Missing {
+                        kind: "program",
+                        name: programs::STEER,
+                    })?
+                    .fd()
+                    .map_err(load_error(programs::STEER))?;
+                pin::replace_program(&adopted, prog.as_fd(), &path)?;
+                ScopeLink::Pinned(path)
+            }
+            None => {
+                let netns = std::fs::File::open(&netns_path).map_err(|e| Error::NetnsPath {
+                    path: netns_path.clone(),
+                    source: e,
+                })?;
+                let p = program::<SkLookup>(steer, programs::STEER)?;
+                let link_id = p
+                    .attach(netns)
+                    .map_err(|e| attach_error(programs::STEER, &netns_path, e))?;
+                let link = p.take_link(link_id).map_err(load_error(programs::STEER))?;
+                pin_link(FdLink::from(link), steer_pin)?
+            }
+        };
+        scope.links.push(link);
+        Ok(())
+    }
+
+    /// Registers the listeners on `ports` that processes of the scope
+    /// already have in its namespace, under the same rules as the
+    /// sock_ops program: the owner's only, on the wildcard address or the
+    /// mappings' address, never displacing a registered one.
+    fn register_existing(&mut self, scope: &mut ScopeState, ports: &HashSet<u16>) -> Result<()> {
+        let (Some((_, ino)), Some(_)) = (&scope.netns, &scope.steer) else {
+            return Ok(());
+        };
+        let mut found = listeners::find(&scope.cgroup, *ino, ports);
+        if let Some(owner) = &scope.owner {
+            found.retain(|l| {
+                let owned = owner.owns(l.pid);
+                if !owned {
+                    log::warn!(
+                        "not registering the listener on port {} of pid {}: it is not the owner",
+                        l.port,
+                        l.pid
+                    );
+                }
+                owned
+            });
+        } else {
+            listeners::warn_mixed_owners(&found);
+        }
+        let targets: StdHashMap<u16, Target> =
+            ports.iter().map(|&p| (p, target_of(scope, p))).collect();
+        let steer = scope.steer.as_mut().expect("checked above");
+        let mut hash = map_mut::<SockHash<_, u32>>(steer, maps::LISTENERS)?;
+        for l in found {
+            let Some(target) = targets.get(&l.port) else {
+                continue;
+            };
+            if !l.is_wildcard() && (target.addr == ADDR_ANY || target.addr != l.addr) {
+                log::warn!(
+                    "not registering the listener on port {} of pid {}: it is bound to one \
+                     address, and the mapping serves {}",
+                    l.port,
+                    l.pid,
+                    if target.addr == ADDR_ANY {
+                        "every address".to_owned()
+                    } else {
+                        "another".to_owned()
+                    }
+                );
+                continue;
+            }
+            use std::os::fd::AsRawFd as _;
+            let key = listener_key(l.family, l.port);
+            if hash.get(&key, 0).is_ok() {
+                continue; // one is registered: it keeps the traffic
+            }
+            match hash.insert(key, l.fd.as_raw_fd(), 0) {
+                Ok(()) => log::info!(
+                    "registered the listener on port {} of pid {}",
+                    l.port,
+                    l.pid
+                ),
+                // It may have closed meanwhile.
+                Err(e) => log::warn!(
+                    "skipping the listener on port {} of pid {}: {e}",
+                    l.port,
+                    l.pid
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds mapping `m` to `scope`: stats slot, port shapes, target,
+    /// then the mapping itself (so that when it goes live everything it
+    /// touches is ready), in the shared and the steering instance.
+    pub(super) fn insert_mapping(&mut self, scope: &mut ScopeState, m: Mapping) -> Result<()> {
+        let mut next = scope.mappings.clone();
+        next.insert(m)?;
+        let key = table_key(scope.id, &m);
+        let slot = self.slots.take().ok_or(crate::MappingError::TooMany {
+            count: MAX_MAPPINGS as usize + 1,
+            max: MAX_MAPPINGS,
+        })?;
+        let old = std::mem::replace(&mut scope.mappings, next);
+        let udp_bind = scope.netns.is_some() && m.proto != Proto::Tcp;
+        let value = MappingValue {
+            port: m.to,
+            flags: if udp_bind { FLAG_UDP_BIND } else { 0 },
+            slot: slot.index,
+            generation: slot.generation,
+        };
+        let written = self.reset_stats(slot).and_then(|()| {
+            write_tables(&mut self.ebpf, scope.id, &scope.mappings, m.from, m.to)?;
+            if let Some(steer) = scope.steer.as_mut() {
+                write_tables(steer, scope.id, &scope.mappings, m.from, m.to)?;
+                map_mut::<HashMap<_, MappingKey, MappingValue>>(steer, maps::MAPPINGS)?
+                    .insert(key, value, 0)
+                    .map_err(|e| map_error("writing", maps::MAPPINGS, e))?;
+            }
+            if udp_bind {
+                map_mut::<HashMap<_, ScopePort, UdpBind>>(&mut self.ebpf, maps::UDP_BINDS)?
+                    .insert(
+                        ScopePort::new(scope.id, m.to),
+                        UdpBind {
+                            from: m.from,
+                            _pad: 0,
+                            addr: key.addr,
+                        },
+                        0,
+                    )
+                    .map_err(|e| map_error("writing", maps::UDP_BINDS, e))?;
+            }
+            map_mut::<HashMap<_, MappingKey, MappingValue>>(&mut self.ebpf, maps::MAPPINGS)?
+                .insert(key, value, 0)
+                .map_err(|e| map_error("writing", maps::MAPPINGS, e))
+        });
+        if let Err(e) = written {
+            scope.mappings = old;
+            let _ = write_tables(&mut self.ebpf, scope.id, &scope.mappings, m.from, m.to);
+            if let Some(steer) = scope.steer.as_mut() {
+                let _ = write_tables(steer, scope.id, &scope.mappings, m.from, m.to);
+            }
+            self.slots.give_back(slot);
+            return Err(e);
+        }
+        scope.slots.insert(key, slot);
+        if scope.netns.is_some() && !scope.links.is_empty() {
+            self.register_existing(scope, &[m.to].into())?;
+        }
+        Ok(())
+    }
+
+    /// Removes the mapping with the same source as `m`; connects and
+    /// datagrams from now on are left alone.
+    pub(super) fn remove_mapping(
+        &mut self,
+        scope: &mut ScopeState,
+        m: &Mapping,
+    ) -> Result<Option<Mapping>> {
+        let Some(existing) = scope.mappings.get(m) else {
+            return Ok(None);
+        };
+        let key = table_key(scope.id, &existing);
+        {
+            let mut table =
+                map_mut::<HashMap<_, MappingKey, MappingValue>>(&mut self.ebpf, maps::MAPPINGS)?;
+            remove_key(&mut table, &key, maps::MAPPINGS)?;
+        }
+        if let Some(steer) = scope.steer.as_mut() {
+            let mut table = map_mut::<HashMap<_, MappingKey, MappingValue>>(steer, maps::MAPPINGS)?;
+            remove_key(&mut table, &key, maps::MAPPINGS)?;
+        }
+        scope.mappings.remove(&existing);
+        write_tables(
+            &mut self.ebpf,
+            scope.id,
+            &scope.mappings,
+            existing.from,
+            existing.to,
+        )?;
+        if let Some(steer) = scope.steer.as_mut() {
+            write_tables(steer, scope.id, &scope.mappings, existing.from, existing.to)?;
+        }
+        if !scope
+            .mappings
+            .iter()
+            .any(|o| o.to == existing.to && o.proto != Proto::Tcp)
+        {
+            let mut binds =
+                map_mut::<HashMap<_, ScopePort, UdpBind>>(&mut self.ebpf, maps::UDP_BINDS)?;
+            remove_key(
+                &mut binds,
+                &ScopePort::new(scope.id, existing.to),
+                maps::UDP_BINDS,
+            )?;
+        }
+        if let Some(slot) = scope.slots.remove(&key) {
+            self.slots.give_back(slot);
+        }
+        Ok(Some(existing))
+    }
+
+    /// Lets the scope bind `port` without CAP_NET_BIND_SERVICE.
+    pub(super) fn grant(&mut self, scope: &mut ScopeState, port: u16) -> Result<()> {
+        crate::mapping::parse_grant(&port.to_string())?;
+        if scope.grants.contains(&port) {
+            return Ok(());
+        }
+        map_mut::<HashMap<_, ScopePort, u8>>(&mut self.ebpf, maps::GRANTS)?
+            .insert(ScopePort::new(scope.id, port), 1, 0)
+            .map_err(|e| map_error("writing", maps::GRANTS, e))?;
+        scope.grants.push(port);
+        Ok(())
+    }
+
+    /// Takes a grant back.
+    pub(super) fn revoke(&mut self, scope: &mut ScopeState, port: u16) -> Result<bool> {
+        let Some(i) = scope.grants.iter().position(|p| *p == port) else {
+            return Ok(false);
+        };
+        let mut g = map_mut::<HashMap<_, ScopePort, u8>>(&mut self.ebpf, maps::GRANTS)?;
+        remove_key(&mut g, &ScopePort::new(scope.id, port), maps::GRANTS)?;
+        scope.grants.remove(i);
+        Ok(true)
+    }
+
+    /// Detaches scope `id` and removes everything it wrote.
+    pub(super) fn detach_scope(&mut self, id: u32) -> Result<()> {
+        let Some(mut scope) = self.scopes.remove(&id) else {
+            return Ok(());
+        };
+        // The scope stops being live for its processes first.
+        {
+            let mut scopes = map_mut::<HashMap<_, u64, u32>>(&mut self.ebpf, maps::SCOPES)?;
+            remove_key(&mut scopes, &scope.cgroup_id, maps::SCOPES)?;
+        }
+        self.levels[scope.level as usize] -= 1;
+        self.write_levels()?;
+        for link in scope.links.drain(..).rev() {
+            match link {
+                ScopeLink::Owned(fd) => drop(fd),
+                ScopeLink::Pinned(path) => {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+        for m in scope.mappings.clone().iter() {
+            self.remove_mapping(&mut scope, &m)?;
+        }
+        for port in scope.grants.clone() {
+            self.revoke(&mut scope, port)?;
+        }
+        let mut owners = map_mut::<HashMap<_, u32, Owner>>(&mut self.ebpf, maps::OWNERS)?;
+        remove_key(&mut owners, &id, maps::OWNERS)?;
+        if let Some(dir) = &self.pin_dir {
+            let _ = pin::reset(&pin::scope_dir(dir, id));
+        }
+        Ok(())
+    }
+
+    /// Forgets what the shared maps hold for scope `id` (used for a pinned
+    /// scope nobody claims, and to undo a failed attach).
+    fn forget_scope_maps(&mut self, id: u32, scope: Option<&ScopeState>) -> Result<()> {
+        let cgroup_id = scope.map(|s| s.cgroup_id);
+        {
+            let mut scopes = map_mut::<HashMap<_, u64, u32>>(&mut self.ebpf, maps::SCOPES)?;
+            let keys: Vec<u64> = scopes
+                .iter()
+                .filter_map(|r| r.ok())
+                .filter(|(c, s)| *s == id || Some(*c) == cgroup_id)
+                .map(|(c, _)| c)
+                .collect();
+            for k in keys {
+                remove_key(&mut scopes, &k, maps::SCOPES)?;
+            }
+        }
+        macro_rules! purge {
+            ($name:expr, $k:ty, $v:ty, $scope_of:expr) => {{
+                let mut m = map_mut::<HashMap<_, $k, $v>>(&mut self.ebpf, $name)?;
+                let keys: Vec<$k> = m
+                    .keys()
+                    .filter_map(|k| k.ok())
+                    .filter(|k| $scope_of(k) == id)
+                    .collect();
+                for k in keys {
+                    remove_key(&mut m, &k, $name)?;
+                }
+            }};
+        }
+        purge!(
+            maps::MAPPINGS,
+            MappingKey,
+            MappingValue,
+            |k: &MappingKey| k.scope
+        );
+        purge!(maps::PORTS, ScopePort, u8, |k: &ScopePort| k.scope);
+        purge!(maps::TARGETS, ScopePort, Target, |k: &ScopePort| k.scope);
+        purge!(maps::GRANTS, ScopePort, u8, |k: &ScopePort| k.scope);
+        purge!(maps::UDP_BINDS, ScopePort, UdpBind, |k: &ScopePort| k.scope);
+        purge!(maps::OWNERS, u32, Owner, |k: &u32| *k);
+        self.recompute_levels()?;
+        Ok(())
+    }
+
+    /// The statistics of each mapping of `scope`, in order.
+    pub(super) fn mapping_counts(
+        &self,
+        scope: &ScopeState,
+    ) -> Result<Vec<(Mapping, MappingCounts)>> {
+        let stats = map::<PerCpuHashMap<_, u32, MappingStats>>(&self.ebpf, maps::STATS)?;
+        scope
+            .mappings
+            .iter()
+            .map(|m| {
+                let Some(slot) = scope.slots.get(&table_key(scope.id, &m)) else {
+                    return Ok((m, MappingCounts::default()));
+                };
+                let per_cpu = match stats.get(&slot.index, 0) {
+                    Ok(v) => v,
+                    Err(aya::maps::MapError::KeyNotFound) => {
+                        return Ok((m, MappingCounts::default()));
+                    }
+                    Err(e) => return Err(map_error("reading", maps::STATS, e)),
+                };
+                let mut counts = MappingCounts::default();
+                for s in per_cpu.iter().filter(|s| s.generation == slot.generation) {
+                    counts.connects = counts.connects.wrapping_add(s.connects);
+                    counts.established = counts.established.wrapping_add(s.established);
+                    counts.datagrams = counts.datagrams.wrapping_add(s.datagrams);
+                }
+                Ok((m, counts))
+            })
+            .collect()
+    }
+
+    /// The kernel ids of the links of a scope: (program name, link id).
+    pub(super) fn link_ids(&self, scope: &ScopeState) -> Vec<u32> {
+        scope
+            .links
+            .iter()
+            .filter_map(|l| match l {
+                ScopeLink::Owned(fd) => fd.info().ok().map(|i| i.id()),
+                ScopeLink::Pinned(path) => pin::adopt_link(path).ok().flatten().map(|a| a.id),
+            })
+            .collect()
+    }
+
+    fn pinned_scope_id(&self, cgroup_id: u64) -> Result<Option<u32>> {
+        if self.pin_dir.is_none() {
+            return Ok(None);
+        }
+        let scopes = map::<HashMap<_, u64, u32>>(&self.ebpf, maps::SCOPES)?;
+        match scopes.get(&cgroup_id, 0) {
+            Ok(id) if !self.scopes.contains_key(&id) => Ok(Some(id)),
+            Ok(_) | Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_error("reading", maps::SCOPES, e)),
+        }
+    }
+
+    fn free_scope_id(&self) -> Result<u32> {
+        let scopes = map::<HashMap<_, u64, u32>>(&self.ebpf, maps::SCOPES)?;
+        let mut taken: HashSet<u32> = scopes
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(_, s)| s)
+            .collect();
+        taken.extend(self.scopes.keys());
+        if let Some(dir) = &self.pin_dir
+            && let Ok(entries) = std::fs::read_dir(pin::layout_dir(dir).join("scopes"))
+        {
+            taken.extend(
+                entries
+                    .flatten()
+                    .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok()),
+            );
+        }
+        (1..MAX_SCOPES).find(|i| !taken.contains(i)).ok_or_else(|| {
+            Error::ScopeConflict(format!("at most {} scopes are supported", MAX_SCOPES - 1))
+        })
+    }
+
+    fn pinned_mappings(&self, id: u32) -> Result<Vec<(MappingKey, MappingValue)>> {
+        let table = map::<HashMap<_, MappingKey, MappingValue>>(&self.ebpf, maps::MAPPINGS)?;
+        Ok(table
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(k, _)| k.scope == id)
+            .collect())
+    }
+
+    fn pinned_grants(&self, id: u32) -> Result<Vec<u16>> {
+        let g = map::<HashMap<_, ScopePort, u8>>(&self.ebpf, maps::GRANTS)?;
+        Ok(g.keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.scope == id)
+            .map(|k| k.port)
+            .collect())
+    }
+
+    fn write_levels(&mut self) -> Result<()> {
+        let bits = self
+            .levels
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .fold(0u32, |b, (i, _)| b | (1 << i));
+        map_mut::<Array<_, u32>>(&mut self.ebpf, maps::LEVELS)?
+            .set(0, bits, 0)
+            .map_err(|e| map_error("writing", maps::LEVELS, e))
+    }
+
+    /// Rebuilds LEVELS from the scopes this process holds plus those still
+    /// pinned (after removing an unclaimed one).
+    fn recompute_levels(&mut self) -> Result<()> {
+        let root = crate::cgroup::cgroup2_root().ok();
+        let mut levels = [0u32; MAX_LEVEL as usize + 1];
+        for s in self.scopes.values() {
+            levels[s.level as usize] += 1;
+        }
+        // Scopes still pinned but not claimed keep their level: their
+        // cgroup ids are in SCOPES; depth is found from the directory.
+        let _ = root;
+        let scopes = map::<HashMap<_, u64, u32>>(&self.ebpf, maps::SCOPES)?;
+        let unclaimed = scopes
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, id)| !self.scopes.contains_key(id))
+            .count();
+        if unclaimed > 0 {
+            // Keep every level bit that was set: a spare bit costs one
+            // lookup that misses, a missing one breaks a scope.
+            let old = map::<Array<_, u32>>(&self.ebpf, maps::LEVELS)?
+                .get(&0, 0)
+                .unwrap_or(0);
+            for (i, l) in levels.iter_mut().enumerate() {
+                if old & (1 << i) != 0 && *l == 0 {
+                    *l = 1;
+                }
+            }
+        }
+        self.levels = levels;
+        self.write_levels()
+    }
+
+    /// Zeroes the stats of `slot` on every CPU and stamps its generation.
+    fn reset_stats(&mut self, slot: Slot) -> Result<()> {
+        let name = maps::STATS;
+        let cpus =
+            aya::util::nr_cpus().map_err(|(path, source)| Error::io("reading", path, source))?;
+        let fresh = MappingStats {
+            generation: slot.generation,
+            ..MappingStats::default()
+        };
+        let values = PerCpuValues::try_from(vec![fresh; cpus])
+            .map_err(|e| Error::io("building per-CPU stats for", name, e))?;
+        map_mut::<PerCpuHashMap<_, u32, MappingStats>>(&mut self.ebpf, name)?
+            .insert(slot.index, values, 0)
+            .map_err(|e| map_error("writing", name, e))
+    }
+}
+
+/// `&'static` scope ids for the loader's `override_global`, which keeps
+/// references to global values.
+static SCOPE_IDS: [u32; MAX_SCOPES as usize] = {
+    let mut ids = [0u32; MAX_SCOPES as usize];
+    let mut i = 0;
+    while i < MAX_SCOPES as usize {
+        ids[i] = i as u32;
+        i += 1;
+    }
+    ids
+};
+
+/// Rewrites PORTS[(scope, from)] and TARGETS[(scope, to)] from the scope's
+/// current mappings (removing them when nothing uses them any more).
+fn write_tables(ebpf: &mut Ebpf, id: u32, mappings: &MappingSet, from: u16, to: u16) -> Result<()> {
+    let shapes = mappings
+        .iter()
+        .filter(|m| m.from == from)
+        .fold(0u8, |s, m| {
+            s | shape(m.addr.is_some(), proto_number(m.proto))
+        });
+    {
+        let mut ports = map_mut::<HashMap<_, ScopePort, u8>>(ebpf, maps::PORTS)?;
+        let key = ScopePort::new(id, from);
+        if shapes == 0 {
+            remove_key(&mut ports, &key, maps::PORTS)?;
+        } else {
+            ports
+                .insert(key, shapes, 0)
+                .map_err(|e| map_error("writing", maps::PORTS, e))?;
+        }
+    }
+    let target = target_of_set(mappings, id, to);
+    let mut targets = map_mut::<HashMap<_, ScopePort, Target>>(ebpf, maps::TARGETS)?;
+    let key = ScopePort::new(id, to);
+    if target.count == 0 {
+        remove_key(&mut targets, &key, maps::TARGETS)
+    } else {
+        targets
+            .insert(key, target, 0)
+            .map_err(|e| map_error("writing", maps::TARGETS, e))
+    }
+}
+
+fn target_of(scope: &ScopeState, to: u16) -> Target {
+    target_of_set(&scope.mappings, scope.id, to)
+}
+
+/// TARGETS entry of port `to`: how many mappings target it, and the
+/// address an eligible listener may be bound to besides the wildcard.
+fn target_of_set(mappings: &MappingSet, id: u32, to: u16) -> Target {
+    let mut count = 0;
+    let mut addr: Option<Addr> = None;
+    let mut mixed = false;
+    for m in mappings.iter().filter(|m| m.to == to) {
+        count += 1;
+        let a = table_key(id, &m).addr;
+        match addr {
+            None => addr = Some(a),
+            Some(prev) if prev != a => mixed = true,
+            _ => {}
+        }
+    }
+    Target {
+        count,
+        _pad: 0,
+        addr: if mixed {
+            ADDR_ANY
+        } else {
+            addr.unwrap_or(ADDR_ANY)
+        },
+    }
+}
+
+fn proto_number(p: Proto) -> u8 {
+    match p {
+        Proto::Any => PROTO_ANY,
+        Proto::Tcp => PROTO_TCP,
+        Proto::Udp => PROTO_UDP,
+    }
+}
+
+/// The MAPPINGS key of `m` in scope `id`: IPv4 as `::ffff:a.b.c.d`, in
+/// network order words, as the programs read `user_ip4`/`user_ip6`.
+pub(super) fn table_key(id: u32, m: &Mapping) -> MappingKey {
+    let addr: Addr = match m.addr {
+        None => ADDR_ANY,
+        Some(ip) => {
+            let v6 = match ip {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                IpAddr::V6(v6) => v6,
+            };
+            let b = v6.octets();
+            std::array::from_fn(|i| {
+                u32::from_ne_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
+            })
+        }
+    };
+    MappingKey::new(id, addr, m.from, proto_number(m.proto))
+}
+
+/// The mapping a pinned MAPPINGS entry stands for.
+pub(super) fn mapping_of(key: &MappingKey, value: &MappingValue) -> Mapping {
+    let addr = (key.addr != ADDR_ANY).then(|| {
+        let mut b = [0u8; 16];
+        for (i, w) in key.addr.iter().enumerate() {
+            b[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        let v6 = std::net::Ipv6Addr::from(b);
+        match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        }
+    });
+    let proto = match key.proto {
+        PROTO_TCP => Proto::Tcp,
+        PROTO_UDP => Proto::Udp,
+        _ => Proto::Any,
+    };
+    let m = Mapping::new(key.port, value.port).with_proto(proto);
+    match addr {
+        Some(a) => m.with_addr(a),
+        None => m,
+    }
+}
+
+/// Every stats slot in use in the (possibly pinned) MAPPINGS table.
+fn used_slots(ebpf: &Ebpf) -> Result<Vec<Slot>> {
+    let table = map::<HashMap<_, MappingKey, MappingValue>>(ebpf, maps::MAPPINGS)?;
+    Ok(table
+        .iter()
+        .filter_map(|r| r.ok())
+        .map(|(_, v)| Slot {
+            index: v.slot,
+            generation: v.generation,
+        })
+        .collect())
+}
+
+fn counters_of(ebpf: &Ebpf) -> Result<Counters> {
+    let array = map::<PerCpuArray<_, u64>>(ebpf, maps::COUNTERS)?;
+    let mut values = Vec::with_capacity(Counter::ALL.len());
+    for c in Counter::ALL {
+        let per_cpu = array
+            .get(&(c as u32), 0)
+            .map_err(|e| map_error("reading", maps::COUNTERS, e))?;
+        values.push((c, per_cpu.iter().sum()));
+    }
+    Ok(Counters { values })
+}
+
+/// Pins `link` at `path` when given (it then outlives the process), or
+/// keeps it owned.
+fn pin_link(link: FdLink, path: Option<PathBuf>) -> Result<ScopeLink> {
+    match path {
+        None => Ok(ScopeLink::Owned(link)),
+        Some(path) => {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| Error::io("creating", parent, e))?;
+            }
+            link.pin(&path).map_err(|e| Error::PinDir {
+                path: path.clone(),
+                reason: format!("pinning the link: {e}"),
+                hint: "check that the pin directory is on bpffs and writable".into(),
+            })?;
+            Ok(ScopeLink::Pinned(path))
+        }
+    }
+}
+
+fn remove_key<K: aya::Pod, V: aya::Pod>(
+    m: &mut HashMap<&mut aya::maps::MapData, K, V>,
+    key: &K,
+    name: &'static str,
+) -> Result<()> {
+    match m.remove(key) {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        // aya reports a missing key on delete as the syscall's ENOENT.
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(map_error("writing", name, e)),
+    }
+}
+
+fn load_error(program: &'static str) -> impl Fn(aya::programs::ProgramError) -> Error {
+    move |e| Error::LoadProgram {
+        program,
+        source: Box::new(e),
+    }
+}
+
+fn link_error(program: &'static str, e: aya::programs::links::LinkError) -> Error {
+    Error::Link {
+        program,
+        source: Box::new(e),
+    }
+}
+
+/// The map `name` of `ebpf`, as its typed view `M` (read-only).
+fn map<'a, M>(ebpf: &'a Ebpf, name: &'static str) -> Result<M>
+where
+    M: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.map(name).ok_or(Error::Missing { kind: "map", name })?;
+    M::try_from(map).map_err(|e| map_error("opening", name, e))
+}
+
+/// The map `name` of `ebpf`, as its typed view `M`.
+fn map_mut<'a, M>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<M>
+where
+    M: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .map_mut(name)
+        .ok_or(Error::Missing { kind: "map", name })?;
+    M::try_from(map).map_err(|e| map_error("opening", name, e))
+}
+
+/// The program `name` of `ebpf`, as its type `P`.
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(Error::Missing {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(|e| Error::LoadProgram {
+            program: name,
+            source: Box::new(e),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_keys_are_v4_mapped_in_network_order_and_come_back() {
+        let m: Mapping = "127.0.0.1:443:8443/tcp".parse().unwrap();
+        let key = table_key(7, &m);
+        let bytes: Vec<u8> = key.addr.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        assert_eq!(
+            bytes,
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1]
+        );
+        assert_eq!((key.scope, key.port, key.proto), (7, 443, PROTO_TCP));
+        let value = MappingValue {
+            port: 8443,
+            flags: 0,
+            slot: 0,
+            generation: 1,
+        };
+        assert_eq!(mapping_of(&key, &value), m);
+        let any: Mapping = "[::1]:53:5353/udp".parse().unwrap();
+        assert_eq!(
+            mapping_of(
+                &table_key(1, &any),
+                &MappingValue {
+                    port: 5353,
+                    ..value
+                }
+            ),
+            any
+        );
+        assert_eq!(table_key(1, &"443:8443".parse().unwrap()).addr, ADDR_ANY);
+    }
+
+    #[test]
+    fn freed_slots_come_back_with_a_new_generation() {
+        let mut slots = Slots::new(&[]);
+        let a = slots.take().unwrap();
+        let b = slots.take().unwrap();
+        assert_ne!(a.index, b.index);
+        slots.give_back(a);
+        let c = slots.take().unwrap();
+        assert_eq!(c.index, a.index);
+        assert_ne!(c.generation, a.generation);
+    }
+
+    #[test]
+    fn slots_in_use_after_a_restart_are_not_handed_out_again() {
+        let used = [
+            Slot {
+                index: 0,
+                generation: 5,
+            },
+            Slot {
+                index: 2,
+                generation: u32::MAX - 3,
+            },
+        ];
+        let mut slots = Slots::new(&used);
+        let a = slots.take().unwrap();
+        assert_eq!(a.index, 1);
+        let b = slots.take().unwrap();
+        assert_eq!(b.index, 3);
+        assert!(![5, u32::MAX - 3].contains(&a.generation));
+    }
+
+    #[test]
+    fn a_target_serves_one_address_only_when_every_mapping_agrees() {
+        let set = MappingSet::parse(["127.0.0.1:443:8443"]).unwrap();
+        let t = target_of_set(&set, 1, 8443);
+        assert_eq!(t.count, 1);
+        assert_ne!(t.addr, ADDR_ANY);
+        let set = MappingSet::parse(["443:8443"]).unwrap();
+        assert_eq!(target_of_set(&set, 1, 8443).addr, ADDR_ANY);
+    }
+
+    #[test]
+    fn embedded_object_has_every_shared_name() {
+        let obj = aya_obj::Object::parse(OBJECT).expect("parse embedded object");
+        for name in SOCK_ADDR_PROGRAMS.iter().chain(&[
+            programs::SOCK_OPS,
+            programs::STEER,
+            programs::SOCK_LISTEN,
+        ]) {
+            assert!(obj.programs.contains_key(*name), "program {name} missing");
+        }
+        for name in SHARED_MAPS.iter().chain(&[maps::LISTENERS]) {
+            assert!(obj.maps.contains_key(*name), "map {name} missing");
+        }
+    }
+}
