@@ -34,6 +34,8 @@
 //! - [`daemon`]: `redirect daemon`: config file, control socket, reload,
 //!   metrics, pinned state that outlives restarts.
 //! - [`control`]: the daemon's control protocol and a blocking client.
+//! - [`oci`]: OCI hook logic: container state and annotations to a
+//!   control request.
 //! - [`user`]: looking up and becoming another user (`exec --user`).
 //! - [`error`]: the [`Error`] type; every variant names the cause and a fix.
 //!
@@ -59,6 +61,8 @@ pub mod doctor;
 pub mod ebpf;
 pub mod error;
 pub mod mapping;
+#[cfg(target_os = "linux")]
+pub mod oci;
 pub mod proxy;
 #[cfg(with_ebpf)]
 pub mod status;

@@ -107,6 +107,9 @@ enum Command {
     /// Remove everything pinned under the daemon's pin directory (every
     /// scope it attached), leaving the host as it found it.
     Reset(cmd::daemon::ResetArgs),
+    /// OCI runtime hook (createRuntime, poststop): asks the daemon for a
+    /// scope per container annotated io.redirect.map (docs/CONTAINERS.md).
+    OciHook(cmd::oci_hook::OciHookArgs),
 }
 
 #[derive(Args, Debug)]
@@ -240,6 +243,7 @@ fn main() -> ExitCode {
             }
             Command::Reset(a) => cmd::daemon::reset(a),
             Command::Doctor(args) => cmd::doctor::run(&args),
+            Command::OciHook(args) => Ok(cmd::oci_hook::run(&args)),
         }
     });
     match result {

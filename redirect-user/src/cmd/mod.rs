@@ -4,3 +4,4 @@
 pub mod daemon;
 pub mod doctor;
 pub mod proxy;
+pub mod oci_hook;
