@@ -21,12 +21,12 @@ use redirect::{
     cgroup::{ChildCgroup, cgroup2_root, own_cgroup},
     ebpf::{Logger, check_privileges},
     mapping::parse_grant,
-    status::{self, InstanceStatus, Report, StatusSocket},
+    status::{self, InstanceStatus, Report, ServiceLimits, StatusService},
     user::User,
 };
 use tokio::{
-    io::{AsyncWriteExt as _, Interest, unix::AsyncFd},
-    net::{UnixListener, UnixStream},
+    io::{Interest, unix::AsyncFd},
+    net::UnixStream,
     signal::unix::{Signal, SignalKind, signal},
 };
 
@@ -408,7 +408,9 @@ fn show_status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
     let report = Report::new(status::collect()?);
     let daemon = cmd::daemon::daemon_status(&args.control.control)
         .or_else(|| redirect::ebpf::pin::pinned_status(&args.pin_dir));
-    let mut out = io::stdout().lock();
+    // Buffered: a report of thousands of mappings is tens of thousands of
+    // lines, one write(2) each through the line-buffered stdout.
+    let mut out = io::BufWriter::new(io::stdout().lock());
     if args.json {
         let mut value = serde_json::to_value(&report)?;
         if let Some(d) = &daemon {
@@ -416,6 +418,7 @@ fn show_status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
         }
         serde_json::to_writer_pretty(&mut out, &value)?;
         writeln!(out)?;
+        out.flush()?;
         return Ok(ExitCode::SUCCESS);
     }
     if let Some(d) = &daemon {
@@ -427,6 +430,7 @@ fn show_status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
     for i in &report.instances {
         print_instance(&mut out, i)?;
     }
+    out.flush()?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -474,13 +478,12 @@ fn print_instance(out: &mut impl io::Write, i: &InstanceStatus) -> io::Result<()
 
 /// Serves this instance's status socket, if it could be bound (it needs
 /// write access to /run; without it `status` cannot see this instance,
-/// which is worth a warning, not a failure).
+/// which is worth a warning, not a failure). Bounded whatever clients do:
+/// see [`StatusService`].
 struct StatusServer {
-    listener: Option<UnixListener>,
+    service: Option<StatusService>,
     kind: &'static str,
     started_unix: u64,
-    // Removes the socket file when dropped.
-    _socket: Option<StatusSocket>,
 }
 
 impl StatusServer {
@@ -488,55 +491,39 @@ impl StatusServer {
         let started_unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let (listener, socket) = match StatusSocket::bind() {
-            Ok(mut socket) => {
-                let listener = socket
-                    .take_listener()
-                    .and_then(|l| UnixListener::from_std(l).ok());
-                (listener, Some(socket))
-            }
+        let service = match StatusService::bind(ServiceLimits::default()) {
+            Ok(service) => Some(service),
             Err(e) => {
                 log::warn!("`redirect status` will not see this instance: {e}");
-                (None, None)
+                None
             }
         };
         StatusServer {
-            listener,
+            service,
             kind,
             started_unix,
-            _socket: socket,
         }
     }
 
     /// The next status request; never resolves without a socket.
-    async fn accept(&self) -> io::Result<UnixStream> {
-        match &self.listener {
-            Some(l) => l.accept().await.map(|(stream, _)| stream),
+    async fn accept(&self) -> UnixStream {
+        match &self.service {
+            Some(s) => s.accept().await,
             None => std::future::pending().await,
         }
     }
 
-    /// Answers one request with a JSON snapshot, without blocking the loop.
-    fn serve(&self, conn: io::Result<UnixStream>, redirector: &Redirector) {
-        let mut stream = match conn {
-            Ok(stream) => stream,
-            Err(e) => {
-                log::warn!("status socket: {e}");
-                return;
-            }
-        };
-        let body = redirector
-            .status(self.kind, self.started_unix)
-            .map_err(anyhow::Error::from)
-            .and_then(|s| Ok(serde_json::to_vec(&s)?));
-        match body {
-            Ok(body) => {
-                tokio::spawn(async move {
-                    let _ = stream.write_all(&body).await;
-                    let _ = stream.shutdown().await;
-                });
-            }
-            Err(e) => log::warn!("building the status: {e:#}"),
+    /// Answers one request with the shared JSON snapshot, without blocking
+    /// the loop.
+    fn serve(&self, stream: UnixStream, redirector: &Redirector) {
+        if let Some(service) = &self.service {
+            service.serve(stream, || {
+                redirector
+                    .status(self.kind, self.started_unix)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|s| Ok(serde_json::to_vec(&s)?))
+                    .map_err(|e| format!("{e:#}"))
+            });
         }
     }
 }

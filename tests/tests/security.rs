@@ -1,0 +1,105 @@
+//! The security promises of docs/SECURITY.md that userspace keeps, tried as
+//! an attacker would: a separate unprivileged uid (`nobody`) against a
+//! `redirect` run as root. Each test names the row of that table it backs.
+
+use std::{
+    path::Path,
+    thread,
+    time::{Duration, Instant},
+};
+
+use redirect_tests::{
+    Interactive, RedirectProcess, privileged, redirect, status_json, test_cgroup,
+};
+
+/// Resident memory of process `pid` in KiB (`VmRSS` of /proc/PID/status).
+fn vm_rss_kib(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    text.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+/// `redirect run ARGS… --cgroup CGROUP`, ready.
+fn run_on(cgroup: &Path, args: &[String]) -> RedirectProcess {
+    let mut all = vec!["run".to_owned()];
+    all.extend(args.iter().cloned());
+    all.extend(["--cgroup".to_owned(), cgroup.display().to_string()]);
+    let mut process = RedirectProcess::start(all);
+    process.wait_ready();
+    process
+}
+
+/// Status service: 1,000 clients of another user that connect and never
+/// read keep `redirect run` under 64 MiB resident, and root's
+/// `redirect status` still answers within a second, with a reply made
+/// large by 2,000 mappings (about half a megabyte of JSON).
+#[test]
+fn idle_status_clients_cannot_exhaust_an_instance() {
+    if !privileged("security-status-flood") {
+        return;
+    }
+    const MAPPINGS: u16 = 2000;
+    const CLIENTS: usize = 1000;
+    const MAX_RSS_KIB: u64 = 64 * 1024;
+    let cgroup = test_cgroup("sec-flood");
+    let maps: Vec<String> = (0..MAPPINGS)
+        .flat_map(|i| ["--map".to_owned(), format!("{}:{}", 20000 + i, 40000 + i)])
+        .collect();
+    let run = run_on(cgroup.path(), &maps);
+    let pid = run.child.id();
+    let before = vm_rss_kib(pid);
+
+    let socket = redirect::status::socket_path(pid);
+    let mut flood = Interactive::start(
+        &cgroup,
+        &[
+            "idle-unix",
+            &socket.display().to_string(),
+            &CLIENTS.to_string(),
+        ],
+    );
+    assert_eq!(flood.line(), format!("open={CLIENTS}"));
+
+    // While the clients sit there: memory stays bounded, status answers
+    // every time. The fastest answer is what is compared with the bound:
+    // on a loaded machine (CI runners, other builds) one slow answer says
+    // more about the scheduler than about the service.
+    let mut worst = 0;
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        thread::sleep(Duration::from_millis(300));
+        worst = worst.max(vm_rss_kib(pid));
+        let started = Instant::now();
+        let status = status_json();
+        let took = started.elapsed();
+        let instance = status["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["pid"] == pid)
+            .unwrap_or_else(|| panic!("instance {pid} not listed under attack: {status}"))
+            .clone();
+        assert_eq!(
+            instance["mappings"].as_array().unwrap().len(),
+            usize::from(MAPPINGS)
+        );
+        times.push(took);
+        worst = worst.max(vm_rss_kib(pid));
+    }
+    eprintln!(
+        "VmRSS of run: {before} KiB before, at most {worst} KiB with {CLIENTS} idle clients; \
+         status answered in {times:?}"
+    );
+    let fastest = times.iter().min().unwrap();
+    assert!(
+        *fastest < Duration::from_secs(1),
+        "status took {times:?} under attack"
+    );
+    assert!(
+        worst < MAX_RSS_KIB,
+        "VmRSS {worst} KiB with {CLIENTS} idle status clients (before: {before} KiB)"
+    );
+    flood.finish();
+}
