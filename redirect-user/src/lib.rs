@@ -30,6 +30,7 @@
 //!   metrics, pinned state that outlives restarts.
 //! - [`control`]: the daemon's control protocol and a blocking client.
 //! - [`user`]: looking up and becoming another user (`exec --user`).
+//! - [`kernel`]: the kernel version check made before attaching.
 //! - [`error`]: the [`Error`] type; every variant names the cause and a fix.
 //!
 //! # Minimum kernel version
@@ -50,6 +51,8 @@ pub mod daemon;
 #[cfg(target_os = "linux")]
 pub mod ebpf;
 pub mod error;
+#[cfg(target_os = "linux")]
+pub mod kernel;
 pub mod mapping;
 #[cfg(target_os = "linux")]
 pub mod status;

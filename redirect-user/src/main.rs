@@ -18,7 +18,7 @@ use anyhow::Context as _;
 use clap::{ArgAction, Args, Parser, Subcommand};
 use redirect::{
     MappingError, MappingSet, Options, PortOwner, Redirector,
-    cgroup::{ChildCgroup, cgroup2_root, own_cgroup},
+    cgroup::{cgroup2_root, create_exec_cgroup, own_cgroup},
     ebpf::{Logger, check_privileges},
     mapping::parse_grant,
     status::{self, InstanceStatus, Report, ServiceLimits, StatusService},
@@ -300,6 +300,7 @@ async fn run(args: RunArgs, options: &Options) -> anyhow::Result<ExitCode> {
     // Handlers first: a signal during attach is then handled like one after.
     let mut shutdown = Shutdown::new()?;
     check_privileges()?;
+    clean_stale_exec_cgroups();
     let cgroup = match &args.cgroup {
         Some(dir) => dir.clone(),
         None => cgroup2_root()?,
@@ -343,9 +344,10 @@ async fn exec(args: ExecArgs, options: &Options) -> anyhow::Result<ExitCode> {
     let user = args.user.as_deref().map(User::lookup).transpose()?;
     let mut shutdown = Shutdown::new()?;
     check_privileges()?;
+    clean_stale_exec_cgroups();
     let root = cgroup2_root()?;
     let parent = own_cgroup(&root)?;
-    let scope = ChildCgroup::create(&parent, &format!("redirect-exec-{}", std::process::id()))?;
+    let scope = create_exec_cgroup(&parent)?;
     let mut redirector = attach(scope.path(), mappings, &grants, options)?;
     log::debug!("{}", describe(&redirector));
 
@@ -358,19 +360,30 @@ async fn exec(args: ExecArgs, options: &Options) -> anyhow::Result<ExitCode> {
             .env("LOGNAME", &user.name)
             .env("HOME", &user.home);
     }
+    // We fork from this thread (the runtime is current-thread), and the
+    // parent-death signal follows the thread that forked.
+    let parent_pid = rustix::process::getpid();
     // SAFETY: the closure only makes async-signal-safe syscalls (write,
-    // setgroups, setgid, setuid). Writing "0" to cgroup.procs moves the
-    // calling process (the forked child, before exec) into the scope, so
-    // CMD never runs outside it; then it drops to --user.
+    // setgroups, setgid, setuid, prctl, getppid) and allocates nothing.
+    // Writing "0" to cgroup.procs moves the calling process (the forked
+    // child, before exec) into the scope, so CMD never runs outside it;
+    // then it drops to --user; then it asks for SIGKILL when we die (after
+    // the uid change, which clears that setting), so a SIGKILLed exec never
+    // leaves CMD running unredirected. If we died before that, getppid
+    // tells, and CMD is not started at all.
     unsafe {
         cmd.pre_exec(move || {
             if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
                 return Err(io::Error::last_os_error());
             }
-            match &user {
-                Some(user) => user.become_user(),
-                None => Ok(()),
+            if let Some(user) = &user {
+                user.become_user()?;
             }
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+            if rustix::process::getppid() != Some(parent_pid) {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
         });
     }
     let mut child = match cmd.spawn() {
@@ -403,8 +416,20 @@ async fn exec(args: ExecArgs, options: &Options) -> anyhow::Result<ExitCode> {
     Ok(exit_code(status))
 }
 
+/// Removes the cgroups that SIGKILLed `redirect exec`s left behind (when
+/// root), and says so.
+fn clean_stale_exec_cgroups() {
+    for path in redirect::cgroup::remove_stale_exec_cgroups() {
+        log::warn!(
+            "removed {}, left by a `redirect exec` that was killed",
+            path.display()
+        );
+    }
+}
+
 /// `redirect status`: asks every live instance, prints a table or JSON.
 fn show_status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
+    clean_stale_exec_cgroups();
     let report = Report::new(status::collect()?);
     let daemon = cmd::daemon::daemon_status(&args.control.control)
         .or_else(|| redirect::ebpf::pin::pinned_status(&args.pin_dir));
@@ -435,9 +460,14 @@ fn show_status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn print_instance(out: &mut impl io::Write, i: &InstanceStatus) -> io::Result<()> {
+    let gone = if i.scope_gone {
+        " (the cgroup is gone: nothing is redirected; stop this instance)"
+    } else {
+        ""
+    };
     writeln!(
         out,
-        "redirect {} (pid {}) for cgroup {}",
+        "redirect {} (pid {}) for cgroup {}{gone}",
         i.kind,
         i.pid,
         i.scope.display()

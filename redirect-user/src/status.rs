@@ -49,6 +49,10 @@ pub struct InstanceStatus {
     pub kind: String,
     /// The cgroup v2 directory it redirects for.
     pub scope: PathBuf,
+    /// Whether that directory has been removed while the instance runs:
+    /// its programs went with it, so nothing is redirected any more.
+    #[serde(default)]
+    pub scope_gone: bool,
     /// When it started, in seconds since the Unix epoch.
     pub started_unix: u64,
     /// Its eBPF programs.

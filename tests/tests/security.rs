@@ -103,3 +103,116 @@ fn idle_status_clients_cannot_exhaust_an_instance() {
     );
     flood.finish();
 }
+
+/// Whether process `pid` is gone (or a zombie nobody reaped yet).
+fn dead(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+    }
+}
+
+/// Polls `done` for up to `secs` seconds.
+fn eventually(secs: u64, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    done()
+}
+
+/// Lifetimes: a SIGKILLed `redirect exec` takes its command with it (the
+/// command runs as another user, which must not lose the parent-death
+/// signal), and the next `redirect status` removes the cgroup it left.
+#[test]
+fn a_killed_exec_kills_its_command_and_its_cgroup_is_cleaned_up() {
+    if !privileged("security-exec-kill") {
+        return;
+    }
+    let mut exec = std::process::Command::new(redirect_tests::binary("redirect"))
+        .args([
+            "exec",
+            "--map",
+            "1443:18443",
+            "--user",
+            "nobody",
+            "--",
+            "sleep",
+            "60",
+        ])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("start redirect exec");
+    let exec_pid = exec.id();
+    let root = redirect::cgroup::cgroup2_root().unwrap();
+    let scope = redirect::cgroup::own_cgroup(&root)
+        .unwrap()
+        .join(redirect::cgroup::exec_cgroup_name(exec_pid));
+    let mut sleeper = None;
+    assert!(
+        eventually(10, || {
+            sleeper = redirect::cgroup::cgroup_pids(&scope)
+                .ok()
+                .and_then(|p| p.first().copied());
+            sleeper.is_some()
+        }),
+        "the command never appeared in {}",
+        scope.display()
+    );
+    let sleeper = sleeper.unwrap();
+
+    // SAFETY: plain syscall on our own child.
+    assert_eq!(unsafe { libc::kill(exec_pid as i32, libc::SIGKILL) }, 0);
+    exec.wait().unwrap();
+    assert!(
+        eventually(5, || dead(sleeper)),
+        "the command (pid {sleeper}) outlived its SIGKILLed exec"
+    );
+    assert!(scope.exists(), "a SIGKILLed exec cannot remove its cgroup");
+
+    let out = redirect_tests::redirect_output(["status"], false);
+    assert!(out.status.success());
+    assert!(
+        !scope.exists(),
+        "status left the stale cgroup {}: {}",
+        scope.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let record = Path::new(redirect::cgroup::EXEC_RECORDS).join(exec_pid.to_string());
+    assert!(!record.exists(), "record {} left", record.display());
+}
+
+/// Lifetimes: `status` still lists a `run` whose cgroup was removed under
+/// it, and says the cgroup is gone.
+#[test]
+fn status_reports_a_run_whose_cgroup_was_removed() {
+    if !privileged("security-cgroup-gone") {
+        return;
+    }
+    let cgroup = test_cgroup("sec-gone");
+    let mut run = RedirectProcess::run("1443:18443", cgroup.path());
+    let pid = run.child.id();
+    std::fs::remove_dir(cgroup.path()).expect("remove the empty cgroup");
+
+    let status = status_json();
+    let instance = status["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["pid"] == pid)
+        .unwrap_or_else(|| panic!("run {pid} not listed once its cgroup is gone: {status}"))
+        .clone();
+    assert_eq!(instance["scope_gone"], true, "{instance}");
+    let out = redirect_tests::redirect_output(["status"], false);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("(pid {pid})")), "{text}");
+    assert!(text.contains("the cgroup is gone"), "{text}");
+
+    run.signal(libc::SIGTERM);
+    assert!(run.wait_exit().success(), "{}", run.stderr());
+}
