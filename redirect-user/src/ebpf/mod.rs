@@ -17,6 +17,7 @@
 //! maps are pinned on bpffs and outlive the process (see [`pin`]).
 
 mod attached;
+mod established;
 mod listeners;
 pub mod pin;
 mod privileges;
@@ -25,7 +26,7 @@ mod scope;
 
 use std::path::{Path, PathBuf};
 
-pub use attached::{AttachedProgram, HOOKS, attached_programs, netns_programs};
+pub use attached::{AttachedProgram, HOOKS, STEER_HOOKS, attached_programs, netns_programs};
 use aya::programs::ProgramType;
 use aya_log::EbpfLogger;
 pub use privileges::check_privileges;
@@ -160,7 +161,9 @@ impl Counters {
 pub struct MappingCounts {
     /// Connects (TCP and connected UDP) redirected.
     pub connects: u64,
-    /// TCP connections established through the mapping and still open.
+    /// TCP connections of the scope's processes open right now to the
+    /// mapping's TO (read from `/proc` when asked, not counted per
+    /// connection: see `established.rs`).
     pub established: u64,
     /// Unconnected UDP datagrams redirected.
     pub datagrams: u64,
