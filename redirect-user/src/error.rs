@@ -55,7 +55,8 @@ pub enum Error {
     /// The directory given as scope is not a cgroup v2 directory.
     #[error(
         "{path} is not a cgroup v2 directory ({reason}); pass --cgroup with a directory of the \
-         cgroup2 mount{hint}"
+         cgroup2 mount{hint}",
+        path = clip(&.path.to_string_lossy())
     )]
     NotCgroup2 {
         /// The directory given.
@@ -139,7 +140,8 @@ pub enum Error {
     /// The network namespace path given cannot be opened: bad input.
     #[error(
         "network namespace {path}: {source}; pass a namespace file such as /run/netns/NAME or \
-         /proc/PID/ns/net"
+         /proc/PID/ns/net",
+        path = clip(&.path.to_string_lossy())
     )]
     NetnsPath {
         /// The path given.

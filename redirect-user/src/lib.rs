@@ -31,6 +31,7 @@
 //! - [`control`]: the daemon's control protocol and a blocking client.
 //! - [`user`]: looking up and becoming another user (`exec --user`).
 //! - [`kernel`]: the kernel version check made before attaching.
+//! - [`netns`]: checking a `--netns` path before attaching.
 //! - [`error`]: the [`Error`] type; every variant names the cause and a fix.
 //!
 //! # Minimum kernel version
@@ -54,6 +55,8 @@ pub mod error;
 #[cfg(target_os = "linux")]
 pub mod kernel;
 pub mod mapping;
+#[cfg(target_os = "linux")]
+pub mod netns;
 #[cfg(target_os = "linux")]
 pub mod status;
 pub mod user;

@@ -234,7 +234,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("redirect: error: {e:#}");
+            eprintln!("redirect: error: {}", render(&e));
             if is_bad_input(&e) {
                 ExitCode::from(2)
             } else {
@@ -242,6 +242,20 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The error and its causes, each said once: many library errors already
+/// quote their source in their own message.
+fn render(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 fn is_bad_input(e: &anyhow::Error) -> bool {
@@ -297,6 +311,9 @@ async fn run(args: RunArgs, options: &Options) -> anyhow::Result<ExitCode> {
         return Err(MappingError::GrantWithoutScope.into());
     }
     let owner = args.owner.as_deref().map(parse_owner).transpose()?;
+    if let Some(path) = &args.netns {
+        redirect::netns::open(path)?;
+    }
     // Handlers first: a signal during attach is then handled like one after.
     let mut shutdown = Shutdown::new()?;
     check_privileges()?;

@@ -216,3 +216,55 @@ fn status_reports_a_run_whose_cgroup_was_removed() {
     run.signal(libc::SIGTERM);
     assert!(run.wait_exit().success(), "{}", run.stderr());
 }
+
+/// Messages: bad input gets exit code 2 and a message that names the
+/// option, says what to pass, and quotes at most a short prefix of what
+/// it was given, before anything is attached (as `nobody` too: none of
+/// this needs privileges to be refused).
+#[test]
+fn bad_input_is_named_and_never_echoed_whole() {
+    // Never attached to: if some input were accepted, run would fail on
+    // this path with exit code 1, and the test with it.
+    let cgroup = "/nonexistent/redirect-test-cgroup";
+    let huge = "1".repeat(100_000);
+    let huge_map = format!("{huge}:8443");
+    let huge_netns = "/x".repeat(50_000);
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["--owner", "nosuchuser"],
+            "unknown user `nosuchuser` for --owner",
+        ),
+        (
+            &["--netns", "/bogus"],
+            "network namespace /bogus: No such file",
+        ),
+        (&["--netns", "/etc/hostname"], "not a namespace file"),
+        (&["--netns", "/proc/self/ns/mnt"], "not a network namespace"),
+        (&["--netns", &huge_netns], "network namespace /x/x"),
+        (&["--map", &huge_map], "invalid port"),
+    ];
+    for unprivileged in [false, true] {
+        for (args, message) in &cases {
+            let mut all = vec!["run", "--cgroup", cgroup];
+            if !args.contains(&"--map") {
+                all.extend(["--map", "1443:18443"]);
+            }
+            all.extend(args.iter());
+            let out = redirect_tests::redirect_output(&all, unprivileged);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let shown: String = stderr.chars().take(300).collect();
+            assert_eq!(out.status.code(), Some(2), "{shown}");
+            assert!(stderr.contains(message), "{message}: {shown}");
+            assert!(stderr.len() < 1000, "input echoed whole: {shown}…");
+            assert!(out.stdout.is_empty(), "printed ready: {shown}");
+            if !stderr.contains("unknown user") {
+                assert!(!stderr.contains("--user"), "{shown}");
+            }
+            // The OS error is said once, not once more as a cause.
+            assert!(stderr.matches("os error").count() <= 1, "{shown}");
+            if args.contains(&"--map") || args.contains(&huge_netns.as_str()) {
+                assert!(stderr.contains('…'), "{shown}");
+            }
+        }
+    }
+}

@@ -74,7 +74,9 @@ impl PortOwner {
         if text.starts_with('/') {
             return Ok(PortOwner::Cgroup(PathBuf::from(text)));
         }
-        Ok(PortOwner::Uid(crate::user::User::lookup(text)?.uid))
+        Ok(PortOwner::Uid(
+            crate::user::User::lookup_for(text, "--owner")?.uid,
+        ))
     }
 
     /// The OWNERS map entry.
