@@ -37,6 +37,8 @@
 //! - [`oci`]: OCI hook logic: container state and annotations to a
 //!   control request.
 //! - [`user`]: looking up and becoming another user (`exec --user`).
+//! - [`kernel`]: the kernel version check made before attaching.
+//! - [`netns`]: checking a `--netns` path before attaching.
 //! - [`error`]: the [`Error`] type; every variant names the cause and a fix.
 //!
 //! # Minimum kernel version
@@ -60,7 +62,11 @@ pub mod doctor;
 #[cfg(with_ebpf)]
 pub mod ebpf;
 pub mod error;
+#[cfg(target_os = "linux")]
+pub mod kernel;
 pub mod mapping;
+#[cfg(target_os = "linux")]
+pub mod netns;
 #[cfg(target_os = "linux")]
 pub mod oci;
 pub mod proxy;

@@ -74,7 +74,9 @@ impl PortOwner {
         if text.starts_with('/') {
             return Ok(PortOwner::Cgroup(PathBuf::from(text)));
         }
-        Ok(PortOwner::Uid(crate::user::User::lookup(text)?.uid))
+        Ok(PortOwner::Uid(
+            crate::user::User::lookup_for(text, "--owner")?.uid,
+        ))
     }
 
     /// The OWNERS map entry.
@@ -212,6 +214,7 @@ impl Redirector {
     /// attached is detached again before returning.
     pub fn attach(cgroup: &Path, mappings: MappingSet, options: &Options) -> Result<Self> {
         check_privileges()?;
+        crate::kernel::check_version()?;
         let dir = CgroupDir::open(cgroup)?;
         let programs = Programs::load(&LoadOptions {
             pin_dir: None,
@@ -291,7 +294,13 @@ impl Redirector {
     /// them attached right now.
     pub fn status(&self, kind: &str, started_unix: u64) -> Result<crate::status::InstanceStatus> {
         use crate::status::{InstanceStatus, MappingStatus, ProgramStatus};
-        let attached = attached_programs(&self.cgroup)?;
+        // A removed cgroup takes its programs with it; the instance still
+        // runs and must still be seen (and said to be doing nothing).
+        let (attached, scope_gone) = match attached_programs(&self.cgroup) {
+            Ok(attached) => (attached, false),
+            Err(_) if !self.cgroup.exists() => (Vec::new(), true),
+            Err(e) => return Err(e),
+        };
         let mut programs: Vec<ProgramStatus> = self
             .program_ids()
             .into_iter()
@@ -325,6 +334,7 @@ impl Redirector {
             pid: std::process::id(),
             kind: kind.to_owned(),
             scope: self.cgroup.clone(),
+            scope_gone,
             started_unix,
             programs,
             mappings,
