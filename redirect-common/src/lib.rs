@@ -106,6 +106,10 @@ pub mod programs {
 
 /// Names of the globals the loader sets before loading.
 pub mod globals {
+    /// `u8`: 1 when the running kernel lets sock_addr programs call
+    /// `bpf_set_retval` (Linux 6.1), so bind4/6 refuse with EACCES rather
+    /// than EPERM; 0 keeps the call away from an older verifier.
+    pub const HAS_SET_RETVAL: &str = "HAS_SET_RETVAL";
     /// `u32`: the scope a steering instance ([`programs::STEER`](crate::programs::STEER),
     /// [`programs::SOCK_LISTEN`](crate::programs::SOCK_LISTEN)) serves.
     pub const STEER_SCOPE: &str = "STEER_SCOPE";

@@ -14,10 +14,15 @@
 //! Every other bind is left to the kernel's usual checks.
 //!
 //! Minimum kernel version: 5.12 (the return value's "skip the
-//! CAP_NET_BIND_SERVICE check" bit); 5.18 for EACCES rather than EPERM on a
-//! refused bind (`bpf_set_retval`).
+//! CAP_NET_BIND_SERVICE check" bit); 6.1 for EACCES rather than EPERM on a
+//! refused bind (`bpf_set_retval` reached sock_addr programs in 6.1). The
+//! loader loads these programs only for a scope that needs them
+//! (`--grant`, `--owner`, inbound UDP), and sets [`HAS_SET_RETVAL`] from
+//! the running kernel so that the verifier of an older one never sees the
+//! call.
 
 use aya_ebpf::{
+    Global,
     helpers::generated::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_uid_gid, bpf_set_retval,
     },
@@ -32,6 +37,12 @@ use crate::{
     ctx::{self, Family},
     maps::{GRANTS, OWNERS, TARGETS, UDP_BINDS, count, current_scope},
 };
+
+/// 1 when the kernel lets sock_addr programs call `bpf_set_retval` (6.1);
+/// set by the loader. With 0 the call is dead code the verifier removes,
+/// and a refused bind fails with EPERM.
+#[unsafe(no_mangle)]
+pub static HAS_SET_RETVAL: Global<u8> = Global::new(0);
 
 /// Fail the syscall.
 const REJECT: i32 = 0;
@@ -77,10 +88,11 @@ fn grant<const V6: bool>(ctx: &SockAddrContext) -> i32 {
             family.number(),
             port
         );
-        // Without this the caller would see EPERM; older kernels lack the
-        // helper's effect and still refuse, with EPERM.
-        // SAFETY: plain helper call.
-        let _ = unsafe { bpf_set_retval(-EACCES) };
+        // Without this the caller would see EPERM.
+        if HAS_SET_RETVAL.load() != 0 {
+            // SAFETY: plain helper call.
+            let _ = unsafe { bpf_set_retval(-EACCES) };
+        }
         return REJECT;
     }
     if ctx::protocol(ctx) == ctx::IPPROTO_UDP

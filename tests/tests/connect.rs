@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use redirect_tests::{
     Pair, attach, attached, privileged, probe,
-    redirect::{Counter, Mapping, ebpf::HOOKS},
+    redirect::{Counter, Mapping, ebpf::BASE_PROGRAMS},
     test_cgroup, wait_detached,
 };
 
@@ -110,7 +110,7 @@ fn mappings_change_at_run_time_without_reattaching() {
     let cgroup = test_cgroup("runtime");
     let mut redirector = attach(cgroup.path(), &servers.mapping());
     let programs = attached(cgroup.path());
-    assert_eq!(programs.len(), HOOKS.len(), "{programs:?}");
+    assert_eq!(programs.len(), BASE_PROGRAMS.len(), "{programs:?}");
 
     let from = servers.decoy.addr;
     assert_eq!(probe(Some(&cgroup), "tcp", from).reply(), "to:hello");
@@ -147,7 +147,7 @@ fn dropping_the_redirector_detaches() {
     }
     let cgroup = test_cgroup("drop");
     let redirector = attach(cgroup.path(), "1443:18443");
-    assert_eq!(attached(cgroup.path()).len(), HOOKS.len());
+    assert_eq!(attached(cgroup.path()).len(), BASE_PROGRAMS.len());
     drop(redirector);
     assert_eq!(wait_detached(cgroup.path()), Vec::<String>::new());
 }

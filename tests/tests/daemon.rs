@@ -64,7 +64,7 @@ fn sigkill_and_restart_five_times_without_a_failed_connection() {
     let before = hook_counts(cg.path());
     assert_eq!(
         before.len(),
-        redirect::ebpf::HOOKS.len(),
+        redirect::ebpf::BASE_PROGRAMS.len(),
         "every hook attached once: {before:?}"
     );
     let client = start_loop(&cg, pair.decoy.addr, 6.0);

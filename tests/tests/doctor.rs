@@ -71,7 +71,7 @@ fn doctor_reports_every_hook_working_here() {
         .collect();
     assert_eq!(
         hooks.len(),
-        13,
+        14,
         "every program of the object is tried: {report:#}"
     );
     for h in &hooks {

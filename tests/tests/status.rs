@@ -59,7 +59,11 @@ fn status_counts_connections_and_forgets_finished_instances() {
         .clone();
     assert_eq!(instance["scope"], cgroup.path().display().to_string());
     let programs = instance["programs"].as_array().unwrap();
-    assert_eq!(programs.len(), redirect::ebpf::HOOKS.len(), "{programs:?}");
+    assert_eq!(
+        programs.len(),
+        redirect::ebpf::BASE_PROGRAMS.len(),
+        "{programs:?}"
+    );
     assert!(
         programs.iter().all(|p| p["attached"] == true),
         "{programs:?}"

@@ -73,6 +73,24 @@ pub const SOCK_ADDR_PROGRAMS: [&str; 10] = [
     programs::SENDMSG6,
 ];
 
+/// The programs every scope links: the connect path and its reverses.
+/// bind4/6 ([`BIND_PROGRAMS`]) are loaded and linked only for a scope that
+/// needs them (grants, an owner, inbound UDP): they return 3 (Linux 5.12),
+/// which an older verifier refuses, and nothing else needs them.
+pub const BASE_PROGRAMS: [&str; 8] = [
+    programs::GETPEERNAME4,
+    programs::GETPEERNAME6,
+    programs::RECVMSG4,
+    programs::RECVMSG6,
+    programs::CONNECT4,
+    programs::CONNECT6,
+    programs::SENDMSG4,
+    programs::SENDMSG6,
+];
+
+/// bind4/6: grants, owners, inbound UDP.
+pub const BIND_PROGRAMS: [&str; 2] = [programs::BIND4, programs::BIND6];
+
 /// The maps of the shared instance that are pinned and reused.
 const SHARED_MAPS: [&str; 14] = [
     maps::SCOPES,
@@ -115,6 +133,7 @@ const STEER_UNUSED: [&str; 6] = [
 /// the whole program.
 static LOG_OFF: u8 = 0;
 static LOG_DEBUG: u8 = 4;
+static ONE: u8 = 1;
 
 /// How to load the program set.
 #[derive(Clone, Debug, Default)]
@@ -159,6 +178,8 @@ pub(super) struct ScopeState {
     pub(super) mappings: MappingSet,
     pub(super) slots: StdHashMap<MappingKey, Slot>,
     pub(super) grants: Vec<u16>,
+    /// Whether bind4/6 are linked to the scope's cgroup.
+    bind_linked: bool,
     links: Vec<ScopeLink>,
     steer: Option<Ebpf>,
 }
@@ -248,6 +269,7 @@ impl Programs {
     /// attaches nothing.
     pub fn load(options: &LoadOptions) -> Result<Self> {
         check_privileges()?;
+        crate::kernel::check_version()?;
         probe_kernel()?;
         raise_memlock_limit();
         if let Some(dir) = &options.pin_dir {
@@ -264,6 +286,15 @@ impl Programs {
             &LOG_OFF
         };
         loader.override_global("AYA_LOG_LEVEL", level, true);
+        // bpf_set_retval reached sock_addr programs in 6.1: below that the
+        // call must be dead code the verifier removes.
+        let set_retval = aya::util::KernelVersion::current()
+            .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 1, 0));
+        loader.override_global(
+            globals::HAS_SET_RETVAL,
+            if set_retval { &ONE } else { &LOG_OFF },
+            true,
+        );
         if let Some(dir) = &options.pin_dir {
             for name in SHARED_MAPS {
                 let path = pin::map_path(dir, name);
@@ -284,7 +315,7 @@ impl Programs {
         } else {
             None
         };
-        for name in SOCK_ADDR_PROGRAMS {
+        for name in BASE_PROGRAMS {
             program::<CgroupSockAddr>(&mut ebpf, name)?
                 .load()
                 .map_err(load_error(name))?;
@@ -487,6 +518,7 @@ impl Shared {
             mappings: MappingSet::default(),
             slots: StdHashMap::new(),
             grants: Vec::new(),
+            bind_linked: false,
             links: Vec::new(),
             steer: None,
         };
@@ -587,8 +619,16 @@ impl Shared {
             .map_err(|e| map_error("writing", maps::SCOPES, e))?;
         self.levels[scope.level as usize] += 1;
         self.write_levels()?;
-        // Links: the sock_addr hooks in their order (reverse paths first).
-        for name in SOCK_ADDR_PROGRAMS {
+        // Links: bind first when the scope needs it, then the sock_addr
+        // hooks in their order (reverse paths first).
+        let needs_bind = req.owner.is_some()
+            || !scope.grants.is_empty()
+            || (scope.netns.is_some() && scope.mappings.iter().any(|m| m.proto != Proto::Tcp))
+            || self.bind_pinned(id);
+        if needs_bind {
+            self.link_bind(scope, dir)?;
+        }
+        for name in BASE_PROGRAMS {
             let link = self.link_cgroup(id, name, dir)?;
             scope.links.push(link);
         }
@@ -793,6 +833,9 @@ impl Shared {
         })?;
         let old = std::mem::replace(&mut scope.mappings, next);
         let udp_bind = scope.netns.is_some() && m.proto != Proto::Tcp;
+        if udp_bind {
+            self.link_bind_if_live(scope)?;
+        }
         let value = value_of(scope, &m, slot);
         let written = self.reset_stats(slot).and_then(|()| {
             write_tables(&mut self.ebpf, scope.id, &scope.mappings, m.from, m.to)?;
@@ -839,6 +882,46 @@ impl Shared {
             self.register_existing(scope, &[m.to].into())?;
         }
         Ok(())
+    }
+
+    /// Loads bind4/6 (once per program set) and links them to the scope's
+    /// cgroup (once per scope), or adopts their pinned links.
+    fn link_bind(&mut self, scope: &mut ScopeState, dir: &CgroupDir) -> Result<()> {
+        if scope.bind_linked {
+            return Ok(());
+        }
+        for name in BIND_PROGRAMS {
+            let p = program::<CgroupSockAddr>(&mut self.ebpf, name)?;
+            if p.fd().is_err() {
+                p.load().map_err(load_error(name))?;
+            }
+        }
+        for name in BIND_PROGRAMS {
+            let link = self.link_cgroup(scope.id, name, dir)?;
+            scope.links.push(link);
+        }
+        scope.bind_linked = true;
+        Ok(())
+    }
+
+    /// [`Shared::link_bind`] for a scope that is attached already (a grant
+    /// or an inbound UDP mapping added at run time); during attach,
+    /// `build_scope` decides.
+    fn link_bind_if_live(&mut self, scope: &mut ScopeState) -> Result<()> {
+        if scope.bind_linked || scope.links.is_empty() {
+            return Ok(());
+        }
+        let dir = CgroupDir::open(&scope.cgroup)?;
+        self.link_bind(scope, &dir)
+    }
+
+    /// Whether a bind link of scope `id` is pinned (a restart adopts it).
+    fn bind_pinned(&self, id: u32) -> bool {
+        self.pin_dir.as_ref().is_some_and(|d| {
+            BIND_PROGRAMS
+                .iter()
+                .any(|name| pin::scope_dir(d, id).join("links").join(name).exists())
+        })
     }
 
     /// Rewrites the MAPPINGS values of the scope's mappings to `to` (their
@@ -922,6 +1005,7 @@ impl Shared {
         if scope.grants.contains(&port) {
             return Ok(());
         }
+        self.link_bind_if_live(scope)?;
         map_mut::<HashMap<_, ScopePort, u8>>(&mut self.ebpf, maps::GRANTS)?
             .insert(ScopePort::new(scope.id, port), 1, 0)
             .map_err(|e| map_error("writing", maps::GRANTS, e))?;
