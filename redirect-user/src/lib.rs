@@ -32,6 +32,7 @@
 //! - [`user`]: looking up and becoming another user (`exec --user`).
 //! - [`kernel`]: the kernel version check made before attaching.
 //! - [`netns`]: checking a `--netns` path before attaching.
+//! - [`stacking`]: another instance's programs where one would attach.
 //! - [`error`]: the [`Error`] type; every variant names the cause and a fix.
 //!
 //! # Minimum kernel version
@@ -57,6 +58,8 @@ pub mod kernel;
 pub mod mapping;
 #[cfg(target_os = "linux")]
 pub mod netns;
+#[cfg(target_os = "linux")]
+pub mod stacking;
 #[cfg(target_os = "linux")]
 pub mod status;
 pub mod user;
