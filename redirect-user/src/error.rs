@@ -80,10 +80,12 @@ pub enum Error {
         source: io::Error,
     },
 
+    #[cfg(with_ebpf)]
     /// Loading the embedded eBPF object failed.
     #[error("loading the eBPF object: {0}")]
     Load(#[source] Box<aya::EbpfError>),
 
+    #[cfg(with_ebpf)]
     /// Loading one eBPF program into the kernel failed.
     #[error("loading eBPF program {program}: {source}")]
     LoadProgram {
@@ -93,6 +95,7 @@ pub enum Error {
         source: Box<aya::programs::ProgramError>,
     },
 
+    #[cfg(with_ebpf)]
     /// Attaching one eBPF program failed; everything attached before it has
     /// been detached again.
     #[error("attaching {program} to {path}: {source}{hint}")]
@@ -107,6 +110,7 @@ pub enum Error {
         hint: &'static str,
     },
 
+    #[cfg(with_ebpf)]
     /// Taking hold of a link (to pin or adopt it) failed.
     #[error("link of {program}: {source}")]
     Link {
@@ -116,6 +120,7 @@ pub enum Error {
         source: Box<aya::programs::links::LinkError>,
     },
 
+    #[cfg(with_ebpf)]
     /// Reading or writing a BPF map failed.
     #[error("{op} map {map}: {source}")]
     Map {

@@ -4,7 +4,6 @@
 //! input (nothing is attached), 1 for an environment problem (privileges,
 //! kernel, cgroup), 126/127 when `exec` cannot start its command.
 
-mod cmd;
 
 use std::{
     ffi::OsString,
@@ -14,6 +13,7 @@ use std::{
     process::ExitCode,
 };
 
+use crate::cmd::proxy::BackendArgs;
 use anyhow::Context as _;
 use clap::{ArgAction, Args, Parser, Subcommand};
 use redirect::{
@@ -29,6 +29,8 @@ use tokio::{
     net::UnixStream,
     signal::unix::{Signal, SignalKind, signal},
 };
+
+mod cmd;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -83,6 +85,11 @@ enum Command {
     /// cgroup removed.
     #[command(after_help = EXAMPLES)]
     Exec(ExecArgs),
+    /// Check what works on this host (kernel, capabilities, every eBPF
+    /// hook tried for real, ports) and say what to do about the rest.
+    ///
+    /// Exits 0 only when the chosen backend can run.
+    Doctor(cmd::doctor::DoctorArgs),
     /// Show every live redirector on this host: the daemon's scopes (or,
     /// with no daemon, what is pinned), and each `run`/`exec` instance.
     Status(StatusArgs),
@@ -100,6 +107,9 @@ enum Command {
     /// Remove everything pinned under the daemon's pin directory (every
     /// scope it attached), leaving the host as it found it.
     Reset(cmd::daemon::ResetArgs),
+    /// OCI runtime hook (createRuntime, poststop): asks the daemon for a
+    /// scope per container annotated io.redirect.map (docs/CONTAINERS.md).
+    OciHook(cmd::oci_hook::OciHookArgs),
 }
 
 #[derive(Args, Debug)]
@@ -179,6 +189,9 @@ struct RunArgs {
     /// EACCES, and only its listeners are registered for inbound steering.
     #[arg(long, value_name = "OWNER")]
     owner: Option<String>,
+
+    #[command(flatten)]
+    backend: BackendArgs,
 }
 
 #[derive(Args, Debug)]
@@ -236,6 +249,8 @@ fn main() -> ExitCode {
                 cmd::daemon::request(&a.control, redirect::control::Request::Reload)
             }
             Command::Reset(a) => cmd::daemon::reset(a),
+            Command::Doctor(args) => cmd::doctor::run(&args),
+            Command::OciHook(args) => Ok(cmd::oci_hook::run(&args)),
         }
     });
     match result {
@@ -321,14 +336,20 @@ async fn run(args: RunArgs, options: &Options) -> anyhow::Result<ExitCode> {
     if let Some(path) = &args.netns {
         redirect::netns::open(path)?;
     }
+    let scoped = args.cgroup.is_some() || owner.is_some() || !grants.is_empty();
+    if let Some(why) = cmd::proxy::chosen(&args.backend, scoped) {
+        return cmd::proxy::run(&mappings, &args.backend, why).await;
+    }
     // Handlers first: a signal during attach is then handled like one after.
     let mut shutdown = Shutdown::new()?;
-    check_privileges()?;
-    clean_stale_exec_cgroups();
-    let cgroup = match &args.cgroup {
-        Some(dir) => dir.clone(),
-        None => cgroup2_root()?,
+    let cgroup = match check_privileges().and_then(|()| match &args.cgroup {
+        Some(dir) => Ok(dir.clone()),
+        None => cgroup2_root(),
+    }) {
+        Ok(cgroup) => cgroup,
+        Err(e) => return cmd::proxy::fall_back(&mappings, &args.backend, scoped, e.into()).await,
     };
+    clean_stale_exec_cgroups();
     // Inbound steering is per network namespace, not per cgroup: a
     // cgroup-scoped run steers only a namespace it is given.
     let netns = match (&args.netns, &args.cgroup) {
@@ -342,9 +363,12 @@ async fn run(args: RunArgs, options: &Options) -> anyhow::Result<ExitCode> {
         allow_stacking: args.map.allow_stacking,
         ..options.clone()
     };
-    let mut redirector = attach(&cgroup, mappings, &grants, &options)?;
+    let mut redirector = match attach(&cgroup, mappings.clone(), &grants, &options) {
+        Ok(redirector) => redirector,
+        Err(e) => return cmd::proxy::fall_back(&mappings, &args.backend, scoped, e).await,
+    };
     let status = StatusServer::start("run");
-    ready(&redirector)?;
+    ready(&redirector, cmd::proxy::ebpf_why(&args.backend))?;
     let logging = pump_logger(redirector.take_logger());
     tokio::pin!(logging);
     loop {
@@ -607,10 +631,11 @@ fn describe(redirector: &Redirector) -> String {
     )
 }
 
-/// Prints the `ready` line, which scripts and tests wait for.
-fn ready(redirector: &Redirector) -> anyhow::Result<()> {
+/// Prints the `ready` line, which scripts and tests wait for; `backend`
+/// says which backend runs and why (empty for `exec`).
+fn ready(redirector: &Redirector, backend: &str) -> anyhow::Result<()> {
     let mut out = io::stdout().lock();
-    writeln!(out, "ready: {}", describe(redirector))?;
+    writeln!(out, "ready: {}{backend}", describe(redirector))?;
     out.flush()?;
     Ok(())
 }
