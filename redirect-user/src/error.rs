@@ -172,6 +172,20 @@ pub enum Error {
     #[error("{0}")]
     ScopeConflict(String),
 
+    /// Another redirect instance's programs are on the cgroup, a parent or
+    /// child of it, or the network namespace to be steered: both would
+    /// rewrite the same connections. Nothing was attached.
+    #[error(
+        "another redirect instance serves this scope: {found}; instances on one cgroup, on \
+         nested cgroups or on one network namespace would both rewrite the same connections: \
+         stop the other one or give it these mappings too (or pass --allow-stacking, and \
+         `redirect status` shows the stacking)"
+    )]
+    Stacking {
+        /// Each other instance and where it was found.
+        found: String,
+    },
+
     /// No scope has this name.
     #[error("no scope named {name}; `redirect status` lists them")]
     ScopeNotFound {
@@ -197,7 +211,10 @@ impl Error {
     pub fn is_bad_input(&self) -> bool {
         matches!(
             self,
-            Error::Mapping(_) | Error::ScopeConflict(_) | Error::NetnsPath { .. }
+            Error::Mapping(_)
+                | Error::ScopeConflict(_)
+                | Error::NetnsPath { .. }
+                | Error::Stacking { .. }
         )
     }
 

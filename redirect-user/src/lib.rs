@@ -39,6 +39,7 @@
 //! - [`user`]: looking up and becoming another user (`exec --user`).
 //! - [`kernel`]: the kernel version check made before attaching.
 //! - [`netns`]: checking a `--netns` path before attaching.
+//! - [`stacking`]: another instance's programs where one would attach.
 //! - [`error`]: the [`Error`] type; every variant names the cause and a fix.
 //!
 //! # Minimum kernel version
@@ -62,7 +63,7 @@ pub mod doctor;
 #[cfg(with_ebpf)]
 pub mod ebpf;
 pub mod error;
-#[cfg(target_os = "linux")]
+#[cfg(with_ebpf)]
 pub mod kernel;
 pub mod mapping;
 #[cfg(target_os = "linux")]
@@ -70,6 +71,8 @@ pub mod netns;
 #[cfg(target_os = "linux")]
 pub mod oci;
 pub mod proxy;
+#[cfg(with_ebpf)]
+pub mod stacking;
 #[cfg(with_ebpf)]
 pub mod status;
 #[cfg(unix)]

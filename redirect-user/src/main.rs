@@ -139,6 +139,13 @@ struct MapArgs {
     /// CAP_NET_BIND_SERVICE, like authbind (repeatable; Linux >= 5.12).
     #[arg(long = "grant", value_name = "PORT")]
     grants: Vec<String>,
+
+    /// Attach even when another redirect instance's programs are on the
+    /// cgroup, a parent or child of it, or the steered namespace (refused
+    /// otherwise, exit code 2): connections in both scopes may then be
+    /// rewritten twice. `redirect status` shows the stacking.
+    #[arg(long)]
+    allow_stacking: bool,
 }
 
 impl MapArgs {
@@ -352,6 +359,7 @@ async fn run(args: RunArgs, options: &Options) -> anyhow::Result<ExitCode> {
     let options = Options {
         netns,
         owner,
+        allow_stacking: args.map.allow_stacking,
         ..options.clone()
     };
     let mut redirector = match attach(&cgroup, mappings.clone(), &grants, &options) {
@@ -388,7 +396,11 @@ async fn exec(args: ExecArgs, options: &Options) -> anyhow::Result<ExitCode> {
     let root = cgroup2_root()?;
     let parent = own_cgroup(&root)?;
     let scope = create_exec_cgroup(&parent)?;
-    let mut redirector = attach(scope.path(), mappings, &grants, options)?;
+    let options = Options {
+        allow_stacking: args.map.allow_stacking,
+        ..options.clone()
+    };
+    let mut redirector = attach(scope.path(), mappings, &grants, &options)?;
     log::debug!("{}", describe(&redirector));
 
     let procs = scope.procs_writer()?;
@@ -523,6 +535,9 @@ fn print_instance(out: &mut impl io::Write, i: &InstanceStatus) -> io::Result<()
             "  {:<32} {:>5} {:>11} {:>12} {:>10}",
             m.mapping, m.proto, m.connects, m.established, m.datagrams
         )?;
+    }
+    for other in &i.stacked_with {
+        writeln!(out, "  STACKED with {other} (--allow-stacking)")?;
     }
     if !i.grants.is_empty() {
         let ports: Vec<String> = i.grants.iter().map(u16::to_string).collect();

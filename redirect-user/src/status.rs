@@ -53,6 +53,14 @@ pub struct InstanceStatus {
     /// its programs went with it, so nothing is redirected any more.
     #[serde(default)]
     pub scope_gone: bool,
+    /// The inode of the network namespace it steers, if any (to tell
+    /// which instance steers a namespace).
+    #[serde(default)]
+    pub netns_inode: Option<u64>,
+    /// Other instances it was allowed to stack with (`--allow-stacking`),
+    /// as found when it attached.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stacked_with: Vec<String>,
     /// When it started, in seconds since the Unix epoch.
     pub started_unix: u64,
     /// Its eBPF programs.

@@ -268,3 +268,151 @@ fn bad_input_is_named_and_never_echoed_whole() {
         }
     }
 }
+
+/// `redirect ARGS…` to completion as root; (exit code, stderr).
+fn refused(args: &[String]) -> (Option<i32>, String) {
+    let out = redirect_tests::redirect_output(args, false);
+    assert!(
+        out.stdout.is_empty(),
+        "printed ready: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn run_args(map: &str, cgroup: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        "run".to_owned(),
+        "--map".to_owned(),
+        map.to_owned(),
+        "--cgroup".to_owned(),
+        cgroup.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    args
+}
+
+/// Stacking: a second `run` on the same cgroup is refused with exit code
+/// 2, naming the first by pid, and nothing of it is attached; with
+/// `--allow-stacking` it starts, and `status` shows the stacking.
+#[test]
+fn a_second_run_on_one_cgroup_is_refused() {
+    if !privileged("security-stack-same") {
+        return;
+    }
+    let cgroup = test_cgroup("sec-stack");
+    let first = run_on(cgroup.path(), &["--map".into(), "1443:18443".into()]);
+    let pid = first.child.id();
+    let before = redirect_tests::attached(cgroup.path());
+
+    let (code, stderr) = refused(&run_args("1443:19443", cgroup.path(), &[]));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("redirect run (pid {pid}) on the same cgroup")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--allow-stacking"), "{stderr}");
+    assert_eq!(redirect_tests::attached(cgroup.path()), before);
+
+    let mut second =
+        RedirectProcess::start(run_args("2443:19443", cgroup.path(), &["--allow-stacking"]));
+    second.wait_ready();
+    let status = status_json();
+    let instance = status["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["pid"] == second.child.id())
+        .expect("second instance listed")
+        .clone();
+    let stacked = instance["stacked_with"].to_string();
+    assert!(stacked.contains(&format!("(pid {pid})")), "{instance}");
+    assert!(
+        second.stderr().contains("stacking with"),
+        "{}",
+        second.stderr()
+    );
+}
+
+/// Stacking across the hierarchy: a `run` on a child cgroup of another
+/// run's cgroup, a `run` on its parent, and an `exec` started inside its
+/// scope (the double rewrite) are all refused.
+#[test]
+fn a_run_or_exec_nested_in_another_runs_scope_is_refused() {
+    if !privileged("security-stack-nested") {
+        return;
+    }
+    let outer = test_cgroup("sec-nest");
+    let inner = redirect::cgroup::ChildCgroup::create(outer.path(), "inner").unwrap();
+    let run = run_on(outer.path(), &["--map".into(), "8443:9443".into()]);
+    let pid = run.child.id();
+
+    let (code, stderr) = refused(&run_args("443:8443", inner.path(), &[]));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("redirect run (pid {pid}) on the parent cgroup")),
+        "{stderr}"
+    );
+    assert_eq!(redirect_tests::attached(inner.path()), Vec::<String>::new());
+
+    // exec inside the scope: its cgroup would be a child of the run's.
+    let mut exec = std::process::Command::new(redirect_tests::binary("redirect"));
+    exec.args(["exec", "--map", "443:8443", "--", "true"]);
+    redirect_tests::Spawn {
+        cgroup: Some(&outer),
+        unprivileged: false,
+    }
+    .apply(&mut exec);
+    let out = exec.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("(pid {pid})")), "{stderr}");
+    drop(run);
+
+    // The other way round: a run on the parent of a run's cgroup.
+    let run = run_on(inner.path(), &["--map".into(), "8443:9443".into()]);
+    let pid = run.child.id();
+    let (code, stderr) = refused(&run_args("443:8443", outer.path(), &[]));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("redirect run (pid {pid}) on the child cgroup")),
+        "{stderr}"
+    );
+    drop(run);
+    drop(inner);
+}
+
+/// Stacking on a namespace: a second `run` steering the same network
+/// namespace (from another cgroup) is refused, naming the first.
+#[test]
+fn two_runs_steering_one_namespace_are_refused() {
+    if !privileged("security-stack-netns") {
+        return;
+    }
+    let pair = redirect_tests::NetnsPair::new("secst");
+    let netns = pair.server_path().display().to_string();
+    let a = test_cgroup("sec-ns-a");
+    let b = test_cgroup("sec-ns-b");
+    let first = run_on(
+        a.path(),
+        &[
+            "--map".into(),
+            "1443:18443/tcp".into(),
+            "--netns".into(),
+            netns.clone(),
+        ],
+    );
+    let pid = first.child.id();
+    let (code, stderr) = refused(&run_args("2443:28443/tcp", b.path(), &["--netns", &netns]));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "redirect run (pid {pid}) on the network namespace {netns}"
+        )),
+        "{stderr}"
+    );
+    assert_eq!(redirect_tests::attached(b.path()), Vec::<String>::new());
+}

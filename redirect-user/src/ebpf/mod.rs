@@ -56,6 +56,10 @@ pub struct Options {
     /// Reserve the TO ports for this owner: within the scope, only it may
     /// bind them (others get EACCES), and only its listeners are registered.
     pub owner: Option<PortOwner>,
+    /// Attach even when another instance's programs are on the cgroup, a
+    /// parent or child of it, or the namespace (see [`crate::stacking`]);
+    /// by default that is refused with [`Error::Stacking`].
+    pub allow_stacking: bool,
 }
 
 /// Who may bind the TO ports (`--owner`).
@@ -196,6 +200,8 @@ pub struct Redirector {
     programs: Programs,
     cgroup: PathBuf,
     steering: bool,
+    netns_inode: Option<u64>,
+    stacked: Vec<String>,
 }
 
 impl std::fmt::Debug for Redirector {
@@ -216,6 +222,11 @@ impl Redirector {
         check_privileges()?;
         crate::kernel::check_version()?;
         let dir = CgroupDir::open(cgroup)?;
+        // Held until attached, so that two instances starting together
+        // cannot both find the other absent.
+        let _lock = crate::stacking::lock();
+        let found = crate::stacking::find(dir.path(), options.netns.as_deref())?;
+        let stacked = crate::stacking::refuse_unless(&found, options.allow_stacking)?;
         let programs = Programs::load(&LoadOptions {
             pin_dir: None,
             ebpf_debug_log: options.ebpf_debug_log,
@@ -234,6 +245,11 @@ impl Redirector {
             programs,
             cgroup: dir.path().to_path_buf(),
             steering: options.netns.is_some(),
+            netns_inode: options.netns.as_ref().and_then(|p| {
+                use std::os::unix::fs::MetadataExt as _;
+                std::fs::metadata(p).ok().map(|m| m.ino())
+            }),
+            stacked,
         })
     }
 
@@ -335,6 +351,8 @@ impl Redirector {
             kind: kind.to_owned(),
             scope: self.cgroup.clone(),
             scope_gone,
+            netns_inode: self.netns_inode,
+            stacked_with: self.stacked.clone(),
             started_unix,
             programs,
             mappings,
