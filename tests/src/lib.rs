@@ -30,14 +30,14 @@ use std::{
 pub use redirect;
 
 pub mod daemon;
-use redirect::{
-    cgroup::{ChildCgroup, cgroup2_root},
-    ebpf::attached_programs,
-};
+use redirect::cgroup::ChildCgroup;
+#[cfg(feature = "ebpf")]
+use redirect::{cgroup::cgroup2_root, ebpf::attached_programs};
 
 /// uid and gid of `nobody` on Debian.
 pub const NOBODY: u32 = 65534;
 
+#[cfg(feature = "ebpf")]
 /// Whether privileged tests can run here. Off CI, prints why not and
 /// returns false (the caller returns early); under `CI=true`, panics.
 pub fn privileged(test: &str) -> bool {
@@ -65,6 +65,7 @@ pub fn patience(base: Duration) -> Duration {
     base * factor
 }
 
+#[cfg(feature = "ebpf")]
 /// A fresh `redirect-test-<tag>-<pid>-<n>` child of the cgroup v2 root,
 /// removed (with anything left inside killed) on drop.
 pub fn test_cgroup(tag: &str) -> ChildCgroup {
@@ -78,6 +79,7 @@ pub fn test_cgroup(tag: &str) -> ChildCgroup {
     ChildCgroup::create(&root, &name).expect("create test cgroup")
 }
 
+#[cfg(feature = "ebpf")]
 /// A [`redirect::Redirector`] for one mapping (given as text) attached to
 /// `cgroup`, with default options.
 pub fn attach(cgroup: &Path, mapping: &str) -> redirect::Redirector {
@@ -85,6 +87,7 @@ pub fn attach(cgroup: &Path, mapping: &str) -> redirect::Redirector {
     redirect::Redirector::attach(cgroup, mappings, &redirect::Options::default()).expect("attach")
 }
 
+#[cfg(feature = "ebpf")]
 /// Names of the programs attached directly to `cgroup`.
 pub fn attached(cgroup: &Path) -> Vec<String> {
     attached_programs(cgroup)
@@ -94,6 +97,7 @@ pub fn attached(cgroup: &Path) -> Vec<String> {
         .collect()
 }
 
+#[cfg(feature = "ebpf")]
 /// Waits (up to 3 s, see [`patience`]) until nothing is attached to `cgroup`; returns what is
 /// still attached otherwise.
 pub fn wait_detached(cgroup: &Path) -> Vec<String> {
@@ -108,11 +112,16 @@ pub fn wait_detached(cgroup: &Path) -> Vec<String> {
 }
 
 /// A workspace binary that `nobody` can run wherever the checkout lives:
-/// a copy in `$TMPDIR/redirect-tests-bin` (one fixed directory, refreshed
-/// once per test process, so runs do not accumulate copies).
+/// a copy in `$TMPDIR/redirect-tests-bin-<checkout>` (one fixed directory
+/// per checkout, refreshed once per test process, so runs do not
+/// accumulate copies and two checkouts tested at once never run each
+/// other's binaries).
 pub fn binary(name: &str) -> PathBuf {
+    use std::hash::{Hash as _, Hasher as _};
     static COPIED: Mutex<Vec<String>> = Mutex::new(Vec::new());
-    let dir = std::env::temp_dir().join("redirect-tests-bin");
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    target_dir().hash(&mut hasher);
+    let dir = std::env::temp_dir().join(format!("redirect-tests-bin-{:016x}", hasher.finish()));
     let copy = dir.join(name);
     let mut copied = COPIED.lock().unwrap();
     if !copied.iter().any(|n| n == name) {
@@ -460,7 +469,17 @@ impl RedirectProcess {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut child = Command::new(binary("redirect"))
+        Self::start_program(binary("redirect"), args)
+    }
+
+    /// Starts `PROGRAM ARGS…` (a wrapper such as `setpriv` that runs
+    /// `redirect`) with piped output.
+    pub fn start_program<I, S>(program: impl AsRef<OsStr>, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -32,8 +32,9 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     if ci && !is_root() {
         anyhow::bail!("CI=true but not root: the privileged eBPF tests must run, never skip");
     }
-    // The integration tests run the `redirect` and `probe` binaries.
-    status(cargo().args(["build", "--locked", "--bins"]))?;
+    // The integration tests run the `redirect` and `probe` binaries, and
+    // the library's container_runtime example.
+    status(cargo().args(["build", "--locked", "--bins", "--examples"]))?;
 
     let mut cmd = cargo();
     cmd.args(["test", "--locked", "--no-fail-fast"]);

@@ -87,14 +87,18 @@ fn ensure_llvm() -> anyhow::Result<()> {
 }
 
 /// The programs the integration tests run, with the Debian package that
-/// provides each.
-const TEST_TOOLS: [(&str, &str); 6] = [
+/// provides each. The container tests run `runc` and copy the static
+/// busybox into their rootfs (Debian's `busybox` package is dynamic and
+/// would not run there).
+const TEST_TOOLS: [(&str, &str); 8] = [
     ("ip", "iproute2"),
     ("dig", "bind9-dnsutils"),
     ("dnsmasq", "dnsmasq-base"),
     ("unshare", "util-linux"),
     ("findmnt", "util-linux"),
     ("setpriv", "util-linux"),
+    ("runc", "runc"),
+    ("busybox", "busybox-static"),
 ];
 
 /// Installs the programs the tests need (the `dnsmasq-base` package ships
