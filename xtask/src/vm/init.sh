@@ -3,6 +3,18 @@
 # xtask/src/vm/mod.rs): mounts what the suite needs, runs every test binary
 # as root with CI=true, prints the marker line the host waits for, powers
 # off. Its output is the serial console, which the host echoes.
+# runc pivot_root()s into its containers, which the initramfs root
+# (rootfs) refuses: copy the tree once onto a tmpfs and switch to it
+# (switch_root frees the old copy).
+if [ ! -e /.on-tmpfs ]; then
+    /bin/busybox mkdir /newroot
+    /bin/busybox mount -t tmpfs -o mode=0755 tmpfs /newroot
+    for entry in /*; do
+        [ "$entry" = /newroot ] || /bin/busybox cp -a "$entry" /newroot/
+    done
+    /bin/busybox touch /newroot/.on-tmpfs
+    exec /bin/busybox switch_root /newroot /init
+fi
 /bin/busybox --install -s /bin
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root TMPDIR=/tmp CI=true RUST_BACKTRACE=1
 mount -t proc proc /proc
