@@ -171,3 +171,32 @@ fn a_second_listener_never_displaces_the_first_and_a_restart_is_picked_up() {
     let _ = squatter.kill();
     let _ = squatter.wait();
 }
+
+#[test]
+fn a_steering_scope_takes_several_mappings() {
+    if !privileged("a_steering_scope_takes_several_mappings") {
+        return;
+    }
+    let pair = NetnsPair::new("several");
+    let scope = test_cgroup("several");
+    let mut args = vec![
+        "run".to_owned(),
+        "--cgroup".into(),
+        scope.path().display().to_string(),
+        "--netns".into(),
+        pair.server_path().display().to_string(),
+    ];
+    for m in [
+        format!("{FROM}:{TO}"),
+        "80:8080".into(),
+        "53:5353/udp".into(),
+    ] {
+        args.extend(["--map".to_owned(), m]);
+    }
+    let mut r = RedirectProcess::start(args);
+    r.wait_ready();
+    let (mut server, lines) = start(&pair, &scope, "serve", &format!("0.0.0.0:{TO}"), false);
+    assert_eq!(next(&lines), "listening");
+    assert_eq!(client(&pair).reply(), "to:hello");
+    let _ = server.wait();
+}

@@ -110,8 +110,10 @@ const SHARED_MAPS: [&str; 14] = [
 ];
 
 /// The maps a steering instance really uses, and the size of each there.
-const STEER_MAPS: [(&str, u32); 5] = [
+const STEER_MAPS: [(&str, u32); 6] = [
     (maps::MAPPINGS, 1024),
+    // Written with the other per-port tables (unused by steering).
+    (maps::REVERSE, 1024),
     (maps::PORTS, 1024),
     (maps::TARGETS, 1024),
     (maps::LISTENERS, 1024),
@@ -120,9 +122,8 @@ const STEER_MAPS: [(&str, u32); 5] = [
 
 /// Maps a steering instance has (it is the same object) but never uses:
 /// made as small as the kernel allows.
-const STEER_UNUSED: [&str; 6] = [
+const STEER_UNUSED: [&str; 5] = [
     maps::SCOPES,
-    maps::REVERSE,
     maps::GRANTS,
     maps::UDP_BINDS,
     maps::REV_NAT,
@@ -176,12 +177,49 @@ pub(super) struct ScopeState {
     pub(super) netns: Option<(PathBuf, u64)>,
     pub(super) owner: Option<PortOwner>,
     pub(super) mappings: MappingSet,
+    /// `mappings` by port.
+    index: PortIndex,
     pub(super) slots: StdHashMap<MappingKey, Slot>,
     pub(super) grants: Vec<u16>,
     /// Whether bind4/6 are linked to the scope's cgroup.
     bind_linked: bool,
     links: Vec<ScopeLink>,
     steer: Option<Ebpf>,
+}
+
+/// The scope's mappings by FROM and by TO port, so that writing the tables
+/// of one port never walks every mapping (10,000 mappings would make each
+/// insert quadratic).
+#[derive(Default)]
+pub(super) struct PortIndex {
+    by_from: StdHashMap<u16, Vec<Mapping>>,
+    by_to: StdHashMap<u16, Vec<Mapping>>,
+}
+
+impl PortIndex {
+    fn add(&mut self, m: Mapping) {
+        self.by_from.entry(m.from).or_default().push(m);
+        self.by_to.entry(m.to).or_default().push(m);
+    }
+
+    fn remove(&mut self, m: &Mapping) {
+        for (map, port) in [(&mut self.by_from, m.from), (&mut self.by_to, m.to)] {
+            if let Some(list) = map.get_mut(&port) {
+                list.retain(|o| o != m);
+                if list.is_empty() {
+                    map.remove(&port);
+                }
+            }
+        }
+    }
+
+    fn from(&self, port: u16) -> &[Mapping] {
+        self.by_from.get(&port).map_or(&[], Vec::as_slice)
+    }
+
+    fn to(&self, port: u16) -> &[Mapping] {
+        self.by_to.get(&port).map_or(&[], Vec::as_slice)
+    }
 }
 
 /// One link of a scope: owned by this process (closing it detaches), or
@@ -516,6 +554,7 @@ impl Shared {
             netns,
             owner: req.owner.clone(),
             mappings: MappingSet::default(),
+            index: PortIndex::default(),
             slots: StdHashMap::new(),
             grants: Vec::new(),
             bind_linked: false,
@@ -578,6 +617,7 @@ impl Shared {
             for (key, value) in self.pinned_mappings(id)? {
                 let m = mapping_of(&key, &value);
                 scope.mappings.insert(m)?;
+                scope.index.add(m);
                 if m.proto != Proto::Tcp && !self.udp_seen {
                     self.udp_seen = true;
                     self.write_global()?;
@@ -776,8 +816,10 @@ impl Shared {
         } else {
             listeners::warn_mixed_owners(&found);
         }
-        let targets: StdHashMap<u16, Target> =
-            ports.iter().map(|&p| (p, target_of(scope, p))).collect();
+        let targets: StdHashMap<u16, Target> = ports
+            .iter()
+            .map(|&p| (p, target_of(&scope.index, scope.id, p)))
+            .collect();
         let steer = scope.steer.as_mut().expect("checked above");
         let mut hash = map_mut::<SockHash<_, u32>>(steer, maps::LISTENERS)?;
         for l in found {
@@ -824,23 +866,25 @@ impl Shared {
     /// then the mapping itself (so that when it goes live everything it
     /// touches is ready), in the shared and the steering instance.
     pub(super) fn insert_mapping(&mut self, scope: &mut ScopeState, m: Mapping) -> Result<()> {
-        let mut next = scope.mappings.clone();
-        next.insert(m)?;
         let key = table_key(scope.id, &m);
         let slot = self.slots.take().ok_or(crate::MappingError::TooMany {
             count: MAX_MAPPINGS as usize + 1,
             max: MAX_MAPPINGS,
         })?;
-        let old = std::mem::replace(&mut scope.mappings, next);
+        if let Err(e) = scope.mappings.insert(m) {
+            self.slots.give_back(slot);
+            return Err(e.into());
+        }
+        scope.index.add(m);
         let udp_bind = scope.netns.is_some() && m.proto != Proto::Tcp;
         if udp_bind {
             self.link_bind_if_live(scope)?;
         }
         let value = value_of(scope, &m, slot);
         let written = self.reset_stats(slot).and_then(|()| {
-            write_tables(&mut self.ebpf, scope.id, &scope.mappings, m.from, m.to)?;
+            write_tables(&mut self.ebpf, scope.id, &scope.index, m.from, m.to)?;
             if let Some(steer) = scope.steer.as_mut() {
-                write_tables(steer, scope.id, &scope.mappings, m.from, m.to)?;
+                write_tables(steer, scope.id, &scope.index, m.from, m.to)?;
                 map_mut::<HashMap<_, MappingKey, MappingValue>>(steer, maps::MAPPINGS)?
                     .insert(key, value, 0)
                     .map_err(|e| map_error("writing", maps::MAPPINGS, e))?;
@@ -863,10 +907,11 @@ impl Shared {
                 .map_err(|e| map_error("writing", maps::MAPPINGS, e))
         });
         if let Err(e) = written {
-            scope.mappings = old;
-            let _ = write_tables(&mut self.ebpf, scope.id, &scope.mappings, m.from, m.to);
+            scope.mappings.remove(&m);
+            scope.index.remove(&m);
+            let _ = write_tables(&mut self.ebpf, scope.id, &scope.index, m.from, m.to);
             if let Some(steer) = scope.steer.as_mut() {
-                let _ = write_tables(steer, scope.id, &scope.mappings, m.from, m.to);
+                let _ = write_tables(steer, scope.id, &scope.index, m.from, m.to);
             }
             self.slots.give_back(slot);
             return Err(e);
@@ -927,12 +972,12 @@ impl Shared {
     /// Rewrites the MAPPINGS values of the scope's mappings to `to` (their
     /// FLAG_SHARED_TO changes when another mapping to `to` comes or goes).
     fn refresh_values(&mut self, scope: &ScopeState, to: u16) -> Result<()> {
-        for m in scope.mappings.iter().filter(|m| m.to == to) {
-            let key = table_key(scope.id, &m);
+        for m in scope.index.to(to) {
+            let key = table_key(scope.id, m);
             let Some(slot) = scope.slots.get(&key).copied() else {
                 continue;
             };
-            let value = value_of(scope, &m, slot);
+            let value = value_of(scope, m, slot);
             map_mut::<HashMap<_, MappingKey, MappingValue>>(&mut self.ebpf, maps::MAPPINGS)?
                 .insert(key, value, 0)
                 .map_err(|e| map_error("writing", maps::MAPPINGS, e))?;
@@ -969,20 +1014,22 @@ impl Shared {
             remove_key(&mut table, &key, maps::MAPPINGS)?;
         }
         scope.mappings.remove(&existing);
+        scope.index.remove(&existing);
         write_tables(
             &mut self.ebpf,
             scope.id,
-            &scope.mappings,
+            &scope.index,
             existing.from,
             existing.to,
         )?;
         if let Some(steer) = scope.steer.as_mut() {
-            write_tables(steer, scope.id, &scope.mappings, existing.from, existing.to)?;
+            write_tables(steer, scope.id, &scope.index, existing.from, existing.to)?;
         }
         if !scope
-            .mappings
+            .index
+            .to(existing.to)
             .iter()
-            .any(|o| o.to == existing.to && o.proto != Proto::Tcp)
+            .any(|o| o.proto != Proto::Tcp)
         {
             let mut binds =
                 map_mut::<HashMap<_, ScopePort, UdpBind>>(&mut self.ebpf, maps::UDP_BINDS)?;
@@ -1274,15 +1321,12 @@ static SCOPE_IDS: [u32; MAX_SCOPES as usize] = {
 
 /// Rewrites, from the scope's current mappings, PORTS for `from` and `to`,
 /// TARGETS and REVERSE for `to` (removing entries nothing uses any more).
-fn write_tables(ebpf: &mut Ebpf, id: u32, mappings: &MappingSet, from: u16, to: u16) -> Result<()> {
+fn write_tables(ebpf: &mut Ebpf, id: u32, index: &PortIndex, from: u16, to: u16) -> Result<()> {
     for port in [from, to] {
-        let mut shapes = mappings
-            .iter()
-            .filter(|m| m.from == port)
-            .fold(0u8, |s, m| {
-                s | shape(m.addr.is_some(), proto_number(m.proto))
-            });
-        if mappings.iter().any(|m| m.to == port) {
+        let mut shapes = index.from(port).iter().fold(0u8, |s, m| {
+            s | shape(m.addr.is_some(), proto_number(m.proto))
+        });
+        if !index.to(port).is_empty() {
             shapes |= SHAPE_TARGET;
         }
         let mut ports = map_mut::<HashMap<_, ScopePort, u8>>(ebpf, maps::PORTS)?;
@@ -1297,7 +1341,7 @@ fn write_tables(ebpf: &mut Ebpf, id: u32, mappings: &MappingSet, from: u16, to: 
     }
     let key = ScopePort::new(id, to);
     {
-        let target = target_of_set(mappings, id, to);
+        let target = target_of(index, id, to);
         let mut targets = map_mut::<HashMap<_, ScopePort, Target>>(ebpf, maps::TARGETS)?;
         if target.count == 0 {
             remove_key(&mut targets, &key, maps::TARGETS)?;
@@ -1308,7 +1352,7 @@ fn write_tables(ebpf: &mut Ebpf, id: u32, mappings: &MappingSet, from: u16, to: 
         }
     }
     let mut reverse = map_mut::<HashMap<_, ScopePort, Reverse>>(ebpf, maps::REVERSE)?;
-    match reverse_of(mappings, id, to) {
+    match reverse_of(index, id, to) {
         None => remove_key(&mut reverse, &key, maps::REVERSE),
         Some(r) => reverse
             .insert(key, r, 0)
@@ -1318,15 +1362,18 @@ fn write_tables(ebpf: &mut Ebpf, id: u32, mappings: &MappingSet, from: u16, to: 
 
 /// REVERSE entry of TO port `to`: the one mapping that targets it, or
 /// "shared" when several do.
-fn reverse_of(mappings: &MappingSet, id: u32, to: u16) -> Option<Reverse> {
-    let mut targeting = mappings.iter().filter(|m| m.to == to);
-    let first = targeting.next()?;
-    let shared = targeting.next().is_some();
+fn reverse_of(index: &PortIndex, id: u32, to: u16) -> Option<Reverse> {
+    let targeting = index.to(to);
+    let first = targeting.first()?;
     Some(Reverse {
         from: first.from,
         proto: proto_number(first.proto),
-        flags: if shared { REVERSE_SHARED } else { 0 },
-        addr: table_key(id, &first).addr,
+        flags: if targeting.len() > 1 {
+            REVERSE_SHARED
+        } else {
+            0
+        },
+        addr: table_key(id, first).addr,
     })
 }
 
@@ -1336,7 +1383,7 @@ fn value_of(scope: &ScopeState, m: &Mapping, slot: Slot) -> MappingValue {
     if scope.netns.is_some() && m.proto != Proto::Tcp {
         flags |= FLAG_UDP_BIND;
     }
-    if scope.mappings.iter().filter(|o| o.to == m.to).count() > 1 {
+    if scope.index.to(m.to).len() > 1 {
         flags |= FLAG_SHARED_TO;
     }
     MappingValue {
@@ -1347,19 +1394,14 @@ fn value_of(scope: &ScopeState, m: &Mapping, slot: Slot) -> MappingValue {
     }
 }
 
-fn target_of(scope: &ScopeState, to: u16) -> Target {
-    target_of_set(&scope.mappings, scope.id, to)
-}
-
 /// TARGETS entry of port `to`: how many mappings target it, and the
 /// address an eligible listener may be bound to besides the wildcard.
-fn target_of_set(mappings: &MappingSet, id: u32, to: u16) -> Target {
-    let mut count = 0;
+fn target_of(index: &PortIndex, id: u32, to: u16) -> Target {
     let mut addr: Option<Addr> = None;
     let mut mixed = false;
-    for m in mappings.iter().filter(|m| m.to == to) {
-        count += 1;
-        let a = table_key(id, &m).addr;
+    let targeting = index.to(to);
+    for m in targeting {
+        let a = table_key(id, m).addr;
         match addr {
             None => addr = Some(a),
             Some(prev) if prev != a => mixed = true,
@@ -1367,7 +1409,7 @@ fn target_of_set(mappings: &MappingSet, id: u32, to: u16) -> Target {
         }
     }
     Target {
-        count,
+        count: targeting.len() as u32,
         _pad: 0,
         addr: if mixed {
             ADDR_ANY
@@ -1689,12 +1731,22 @@ mod tests {
 
     #[test]
     fn a_target_serves_one_address_only_when_every_mapping_agrees() {
-        let set = MappingSet::parse(["127.0.0.1:443:8443"]).unwrap();
-        let t = target_of_set(&set, 1, 8443);
+        let index = |texts: &[&str]| {
+            let mut index = PortIndex::default();
+            for m in MappingSet::parse(texts).unwrap().iter() {
+                index.add(m);
+            }
+            index
+        };
+        let t = target_of(&index(&["127.0.0.1:443:8443"]), 1, 8443);
         assert_eq!(t.count, 1);
         assert_ne!(t.addr, ADDR_ANY);
-        let set = MappingSet::parse(["443:8443"]).unwrap();
-        assert_eq!(target_of_set(&set, 1, 8443).addr, ADDR_ANY);
+        assert_eq!(target_of(&index(&["443:8443"]), 1, 8443).addr, ADDR_ANY);
+        let shared = index(&["443:8443", "444:8443"]);
+        assert_eq!(reverse_of(&shared, 1, 8443).unwrap().flags, REVERSE_SHARED);
+        let mut one = index(&["443:8443", "444:8443"]);
+        one.remove(&"444:8443".parse().unwrap());
+        assert_eq!(reverse_of(&one, 1, 8443).unwrap().from, 443);
     }
 
     #[test]
