@@ -435,6 +435,26 @@ pub fn targets(r: &Results) -> Vec<Target> {
             verdict: judge(s.median, 100.0, false, None),
         });
     }
+    for (name, limit, what) in [
+        (
+            "attach a scope (p50)",
+            2000.0,
+            "attaching a scope to a loaded program set ≤ 2 ms (library; the daemon adds its socket)",
+        ),
+        (
+            "add a mapping to a live scope (p50)",
+            100.0,
+            "adding a mapping to a live scope ≤ 100 µs (library)",
+        ),
+    ] {
+        if let Some(v) = r.control.get(name) {
+            let s = Stat::of(v);
+            out.push(Target {
+                text: format!("{what}: {} µs (p50)", num(s.median)),
+                verdict: judge(s.median, limit, false, None),
+            });
+        }
+    }
     if let Some(v) = r.scale_ratios.get(&MAPPING_COUNTS[2]) {
         let s = Stat::of(v);
         out.push(Target {
