@@ -570,8 +570,9 @@ pub fn markdown(r: &Results) -> String {
           switched on only for that pass (`BPF_ENABLE_STATS`; the kernel restores the \
           previous setting when the bench exits). Every program attached to the bench's \
           cgroup and, for the inbound path, the server namespace's sk_lookup programs. \
-          Clients and servers are both in the scope, so a connection's programs run on \
-          both of its ends. ns per run is `run_time_ns / run_cnt` over the workload; \
+          Local clients and the servers are in the scope, so a local connection's \
+          programs run on both of its ends; inbound clients are not (they stand for \
+          other hosts). ns per run is `run_time_ns / run_cnt` over the workload; \
           runs per unit is `run_cnt` over the connections (or round trips) the client \
           made. The kernel's accounting leaves out work done outside the program's run \
           (a socket-storage allocation freed by RCU at close, LRU bookkeeping): judge \
