@@ -38,8 +38,10 @@ use redirect_common::{
 use crate::{
     bind::is_owner,
     maps::{LISTENERS, OWNERS, STEER_SCOPE, TARGETS, count},
-    sockops::SOCK_OPS_OK,
 };
+
+/// The sock_ops verdict; the value is ignored for this callback.
+const SOCK_OPS_OK: u32 = 1;
 
 /// `BPF_SOCK_OPS_TCP_LISTEN_CB`: called right after listen().
 const TCP_LISTEN_CB: u32 = 11;

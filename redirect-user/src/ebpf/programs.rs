@@ -40,9 +40,10 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use redirect_common::{
-    ADDR_ANY, Addr, Counter, FLAG_UDP_BIND, MAX_LEVEL, MAX_MAPPINGS, MAX_SCOPES, MappingKey,
-    MappingStats, MappingValue, Owner, PROTO_ANY, PROTO_TCP, PROTO_UDP, ScopePort, Target, UdpBind,
-    globals, listener_key, maps, programs, shape,
+    ADDR_ANY, Addr, Counter, FLAG_SHARED_TO, FLAG_UDP_BIND, GLOBAL_UDP, MAX_LEVEL, MAX_MAPPINGS,
+    MAX_SCOPES, MappingKey, MappingStats, MappingValue, Owner, PROTO_ANY, PROTO_TCP, PROTO_UDP,
+    REVERSE_SHARED, Reverse, SHAPE_TARGET, ScopePort, Target, UdpBind, globals, listener_key, maps,
+    programs, shape,
 };
 
 use super::{
@@ -73,8 +74,10 @@ pub const SOCK_ADDR_PROGRAMS: [&str; 10] = [
 ];
 
 /// The maps of the shared instance that are pinned and reused.
-const SHARED_MAPS: [&str; 12] = [
+const SHARED_MAPS: [&str; 14] = [
     maps::SCOPES,
+    maps::REVERSE,
+    maps::GLOBAL,
     maps::LEVELS,
     maps::MAPPINGS,
     maps::PORTS,
@@ -99,8 +102,9 @@ const STEER_MAPS: [(&str, u32); 5] = [
 
 /// Maps a steering instance has (it is the same object) but never uses:
 /// made as small as the kernel allows.
-const STEER_UNUSED: [&str; 5] = [
+const STEER_UNUSED: [&str; 6] = [
     maps::SCOPES,
+    maps::REVERSE,
     maps::GRANTS,
     maps::UDP_BINDS,
     maps::REV_NAT,
@@ -229,6 +233,10 @@ pub(super) struct Shared {
     /// How many scopes sit at each cgroup depth (the LEVELS bitmask).
     levels: [u32; MAX_LEVEL as usize + 1],
     slots: Slots,
+    /// Whether any mapping covering UDP ever existed in this program set
+    /// (the GLOBAL_UDP bit). Never cleared: the reverse entries of a
+    /// removed mapping must still be found stale and deleted by recvmsg.
+    udp_seen: bool,
     logger: Option<Logger>,
 }
 
@@ -281,9 +289,6 @@ impl Programs {
                 .load()
                 .map_err(load_error(name))?;
         }
-        program::<SockOps>(&mut ebpf, programs::SOCK_OPS)?
-            .load()
-            .map_err(load_error(programs::SOCK_OPS))?;
         let used = used_slots(&ebpf)?;
         Ok(Programs {
             shared: Arc::new(Mutex::new(Shared {
@@ -293,6 +298,7 @@ impl Programs {
                 scopes: BTreeMap::new(),
                 levels: [0; MAX_LEVEL as usize + 1],
                 slots: Slots::new(&used),
+                udp_seen: false,
                 logger,
             })),
         })
@@ -364,7 +370,6 @@ impl Programs {
         let shared = self.lock();
         SOCK_ADDR_PROGRAMS
             .iter()
-            .chain(&[programs::SOCK_OPS])
             .filter_map(|&name| {
                 let info = shared.ebpf.program(name)?.info().ok()?;
                 Some((name, info.id()))
@@ -541,6 +546,10 @@ impl Shared {
             for (key, value) in self.pinned_mappings(id)? {
                 let m = mapping_of(&key, &value);
                 scope.mappings.insert(m)?;
+                if m.proto != Proto::Tcp && !self.udp_seen {
+                    self.udp_seen = true;
+                    self.write_global()?;
+                }
                 scope.slots.insert(
                     key,
                     Slot {
@@ -578,10 +587,8 @@ impl Shared {
             .map_err(|e| map_error("writing", maps::SCOPES, e))?;
         self.levels[scope.level as usize] += 1;
         self.write_levels()?;
-        // Links: sock_ops (only counts) first, then the sock_addr hooks in
-        // their order.
-        let names = std::iter::once(programs::SOCK_OPS).chain(SOCK_ADDR_PROGRAMS);
-        for name in names {
+        // Links: the sock_addr hooks in their order (reverse paths first).
+        for name in SOCK_ADDR_PROGRAMS {
             let link = self.link_cgroup(id, name, dir)?;
             scope.links.push(link);
         }
@@ -786,12 +793,7 @@ impl Shared {
         })?;
         let old = std::mem::replace(&mut scope.mappings, next);
         let udp_bind = scope.netns.is_some() && m.proto != Proto::Tcp;
-        let value = MappingValue {
-            port: m.to,
-            flags: if udp_bind { FLAG_UDP_BIND } else { 0 },
-            slot: slot.index,
-            generation: slot.generation,
-        };
+        let value = value_of(scope, &m, slot);
         let written = self.reset_stats(slot).and_then(|()| {
             write_tables(&mut self.ebpf, scope.id, &scope.mappings, m.from, m.to)?;
             if let Some(steer) = scope.steer.as_mut() {
@@ -827,10 +829,40 @@ impl Shared {
             return Err(e);
         }
         scope.slots.insert(key, slot);
+        if m.proto != Proto::Tcp && !self.udp_seen {
+            self.udp_seen = true;
+            self.write_global()?;
+        }
+        // A mapping that now shares its TO with this one needs its flag.
+        self.refresh_values(scope, m.to)?;
         if scope.netns.is_some() && !scope.links.is_empty() {
             self.register_existing(scope, &[m.to].into())?;
         }
         Ok(())
+    }
+
+    /// Rewrites the MAPPINGS values of the scope's mappings to `to` (their
+    /// FLAG_SHARED_TO changes when another mapping to `to` comes or goes).
+    fn refresh_values(&mut self, scope: &ScopeState, to: u16) -> Result<()> {
+        for m in scope.mappings.iter().filter(|m| m.to == to) {
+            let key = table_key(scope.id, &m);
+            let Some(slot) = scope.slots.get(&key).copied() else {
+                continue;
+            };
+            let value = value_of(scope, &m, slot);
+            map_mut::<HashMap<_, MappingKey, MappingValue>>(&mut self.ebpf, maps::MAPPINGS)?
+                .insert(key, value, 0)
+                .map_err(|e| map_error("writing", maps::MAPPINGS, e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes GLOBAL from what the scopes hold.
+    fn write_global(&mut self) -> Result<()> {
+        let bits = if self.udp_seen { GLOBAL_UDP } else { 0 };
+        map_mut::<Array<_, u32>>(&mut self.ebpf, maps::GLOBAL)?
+            .set(0, bits, 0)
+            .map_err(|e| map_error("writing", maps::GLOBAL, e))
     }
 
     /// Removes the mapping with the same source as `m`; connects and
@@ -880,6 +912,7 @@ impl Shared {
         if let Some(slot) = scope.slots.remove(&key) {
             self.slots.give_back(slot);
         }
+        self.refresh_values(scope, existing.to)?;
         Ok(Some(existing))
     }
 
@@ -991,6 +1024,7 @@ impl Shared {
         scope: &ScopeState,
     ) -> Result<Vec<(Mapping, MappingCounts)>> {
         let stats = map::<PerCpuHashMap<_, u32, MappingStats>>(&self.ebpf, maps::STATS)?;
+        let established = super::established::count(&scope.cgroup, &scope.mappings);
         scope
             .mappings
             .iter()
@@ -1008,9 +1042,9 @@ impl Shared {
                 let mut counts = MappingCounts::default();
                 for s in per_cpu.iter().filter(|s| s.generation == slot.generation) {
                     counts.connects = counts.connects.wrapping_add(s.connects);
-                    counts.established = counts.established.wrapping_add(s.established);
                     counts.datagrams = counts.datagrams.wrapping_add(s.datagrams);
                 }
+                counts.established = established.get(&m).copied().unwrap_or(0);
                 Ok((m, counts))
             })
             .collect()
@@ -1154,18 +1188,21 @@ static SCOPE_IDS: [u32; MAX_SCOPES as usize] = {
     ids
 };
 
-/// Rewrites PORTS[(scope, from)] and TARGETS[(scope, to)] from the scope's
-/// current mappings (removing them when nothing uses them any more).
+/// Rewrites, from the scope's current mappings, PORTS for `from` and `to`,
+/// TARGETS and REVERSE for `to` (removing entries nothing uses any more).
 fn write_tables(ebpf: &mut Ebpf, id: u32, mappings: &MappingSet, from: u16, to: u16) -> Result<()> {
-    let shapes = mappings
-        .iter()
-        .filter(|m| m.from == from)
-        .fold(0u8, |s, m| {
-            s | shape(m.addr.is_some(), proto_number(m.proto))
-        });
-    {
+    for port in [from, to] {
+        let mut shapes = mappings
+            .iter()
+            .filter(|m| m.from == port)
+            .fold(0u8, |s, m| {
+                s | shape(m.addr.is_some(), proto_number(m.proto))
+            });
+        if mappings.iter().any(|m| m.to == port) {
+            shapes |= SHAPE_TARGET;
+        }
         let mut ports = map_mut::<HashMap<_, ScopePort, u8>>(ebpf, maps::PORTS)?;
-        let key = ScopePort::new(id, from);
+        let key = ScopePort::new(id, port);
         if shapes == 0 {
             remove_key(&mut ports, &key, maps::PORTS)?;
         } else {
@@ -1174,15 +1211,55 @@ fn write_tables(ebpf: &mut Ebpf, id: u32, mappings: &MappingSet, from: u16, to: 
                 .map_err(|e| map_error("writing", maps::PORTS, e))?;
         }
     }
-    let target = target_of_set(mappings, id, to);
-    let mut targets = map_mut::<HashMap<_, ScopePort, Target>>(ebpf, maps::TARGETS)?;
     let key = ScopePort::new(id, to);
-    if target.count == 0 {
-        remove_key(&mut targets, &key, maps::TARGETS)
-    } else {
-        targets
-            .insert(key, target, 0)
-            .map_err(|e| map_error("writing", maps::TARGETS, e))
+    {
+        let target = target_of_set(mappings, id, to);
+        let mut targets = map_mut::<HashMap<_, ScopePort, Target>>(ebpf, maps::TARGETS)?;
+        if target.count == 0 {
+            remove_key(&mut targets, &key, maps::TARGETS)?;
+        } else {
+            targets
+                .insert(key, target, 0)
+                .map_err(|e| map_error("writing", maps::TARGETS, e))?;
+        }
+    }
+    let mut reverse = map_mut::<HashMap<_, ScopePort, Reverse>>(ebpf, maps::REVERSE)?;
+    match reverse_of(mappings, id, to) {
+        None => remove_key(&mut reverse, &key, maps::REVERSE),
+        Some(r) => reverse
+            .insert(key, r, 0)
+            .map_err(|e| map_error("writing", maps::REVERSE, e)),
+    }
+}
+
+/// REVERSE entry of TO port `to`: the one mapping that targets it, or
+/// "shared" when several do.
+fn reverse_of(mappings: &MappingSet, id: u32, to: u16) -> Option<Reverse> {
+    let mut targeting = mappings.iter().filter(|m| m.to == to);
+    let first = targeting.next()?;
+    let shared = targeting.next().is_some();
+    Some(Reverse {
+        from: first.from,
+        proto: proto_number(first.proto),
+        flags: if shared { REVERSE_SHARED } else { 0 },
+        addr: table_key(id, &first).addr,
+    })
+}
+
+/// The MAPPINGS value of `m` in `scope`, with stats slot `slot`.
+fn value_of(scope: &ScopeState, m: &Mapping, slot: Slot) -> MappingValue {
+    let mut flags = 0;
+    if scope.netns.is_some() && m.proto != Proto::Tcp {
+        flags |= FLAG_UDP_BIND;
+    }
+    if scope.mappings.iter().filter(|o| o.to == m.to).count() > 1 {
+        flags |= FLAG_SHARED_TO;
+    }
+    MappingValue {
+        port: m.to,
+        flags,
+        slot: slot.index,
+        generation: slot.generation,
     }
 }
 
@@ -1540,9 +1617,10 @@ mod tests {
     fn embedded_object_has_every_shared_name() {
         let obj = aya_obj::Object::parse(OBJECT).expect("parse embedded object");
         for name in SOCK_ADDR_PROGRAMS.iter().chain(&[
-            programs::SOCK_OPS,
             programs::STEER,
             programs::SOCK_LISTEN,
+            programs::POST_BIND4,
+            programs::POST_BIND6,
         ]) {
             assert!(obj.programs.contains_key(*name), "program {name} missing");
         }

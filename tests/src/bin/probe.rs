@@ -21,6 +21,9 @@
 //! probe loop ADDR SECS    TCP connect, send, read the reply, close, over
 //!                         and over for SECS seconds; print `ok=N`,
 //!                         `failed=N` and the first `error=`
+//! probe idle-unix PATH N  connect N times to the unix socket PATH and never
+//!                         read; print `open=N`, close them all when stdin
+//!                         closes (an idle-client attack on a status socket)
 //! ```
 //!
 //! The one-shot modes print `local=`, `peer=` (getpeername, or the source
@@ -36,6 +39,11 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [mode, path, n] = args.as_slice()
+        && mode == "idle-unix"
+    {
+        return idle_unix(path, n.parse().expect("N"));
+    }
     let (mode, addr, rest) = match args.as_slice() {
         [mode, addr, rest @ ..] => (mode.as_str(), addr, rest),
         _ => usage(),
@@ -257,4 +265,30 @@ fn hold(addr: SocketAddr, n: usize) {
     // Hold them until the test closes our stdin.
     let _ = std::io::stdin().lock().lines().count();
     drop(streams);
+}
+
+/// `n` connections to a unix socket that never read, held until stdin
+/// closes.
+fn idle_unix(path: &str, n: usize) {
+    // SAFETY: plain syscalls with valid pointers.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(s) => held.push(s),
+            Err(e) => {
+                println!("error={e}");
+                break;
+            }
+        }
+    }
+    println!("open={}", held.len());
+    std::io::stdout().flush().expect("flush");
+    let _ = std::io::stdin().lines().count();
 }
