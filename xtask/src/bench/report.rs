@@ -49,6 +49,8 @@ pub struct Results {
     pub costs: Vec<CostTable>,
     /// Why the cost tables are missing or partial, if they are.
     pub cost_notes: Vec<String>,
+    /// Workloads that failed (and were left out), with the reason.
+    pub notes: Vec<String>,
     /// Control-plane timings (µs) per round, by workload name.
     pub control: BTreeMap<&'static str, Vec<f64>>,
     /// Absolute figures per repetition.
@@ -508,6 +510,9 @@ pub fn markdown(r: &Results) -> String {
           (8443/8444/5353 for the direct paths).\n";
     for (path, why) in &r.skipped {
         s += &format!("- **Skipped** `{path}`: {why}\n");
+    }
+    for note in &r.notes {
+        s += &format!("- **Failed, left out**: {note}\n");
     }
 
     s += "\n## Direct path, absolute (median over every reference measurement, base world)\n\n";
