@@ -18,6 +18,9 @@
 //!                                        attach with EXTRA filler mappings,
 //!                                        print `ready`, hold until stdin closes
 //! bench-agent add-mapping CGROUP N       attach, then time N run-time inserts
+//! bench-agent add-scope CGROUP N         load the program set once, then time
+//!                                        attaching N scopes (children of
+//!                                        CGROUP) and 200 mapping adds to one
 //! ```
 //!
 //! # The TCP protocol
@@ -58,7 +61,9 @@ use mio::{
     Events, Interest, Poll, Token,
     net::{TcpListener as MioListener, TcpStream as MioStream},
 };
-use redirect::{Mapping, MappingSet, Options, Proto, Redirector};
+use redirect::{
+    LoadOptions, Mapping, MappingSet, Options, Programs, Proto, Redirector, cgroup::ChildCgroup,
+};
 
 /// The echo-mode request (first byte not `C`).
 const MSG: [u8; 64] = [b'x'; 64];
@@ -101,6 +106,7 @@ fn main() {
         "first-connect" => first_connect(addr(), secs()),
         "hold-mappings" => hold_mappings(arg(1), arg(2), arg(3).parse().expect("EXTRA")),
         "add-mapping" => add_mapping(arg(1), arg(2).parse().expect("N")),
+        "add-scope" => add_scope(arg(1), arg(2).parse().expect("N")),
         _ => usage(),
     }
 }
@@ -711,4 +717,49 @@ fn add_mapping(cgroup: &str, n: u32) {
     print!("attach_ms={:.2} ", attach.as_secs_f64() * 1e3);
     let n = samples.len() as u64;
     percentiles(samples, n);
+}
+
+/// What a long-lived user of the library (the daemon, a container
+/// runtime) pays per scope: the program set is loaded once, then each
+/// scope (a child cgroup of `parent`, one mapping) is attached, and
+/// mappings are added to a live scope.
+fn add_scope(parent: &str, n: u32) {
+    let t = Instant::now();
+    let programs = Programs::load(&LoadOptions::default()).expect("load the program set");
+    let load = t.elapsed();
+    let children: Vec<ChildCgroup> = (0..n)
+        .map(|i| ChildCgroup::create(parent.as_ref(), &format!("scope-{i}")).expect("cgroup"))
+        .collect();
+    let mut attach = Vec::with_capacity(n as usize);
+    let mut scopes = Vec::with_capacity(n as usize);
+    for c in &children {
+        let t = Instant::now();
+        let scope = programs
+            .scope(c.path())
+            .mappings(MappingSet::parse(["443:8443"]).expect("mapping"))
+            .attach()
+            .expect("attach a scope");
+        attach.push(t.elapsed().as_nanos() as u32);
+        scopes.push(scope);
+    }
+    let mut add = Vec::with_capacity(200);
+    for m in fillers(200) {
+        let t = Instant::now();
+        scopes[0].add(m).expect("add a mapping");
+        add.push(t.elapsed().as_nanos() as u32);
+    }
+    let p = |mut v: Vec<u32>, q: f64| {
+        v.sort_unstable();
+        f64::from(v[((v.len() - 1) as f64 * q) as usize]) / 1e3
+    };
+    println!(
+        "load_ms={:.2} scope_p50={:.1} scope_p99={:.1} add_p50={:.2} add_p99={:.2}",
+        load.as_secs_f64() * 1e3,
+        p(attach.clone(), 0.5),
+        p(attach, 0.99),
+        p(add.clone(), 0.5),
+        p(add, 0.99)
+    );
+    drop(scopes);
+    drop(children);
 }

@@ -44,7 +44,7 @@ pub fn draw(r: &Results, out: &Path) -> anyhow::Result<()> {
     let (title, body) = root.split_vertically(50);
     title.draw_text(
         &format!(
-            "redirect: ratio to the direct path of the same run (median, min–max), {} repetitions — {}",
+            "redirect: ratio to the direct path measured at the same time (median, trimmed range), {} rounds — {}",
             r.reps, r.machine
         ),
         &("sans-serif", 20).into_font().color(&BLACK),
@@ -54,7 +54,7 @@ pub fn draw(r: &Results, out: &Path) -> anyhow::Result<()> {
     let paths: Vec<&str> = r
         .paths
         .iter()
-        .filter(|p| !p.is_direct)
+        .filter(|p| !p.is_direct && !r.skipped.iter().any(|(n, _)| *n == p.name))
         .map(|p| p.name)
         .collect();
     for (panel, m) in panels.iter().zip(Metric::ALL) {

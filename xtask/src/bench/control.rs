@@ -11,10 +11,12 @@
 //! measured by a `bench-agent` verb, as `add-mapping` is, so that xtask
 //! keeps linking no workspace crate.
 //!
-//! Planned here (issue 10, from the daemon's API when it lands): adding a
-//! scope to a running daemon (≤ 2 ms p50), adding a mapping through it
-//! (≤ 100 µs p50), and the connection rate through one of 1,000 attached
-//! scopes against that with one (a ratio, measured like
+//! Measured: `Redirector::insert` (`add-mapping`), and the library's
+//! loaded program set attaching scopes and adding mappings to one
+//! (`add-scope`, a lower bound for the daemon). Planned here (issue 10):
+//! the same through a running daemon's control socket (≤ 2 ms p50 per
+//! scope, ≤ 100 µs p50 per mapping), and the connection rate through one
+//! of 1,000 attached scopes against that with one (a ratio, measured like
 //! `workloads::conn_rate_with_mappings`).
 
 use super::{env::Env, report::ADD_MAPPING, workloads::field};
@@ -27,7 +29,34 @@ pub trait ControlWorkload {
 
 /// Every control-plane workload.
 pub fn all() -> Vec<Box<dyn ControlWorkload>> {
-    vec![Box::new(AddMapping)]
+    vec![Box::new(AddMapping), Box::new(AddScope)]
+}
+
+/// The library's loaded program set (what the daemon holds): load once,
+/// attach 20 scopes to child cgroups of the test world's cgroup, add 200
+/// mappings to one. Through the library, not the daemon's control socket:
+/// a lower bound for the daemon's figures.
+struct AddScope;
+
+impl ControlWorkload for AddScope {
+    fn run(&self, env: &Env) -> anyhow::Result<Vec<(&'static str, f64)>> {
+        let agent = env.bench_agent.display().to_string();
+        let cgroup = env.cgroup.display().to_string();
+        let line = super::env::output(env.host_command(&[&agent, "add-scope", &cgroup, "20"]))?;
+        Ok(vec![
+            ("load the program set once", field(&line, "load_ms")? * 1e3),
+            ("attach a scope (p50)", field(&line, "scope_p50")?),
+            ("attach a scope (p99)", field(&line, "scope_p99")?),
+            (
+                "add a mapping to a live scope (p50)",
+                field(&line, "add_p50")?,
+            ),
+            (
+                "add a mapping to a live scope (p99)",
+                field(&line, "add_p99")?,
+            ),
+        ])
+    }
 }
 
 /// `Redirector::insert` on a live redirector: 200 inserts, p50 and p99.

@@ -217,13 +217,30 @@ fn measure_all(
                 results.reps,
                 path.name()
             );
+            if results.skipped.iter().any(|(n, _)| *n == path.name()) {
+                continue;
+            }
             results.load.push(load1());
-            let guard = if path.dials_to() {
-                path.start(env)?
+            // A path that fails to start (a bug in what it runs, say) is
+            // dropped from the rest of the run with the reason in the
+            // report, instead of ending the run.
+            let started = if path.dials_to() {
+                path.start(env)
             } else {
-                let (ms, guard) = workloads::setup_ms(env, path)?;
-                results.push_setup(path.name(), ms);
-                guard
+                workloads::setup_ms(env, path).map(|(ms, guard)| {
+                    results.push_setup(path.name(), ms);
+                    guard
+                })
+            };
+            let guard = match started {
+                Ok(g) => g,
+                Err(e) => {
+                    eprintln!("xtask: bench: {} failed to start: {e:#}", path.name());
+                    results
+                        .skipped
+                        .push((path.name(), format!("failed to start: {e:#}")));
+                    continue;
+                }
             };
             // Alternate who starts each duel, by round and by path.
             let base_first = (round + i) % 2 == 0;
@@ -256,19 +273,28 @@ fn measure_all(
                 round + 1,
                 results.reps
             );
+            // Failures here become notes in the report: the ratios are
+            // the main result.
             let mut counts = MAPPING_COUNTS;
             counts.rotate_left(round % MAPPING_COUNTS.len());
             let mut rates = BTreeMap::new();
             for count in counts {
-                rates.insert(
-                    count,
-                    workloads::conn_rate_with_mappings(env, count - 1, d)?,
-                );
+                match workloads::conn_rate_with_mappings(env, count - 1, d) {
+                    Ok(rate) => {
+                        rates.insert(count, rate);
+                    }
+                    Err(e) => results.notes.push(format!("round {}: {e:#}", round + 1)),
+                }
             }
             results.push_scale(&rates);
             for w in control::all() {
-                for (name, us) in w.run(env)? {
-                    results.control.entry(name).or_default().push(us);
+                match w.run(env) {
+                    Ok(figures) => {
+                        for (name, us) in figures {
+                            results.control.entry(name).or_default().push(us);
+                        }
+                    }
+                    Err(e) => results.notes.push(format!("round {}: {e:#}", round + 1)),
                 }
             }
         }

@@ -49,6 +49,8 @@ pub struct Results {
     pub costs: Vec<CostTable>,
     /// Why the cost tables are missing or partial, if they are.
     pub cost_notes: Vec<String>,
+    /// Workloads that failed (and were left out), with the reason.
+    pub notes: Vec<String>,
     /// Control-plane timings (µs) per round, by workload name.
     pub control: BTreeMap<&'static str, Vec<f64>>,
     /// Absolute figures per repetition.
@@ -435,6 +437,26 @@ pub fn targets(r: &Results) -> Vec<Target> {
             verdict: judge(s.median, 100.0, false, None),
         });
     }
+    for (name, limit, what) in [
+        (
+            "attach a scope (p50)",
+            2000.0,
+            "attaching a scope to a loaded program set ≤ 2 ms (library; the daemon adds its socket)",
+        ),
+        (
+            "add a mapping to a live scope (p50)",
+            100.0,
+            "adding a mapping to a live scope ≤ 100 µs (library)",
+        ),
+    ] {
+        if let Some(v) = r.control.get(name) {
+            let s = Stat::of(v);
+            out.push(Target {
+                text: format!("{what}: {} µs (p50)", num(s.median)),
+                verdict: judge(s.median, limit, false, None),
+            });
+        }
+    }
     if let Some(v) = r.scale_ratios.get(&MAPPING_COUNTS[2]) {
         let s = Stat::of(v);
         out.push(Target {
@@ -488,6 +510,9 @@ pub fn markdown(r: &Results) -> String {
           (8443/8444/5353 for the direct paths).\n";
     for (path, why) in &r.skipped {
         s += &format!("- **Skipped** `{path}`: {why}\n");
+    }
+    for note in &r.notes {
+        s += &format!("- **Failed, left out**: {note}\n");
     }
 
     s += "\n## Direct path, absolute (median over every reference measurement, base world)\n\n";
@@ -550,8 +575,9 @@ pub fn markdown(r: &Results) -> String {
           switched on only for that pass (`BPF_ENABLE_STATS`; the kernel restores the \
           previous setting when the bench exits). Every program attached to the bench's \
           cgroup and, for the inbound path, the server namespace's sk_lookup programs. \
-          Clients and servers are both in the scope, so a connection's programs run on \
-          both of its ends. ns per run is `run_time_ns / run_cnt` over the workload; \
+          Local clients and the servers are in the scope, so a local connection's \
+          programs run on both of its ends; inbound clients are not (they stand for \
+          other hosts). ns per run is `run_time_ns / run_cnt` over the workload; \
           runs per unit is `run_cnt` over the connections (or round trips) the client \
           made. The kernel's accounting leaves out work done outside the program's run \
           (a socket-storage allocation freed by RCU at close, LRU bookkeeping): judge \

@@ -425,6 +425,9 @@ pub fn field(line: &str, key: &str) -> anyhow::Result<f64> {
         .with_context(|| format!("{key} in {line:?}"))
 }
 
+/// How long attaching with filler mappings may take.
+const HOLD_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Connection rate through `redirect` with `extra` filler mappings
 /// installed besides the measured one.
 pub fn conn_rate_with_mappings(env: &Env, extra: u32, d: Durations) -> anyhow::Result<f64> {
@@ -439,9 +442,30 @@ pub fn conn_rate_with_mappings(env: &Env, extra: u32, d: Durations) -> anyhow::R
         .stdout(Stdio::piped())
         .spawn()
         .context("starting hold-mappings")?;
-    let mut line = String::new();
-    BufReader::new(holder.stdout.take().context("stdout")?).read_line(&mut line)?;
-    anyhow::ensure!(line.trim() == "ready", "hold-mappings: {line}");
+    // Bounded: attaching with many mappings must not hang the run.
+    let stdout = holder.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = match rx.recv_timeout(HOLD_TIMEOUT) {
+        Ok(line) if line.trim() == "ready" => line,
+        other => {
+            let _ = holder.kill();
+            let _ = holder.wait();
+            anyhow::bail!(
+                "attaching redirect with {} mappings: {}",
+                extra + 1,
+                match other {
+                    Ok(line) => format!("hold-mappings said {line:?}"),
+                    Err(_) => format!("not ready after {} s", HOLD_TIMEOUT.as_secs()),
+                }
+            );
+        }
+    };
+    let _ = line;
     let result = conn_rate(env, Side::Local, ECHO.0, d.conn_secs).map(|c| c.rate);
     drop(holder.stdin.take());
     let _ = holder.wait();
