@@ -182,12 +182,24 @@ fn the_daemon_holds_only_the_capabilities_it_needs() {
         add,
         [
             "BPF",
+            "DAC_READ_SEARCH",
             "NET_ADMIN",
             "SYS_ADMIN",
-            "SYS_PTRACE",
-            "SYS_RESOURCE"
+            "SYS_PTRACE"
         ]
     );
+    // The same set as the systemd unit's.
+    let unit = std::fs::read_to_string(repo().join("dist/redirect.service")).unwrap();
+    let bounding = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .unwrap();
+    let mut unit_caps: Vec<&str> = bounding
+        .split_whitespace()
+        .map(|c| c.trim_start_matches("CAP_"))
+        .collect();
+    unit_caps.sort();
+    assert_eq!(add, unit_caps);
     // Only the init container that mounts bpffs for the node is privileged.
     let pod = m
         .daemonset
