@@ -4,11 +4,17 @@
 use anyhow::{Context as _, anyhow};
 
 fn main() -> anyhow::Result<()> {
-    // The eBPF programs only exist on Linux; elsewhere the library builds
-    // without them (the fallback proxy needs none).
-    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() != Ok("linux") {
+    // `cfg(with_ebpf)`: the eBPF backend is compiled in. The programs only
+    // exist on Linux, and only with the `ebpf` feature; elsewhere the
+    // library builds without them (the fallback proxy needs none). The
+    // target is read from CARGO_CFG_TARGET_OS: `cfg!` here would describe
+    // the machine running the build script, not the target.
+    println!("cargo::rustc-check-cfg=cfg(with_ebpf)");
+    let linux = std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux");
+    if !linux || std::env::var_os("CARGO_FEATURE_EBPF").is_none() {
         return Ok(());
     }
+    println!("cargo::rustc-cfg=with_ebpf");
     let metadata = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()

@@ -38,10 +38,25 @@ pub enum Error {
         detail: String,
     },
 
+    /// The kernel is older than redirect's minimum, or its version cannot
+    /// be read (aya would then attach with legacy `BPF_PROG_ATTACH`, which
+    /// outlives the process).
+    #[error(
+        "kernel {release}: {reason}; redirect needs Linux >= 5.8 with a version it can read \
+         (otherwise programs would be attached in a way that outlives redirect)"
+    )]
+    KernelVersion {
+        /// `uname -r`.
+        release: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// The directory given as scope is not a cgroup v2 directory.
     #[error(
         "{path} is not a cgroup v2 directory ({reason}); pass --cgroup with a directory of the \
-         cgroup2 mount{hint}"
+         cgroup2 mount{hint}",
+        path = clip(&.path.to_string_lossy())
     )]
     NotCgroup2 {
         /// The directory given.
@@ -65,10 +80,12 @@ pub enum Error {
         source: io::Error,
     },
 
+    #[cfg(with_ebpf)]
     /// Loading the embedded eBPF object failed.
     #[error("loading the eBPF object: {0}")]
     Load(#[source] Box<aya::EbpfError>),
 
+    #[cfg(with_ebpf)]
     /// Loading one eBPF program into the kernel failed.
     #[error("loading eBPF program {program}: {source}")]
     LoadProgram {
@@ -78,6 +95,7 @@ pub enum Error {
         source: Box<aya::programs::ProgramError>,
     },
 
+    #[cfg(with_ebpf)]
     /// Attaching one eBPF program failed; everything attached before it has
     /// been detached again.
     #[error("attaching {program} to {path}: {source}{hint}")]
@@ -92,6 +110,7 @@ pub enum Error {
         hint: &'static str,
     },
 
+    #[cfg(with_ebpf)]
     /// Taking hold of a link (to pin or adopt it) failed.
     #[error("link of {program}: {source}")]
     Link {
@@ -101,6 +120,7 @@ pub enum Error {
         source: Box<aya::programs::links::LinkError>,
     },
 
+    #[cfg(with_ebpf)]
     /// Reading or writing a BPF map failed.
     #[error("{op} map {map}: {source}")]
     Map {
@@ -125,7 +145,8 @@ pub enum Error {
     /// The network namespace path given cannot be opened: bad input.
     #[error(
         "network namespace {path}: {source}; pass a namespace file such as /run/netns/NAME or \
-         /proc/PID/ns/net"
+         /proc/PID/ns/net",
+        path = clip(&.path.to_string_lossy())
     )]
     NetnsPath {
         /// The path given.
@@ -191,3 +212,16 @@ impl Error {
 
 /// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How much of a user's input an error message quotes.
+pub const QUOTE_MAX: usize = 64;
+
+/// `input` as an error message quotes it: whole when short, else its first
+/// [`QUOTE_MAX`] characters and "…", so that a 100,000-character argument
+/// does not come back whole.
+pub fn clip(input: &str) -> String {
+    match input.char_indices().nth(QUOTE_MAX) {
+        Some((end, _)) => format!("{}…", &input[..end]),
+        None => input.to_owned(),
+    }
+}

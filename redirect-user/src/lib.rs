@@ -24,6 +24,11 @@
 //! - [`cgroup`]: finding cgroup v2, opening a scope, child cgroups for `exec`.
 //! - [`ebpf`]: loading, attaching and owning the programs; counters; which
 //!   programs a cgroup carries.
+//! - [`doctor`]: what works on this host (every hook tried for real) and
+//!   what to do about the rest, for `redirect doctor`.
+//! - [`proxy`]: the fallback proxy (tokio TCP and UDP forwarder, PROXY
+//!   protocol) for hosts where eBPF cannot run; the only backend on macOS
+//!   and Windows.
 //! - [`status`]: the status socket each live instance serves, and
 //!   collecting every instance's status for `redirect status`.
 //! - [`daemon`]: `redirect daemon`: config file, control socket, reload,
@@ -32,6 +37,8 @@
 //! - [`oci`]: OCI hook logic: container state and annotations to a
 //!   control request.
 //! - [`user`]: looking up and becoming another user (`exec --user`).
+//! - [`kernel`]: the kernel version check made before attaching.
+//! - [`netns`]: checking a `--netns` path before attaching.
 //! - [`error`]: the [`Error`] type; every variant names the cause and a fix.
 //!
 //! # Minimum kernel version
@@ -45,24 +52,35 @@
 
 #![deny(missing_docs)]
 
+#[cfg(target_os = "linux")]
 pub mod cgroup;
+#[cfg(unix)]
 pub mod control;
-#[cfg(target_os = "linux")]
+#[cfg(with_ebpf)]
 pub mod daemon;
-#[cfg(target_os = "linux")]
+pub mod doctor;
+#[cfg(with_ebpf)]
 pub mod ebpf;
 pub mod error;
-pub mod mapping;
-pub mod oci;
 #[cfg(target_os = "linux")]
+pub mod kernel;
+pub mod mapping;
+#[cfg(target_os = "linux")]
+pub mod netns;
+#[cfg(target_os = "linux")]
+pub mod oci;
+pub mod proxy;
+#[cfg(with_ebpf)]
 pub mod status;
+#[cfg(unix)]
 pub mod user;
 
-#[cfg(target_os = "linux")]
+#[cfg(with_ebpf)]
 pub use ebpf::{
     Counters, LoadOptions, MappingCounts, Options, PortOwner, Programs, Redirector, Scope,
     ScopeBuilder, ScopeStats,
 };
 pub use error::{Error, Result};
 pub use mapping::{Mapping, MappingError, MappingSet, Proto};
+pub use proxy::{Proxy, ProxyOptions, ProxyProtocol};
 pub use redirect_common::Counter;

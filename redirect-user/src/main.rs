@@ -4,7 +4,6 @@
 //! input (nothing is attached), 1 for an environment problem (privileges,
 //! kernel, cgroup), 126/127 when `exec` cannot start its command.
 
-mod cmd;
 
 use std::{
     ffi::OsString,
@@ -14,21 +13,24 @@ use std::{
     process::ExitCode,
 };
 
+use crate::cmd::proxy::BackendArgs;
 use anyhow::Context as _;
 use clap::{ArgAction, Args, Parser, Subcommand};
 use redirect::{
     MappingError, MappingSet, Options, PortOwner, Redirector,
-    cgroup::{ChildCgroup, cgroup2_root, own_cgroup},
+    cgroup::{cgroup2_root, create_exec_cgroup, own_cgroup},
     ebpf::{Logger, check_privileges},
     mapping::parse_grant,
-    status::{self, InstanceStatus, Report, StatusSocket},
+    status::{self, InstanceStatus, Report, ServiceLimits, StatusService},
     user::User,
 };
 use tokio::{
-    io::{AsyncWriteExt as _, Interest, unix::AsyncFd},
-    net::{UnixListener, UnixStream},
+    io::{Interest, unix::AsyncFd},
+    net::UnixStream,
     signal::unix::{Signal, SignalKind, signal},
 };
+
+mod cmd;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -83,6 +85,11 @@ enum Command {
     /// cgroup removed.
     #[command(after_help = EXAMPLES)]
     Exec(ExecArgs),
+    /// Check what works on this host (kernel, capabilities, every eBPF
+    /// hook tried for real, ports) and say what to do about the rest.
+    ///
+    /// Exits 0 only when the chosen backend can run.
+    Doctor(cmd::doctor::DoctorArgs),
     /// Show every live redirector on this host: the daemon's scopes (or,
     /// with no daemon, what is pinned), and each `run`/`exec` instance.
     Status(StatusArgs),
@@ -175,6 +182,9 @@ struct RunArgs {
     /// EACCES, and only its listeners are registered for inbound steering.
     #[arg(long, value_name = "OWNER")]
     owner: Option<String>,
+
+    #[command(flatten)]
+    backend: BackendArgs,
 }
 
 #[derive(Args, Debug)]
@@ -232,13 +242,14 @@ fn main() -> ExitCode {
                 cmd::daemon::request(&a.control, redirect::control::Request::Reload)
             }
             Command::Reset(a) => cmd::daemon::reset(a),
+            Command::Doctor(args) => cmd::doctor::run(&args),
             Command::OciHook(args) => Ok(cmd::oci_hook::run(&args)),
         }
     });
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("redirect: error: {e:#}");
+            eprintln!("redirect: error: {}", render(&e));
             if is_bad_input(&e) {
                 ExitCode::from(2)
             } else {
@@ -246,6 +257,20 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The error and its causes, each said once: many library errors already
+/// quote their source in their own message.
+fn render(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 fn is_bad_input(e: &anyhow::Error) -> bool {
@@ -301,13 +326,23 @@ async fn run(args: RunArgs, options: &Options) -> anyhow::Result<ExitCode> {
         return Err(MappingError::GrantWithoutScope.into());
     }
     let owner = args.owner.as_deref().map(parse_owner).transpose()?;
+    if let Some(path) = &args.netns {
+        redirect::netns::open(path)?;
+    }
+    let scoped = args.cgroup.is_some() || owner.is_some() || !grants.is_empty();
+    if let Some(why) = cmd::proxy::chosen(&args.backend, scoped) {
+        return cmd::proxy::run(&mappings, &args.backend, why).await;
+    }
     // Handlers first: a signal during attach is then handled like one after.
     let mut shutdown = Shutdown::new()?;
-    check_privileges()?;
-    let cgroup = match &args.cgroup {
-        Some(dir) => dir.clone(),
-        None => cgroup2_root()?,
+    let cgroup = match check_privileges().and_then(|()| match &args.cgroup {
+        Some(dir) => Ok(dir.clone()),
+        None => cgroup2_root(),
+    }) {
+        Ok(cgroup) => cgroup,
+        Err(e) => return cmd::proxy::fall_back(&mappings, &args.backend, scoped, e.into()).await,
     };
+    clean_stale_exec_cgroups();
     // Inbound steering is per network namespace, not per cgroup: a
     // cgroup-scoped run steers only a namespace it is given.
     let netns = match (&args.netns, &args.cgroup) {
@@ -320,9 +355,12 @@ async fn run(args: RunArgs, options: &Options) -> anyhow::Result<ExitCode> {
         owner,
         ..options.clone()
     };
-    let mut redirector = attach(&cgroup, mappings, &grants, &options)?;
+    let mut redirector = match attach(&cgroup, mappings.clone(), &grants, &options) {
+        Ok(redirector) => redirector,
+        Err(e) => return cmd::proxy::fall_back(&mappings, &args.backend, scoped, e).await,
+    };
     let status = StatusServer::start("run");
-    ready(&redirector)?;
+    ready(&redirector, cmd::proxy::ebpf_why(&args.backend))?;
     let logging = pump_logger(redirector.take_logger());
     tokio::pin!(logging);
     loop {
@@ -347,9 +385,10 @@ async fn exec(args: ExecArgs, options: &Options) -> anyhow::Result<ExitCode> {
     let user = args.user.as_deref().map(User::lookup).transpose()?;
     let mut shutdown = Shutdown::new()?;
     check_privileges()?;
+    clean_stale_exec_cgroups();
     let root = cgroup2_root()?;
     let parent = own_cgroup(&root)?;
-    let scope = ChildCgroup::create(&parent, &format!("redirect-exec-{}", std::process::id()))?;
+    let scope = create_exec_cgroup(&parent)?;
     let mut redirector = attach(scope.path(), mappings, &grants, options)?;
     log::debug!("{}", describe(&redirector));
 
@@ -362,19 +401,30 @@ async fn exec(args: ExecArgs, options: &Options) -> anyhow::Result<ExitCode> {
             .env("LOGNAME", &user.name)
             .env("HOME", &user.home);
     }
+    // We fork from this thread (the runtime is current-thread), and the
+    // parent-death signal follows the thread that forked.
+    let parent_pid = rustix::process::getpid();
     // SAFETY: the closure only makes async-signal-safe syscalls (write,
-    // setgroups, setgid, setuid). Writing "0" to cgroup.procs moves the
-    // calling process (the forked child, before exec) into the scope, so
-    // CMD never runs outside it; then it drops to --user.
+    // setgroups, setgid, setuid, prctl, getppid) and allocates nothing.
+    // Writing "0" to cgroup.procs moves the calling process (the forked
+    // child, before exec) into the scope, so CMD never runs outside it;
+    // then it drops to --user; then it asks for SIGKILL when we die (after
+    // the uid change, which clears that setting), so a SIGKILLed exec never
+    // leaves CMD running unredirected. If we died before that, getppid
+    // tells, and CMD is not started at all.
     unsafe {
         cmd.pre_exec(move || {
             if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
                 return Err(io::Error::last_os_error());
             }
-            match &user {
-                Some(user) => user.become_user(),
-                None => Ok(()),
+            if let Some(user) = &user {
+                user.become_user()?;
             }
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+            if rustix::process::getppid() != Some(parent_pid) {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
         });
     }
     let mut child = match cmd.spawn() {
@@ -407,12 +457,26 @@ async fn exec(args: ExecArgs, options: &Options) -> anyhow::Result<ExitCode> {
     Ok(exit_code(status))
 }
 
+/// Removes the cgroups that SIGKILLed `redirect exec`s left behind (when
+/// root), and says so.
+fn clean_stale_exec_cgroups() {
+    for path in redirect::cgroup::remove_stale_exec_cgroups() {
+        log::warn!(
+            "removed {}, left by a `redirect exec` that was killed",
+            path.display()
+        );
+    }
+}
+
 /// `redirect status`: asks every live instance, prints a table or JSON.
 fn show_status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
+    clean_stale_exec_cgroups();
     let report = Report::new(status::collect()?);
     let daemon = cmd::daemon::daemon_status(&args.control.control)
         .or_else(|| redirect::ebpf::pin::pinned_status(&args.pin_dir));
-    let mut out = io::stdout().lock();
+    // Buffered: a report of thousands of mappings is tens of thousands of
+    // lines, one write(2) each through the line-buffered stdout.
+    let mut out = io::BufWriter::new(io::stdout().lock());
     if args.json {
         let mut value = serde_json::to_value(&report)?;
         if let Some(d) = &daemon {
@@ -420,6 +484,7 @@ fn show_status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
         }
         serde_json::to_writer_pretty(&mut out, &value)?;
         writeln!(out)?;
+        out.flush()?;
         return Ok(ExitCode::SUCCESS);
     }
     if let Some(d) = &daemon {
@@ -431,13 +496,19 @@ fn show_status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
     for i in &report.instances {
         print_instance(&mut out, i)?;
     }
+    out.flush()?;
     Ok(ExitCode::SUCCESS)
 }
 
 fn print_instance(out: &mut impl io::Write, i: &InstanceStatus) -> io::Result<()> {
+    let gone = if i.scope_gone {
+        " (the cgroup is gone: nothing is redirected; stop this instance)"
+    } else {
+        ""
+    };
     writeln!(
         out,
-        "redirect {} (pid {}) for cgroup {}",
+        "redirect {} (pid {}) for cgroup {}{gone}",
         i.kind,
         i.pid,
         i.scope.display()
@@ -478,13 +549,12 @@ fn print_instance(out: &mut impl io::Write, i: &InstanceStatus) -> io::Result<()
 
 /// Serves this instance's status socket, if it could be bound (it needs
 /// write access to /run; without it `status` cannot see this instance,
-/// which is worth a warning, not a failure).
+/// which is worth a warning, not a failure). Bounded whatever clients do:
+/// see [`StatusService`].
 struct StatusServer {
-    listener: Option<UnixListener>,
+    service: Option<StatusService>,
     kind: &'static str,
     started_unix: u64,
-    // Removes the socket file when dropped.
-    _socket: Option<StatusSocket>,
 }
 
 impl StatusServer {
@@ -492,55 +562,39 @@ impl StatusServer {
         let started_unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let (listener, socket) = match StatusSocket::bind() {
-            Ok(mut socket) => {
-                let listener = socket
-                    .take_listener()
-                    .and_then(|l| UnixListener::from_std(l).ok());
-                (listener, Some(socket))
-            }
+        let service = match StatusService::bind(ServiceLimits::default()) {
+            Ok(service) => Some(service),
             Err(e) => {
                 log::warn!("`redirect status` will not see this instance: {e}");
-                (None, None)
+                None
             }
         };
         StatusServer {
-            listener,
+            service,
             kind,
             started_unix,
-            _socket: socket,
         }
     }
 
     /// The next status request; never resolves without a socket.
-    async fn accept(&self) -> io::Result<UnixStream> {
-        match &self.listener {
-            Some(l) => l.accept().await.map(|(stream, _)| stream),
+    async fn accept(&self) -> UnixStream {
+        match &self.service {
+            Some(s) => s.accept().await,
             None => std::future::pending().await,
         }
     }
 
-    /// Answers one request with a JSON snapshot, without blocking the loop.
-    fn serve(&self, conn: io::Result<UnixStream>, redirector: &Redirector) {
-        let mut stream = match conn {
-            Ok(stream) => stream,
-            Err(e) => {
-                log::warn!("status socket: {e}");
-                return;
-            }
-        };
-        let body = redirector
-            .status(self.kind, self.started_unix)
-            .map_err(anyhow::Error::from)
-            .and_then(|s| Ok(serde_json::to_vec(&s)?));
-        match body {
-            Ok(body) => {
-                tokio::spawn(async move {
-                    let _ = stream.write_all(&body).await;
-                    let _ = stream.shutdown().await;
-                });
-            }
-            Err(e) => log::warn!("building the status: {e:#}"),
+    /// Answers one request with the shared JSON snapshot, without blocking
+    /// the loop.
+    fn serve(&self, stream: UnixStream, redirector: &Redirector) {
+        if let Some(service) = &self.service {
+            service.serve(stream, || {
+                redirector
+                    .status(self.kind, self.started_unix)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|s| Ok(serde_json::to_vec(&s)?))
+                    .map_err(|e| format!("{e:#}"))
+            });
         }
     }
 }
@@ -562,10 +616,11 @@ fn describe(redirector: &Redirector) -> String {
     )
 }
 
-/// Prints the `ready` line, which scripts and tests wait for.
-fn ready(redirector: &Redirector) -> anyhow::Result<()> {
+/// Prints the `ready` line, which scripts and tests wait for; `backend`
+/// says which backend runs and why (empty for `exec`).
+fn ready(redirector: &Redirector, backend: &str) -> anyhow::Result<()> {
     let mut out = io::stdout().lock();
-    writeln!(out, "ready: {}", describe(redirector))?;
+    writeln!(out, "ready: {}{backend}", describe(redirector))?;
     out.flush()?;
     Ok(())
 }

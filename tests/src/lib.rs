@@ -30,14 +30,14 @@ use std::{
 pub use redirect;
 
 pub mod daemon;
-use redirect::{
-    cgroup::{ChildCgroup, cgroup2_root},
-    ebpf::attached_programs,
-};
+use redirect::cgroup::ChildCgroup;
+#[cfg(feature = "ebpf")]
+use redirect::{cgroup::cgroup2_root, ebpf::attached_programs};
 
 /// uid and gid of `nobody` on Debian.
 pub const NOBODY: u32 = 65534;
 
+#[cfg(feature = "ebpf")]
 /// Whether privileged tests can run here. Off CI, prints why not and
 /// returns false (the caller returns early); under `CI=true`, panics.
 pub fn privileged(test: &str) -> bool {
@@ -53,6 +53,19 @@ pub fn privileged(test: &str) -> bool {
     }
 }
 
+/// `base` times `REDIRECT_TEST_PATIENCE` (a whole factor, default 1): the
+/// bound of every wait on a `redirect` or `probe` process. `cargo xtask test
+/// --kernel` raises it in its emulated guest, where a debug `redirect` takes
+/// seconds to parse the kernel's BTF and load its programs.
+pub fn patience(base: Duration) -> Duration {
+    let factor = std::env::var("REDIRECT_TEST_PATIENCE")
+        .ok()
+        .and_then(|f| f.parse().ok())
+        .unwrap_or(1);
+    base * factor
+}
+
+#[cfg(feature = "ebpf")]
 /// A fresh `redirect-test-<tag>-<pid>-<n>` child of the cgroup v2 root,
 /// removed (with anything left inside killed) on drop.
 pub fn test_cgroup(tag: &str) -> ChildCgroup {
@@ -66,6 +79,7 @@ pub fn test_cgroup(tag: &str) -> ChildCgroup {
     ChildCgroup::create(&root, &name).expect("create test cgroup")
 }
 
+#[cfg(feature = "ebpf")]
 /// A [`redirect::Redirector`] for one mapping (given as text) attached to
 /// `cgroup`, with default options.
 pub fn attach(cgroup: &Path, mapping: &str) -> redirect::Redirector {
@@ -73,6 +87,7 @@ pub fn attach(cgroup: &Path, mapping: &str) -> redirect::Redirector {
     redirect::Redirector::attach(cgroup, mappings, &redirect::Options::default()).expect("attach")
 }
 
+#[cfg(feature = "ebpf")]
 /// Names of the programs attached directly to `cgroup`.
 pub fn attached(cgroup: &Path) -> Vec<String> {
     attached_programs(cgroup)
@@ -82,10 +97,11 @@ pub fn attached(cgroup: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Waits (up to 3 s) until nothing is attached to `cgroup`; returns what is
+#[cfg(feature = "ebpf")]
+/// Waits (up to 3 s, see [`patience`]) until nothing is attached to `cgroup`; returns what is
 /// still attached otherwise.
 pub fn wait_detached(cgroup: &Path) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(3);
+    let deadline = Instant::now() + patience(Duration::from_secs(3));
     loop {
         let left = attached(cgroup);
         if left.is_empty() || Instant::now() > deadline {
@@ -96,11 +112,16 @@ pub fn wait_detached(cgroup: &Path) -> Vec<String> {
 }
 
 /// A workspace binary that `nobody` can run wherever the checkout lives:
-/// a copy in `$TMPDIR/redirect-tests-bin` (one fixed directory, refreshed
-/// once per test process, so runs do not accumulate copies).
+/// a copy in `$TMPDIR/redirect-tests-bin-<checkout>` (one fixed directory
+/// per checkout, refreshed once per test process, so runs do not
+/// accumulate copies and two checkouts tested at once never run each
+/// other's binaries).
 pub fn binary(name: &str) -> PathBuf {
+    use std::hash::{Hash as _, Hasher as _};
     static COPIED: Mutex<Vec<String>> = Mutex::new(Vec::new());
-    let dir = std::env::temp_dir().join("redirect-tests-bin");
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    target_dir().hash(&mut hasher);
+    let dir = std::env::temp_dir().join(format!("redirect-tests-bin-{:016x}", hasher.finish()));
     let copy = dir.join(name);
     let mut copied = COPIED.lock().unwrap();
     if !copied.iter().any(|n| n == name) {
@@ -448,7 +469,17 @@ impl RedirectProcess {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut child = Command::new(binary("redirect"))
+        Self::start_program(binary("redirect"), args)
+    }
+
+    /// Starts `PROGRAM ARGS…` (a wrapper such as `setpriv` that runs
+    /// `redirect`) with piped output.
+    pub fn start_program<I, S>(program: impl AsRef<OsStr>, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -499,9 +530,9 @@ impl RedirectProcess {
         process
     }
 
-    /// Waits (up to 20 s) for the line starting with `ready`, and returns it.
+    /// Waits (up to 20 s, see [`patience`]) for the line starting with `ready`, and returns it.
     pub fn wait_ready(&mut self) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + patience(Duration::from_secs(20));
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match self.lines.recv_timeout(left) {
                 Ok(line) if line.starts_with("ready") => return line,
@@ -523,9 +554,9 @@ impl RedirectProcess {
         assert_eq!(rc, 0, "kill");
     }
 
-    /// Waits (up to 10 s) for the process to exit.
+    /// Waits (up to 10 s, see [`patience`]) for the process to exit.
     pub fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + patience(Duration::from_secs(10));
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status;
@@ -613,10 +644,10 @@ impl Interactive {
         stdin.flush().expect("flush probe stdin");
     }
 
-    /// The next output line (waits up to 10 s).
+    /// The next output line (waits up to 10 s, see [`patience`]).
     pub fn line(&mut self) -> String {
         self.lines
-            .recv_timeout(Duration::from_secs(10))
+            .recv_timeout(patience(Duration::from_secs(10)))
             .expect("probe printed nothing")
     }
 

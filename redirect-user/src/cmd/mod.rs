@@ -1,4 +1,7 @@
-//! The verbs of the `redirect` command that have files of their own.
+//! Verbs and options of the `redirect` command that live outside main.rs:
+//! one file per concern (tubular's `cmd/tubectl` layout).
 
 pub mod daemon;
+pub mod doctor;
+pub mod proxy;
 pub mod oci_hook;

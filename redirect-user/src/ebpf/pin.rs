@@ -31,7 +31,7 @@ use std::{
 };
 
 use redirect_common::{
-    LAYOUT_VERSION, MappingKey, MappingStats, MappingValue, Owner, RevNatKey, RevNatValue,
+    LAYOUT_VERSION, MappingKey, MappingStats, MappingValue, Owner, RevNatKey, RevNatValue, Reverse,
     ScopePort, Target, UdpBind, maps,
 };
 
@@ -130,6 +130,8 @@ pub fn expected_sizes(name: &str) -> Option<(u32, u32)> {
     let s = |k: usize, v: usize| Some((k as u32, v as u32));
     match name {
         maps::SCOPES => s(size_of::<u64>(), size_of::<u32>()),
+        maps::REVERSE => s(size_of::<ScopePort>(), size_of::<Reverse>()),
+        maps::GLOBAL => s(size_of::<u32>(), size_of::<u32>()),
         maps::LEVELS => s(size_of::<u32>(), size_of::<u32>()),
         maps::MAPPINGS => s(size_of::<MappingKey>(), size_of::<MappingValue>()),
         maps::PORTS => s(size_of::<ScopePort>(), size_of::<u8>()),
@@ -356,7 +358,6 @@ pub fn pinned_status(pin_dir: &Path) -> Option<serde_json::Value> {
             if let Ok(per_cpu) = stats.get(&v.slot, 0) {
                 for s in per_cpu.iter().filter(|s| s.generation == v.generation) {
                     c.connects = c.connects.wrapping_add(s.connects);
-                    c.established = c.established.wrapping_add(s.established);
                     c.datagrams = c.datagrams.wrapping_add(s.datagrams);
                 }
             }
