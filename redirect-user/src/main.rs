@@ -4,7 +4,6 @@
 //! input (nothing is attached), 1 for an environment problem (privileges,
 //! kernel, cgroup), 126/127 when `exec` cannot start its command.
 
-
 use std::{
     ffi::OsString,
     io::{self, Write as _},

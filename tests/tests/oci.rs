@@ -115,8 +115,15 @@ impl Container {
         // Detached, with stdio to files: a pipe would be held open by the
         // container's process.
         let log = fs::File::create(container.dir.join("stdio.log")).unwrap();
+        let mut run = vec!["run", "-d"];
+        if root_is_initramfs() {
+            // pivot_root(2) cannot leave an initramfs (the guest of
+            // `cargo xtask test --kernel`): move the rootfs and chroot.
+            run.push("--no-pivot");
+        }
+        run.push("--bundle");
         let out = container
-            .runc(&["run", "-d", "--bundle"])
+            .runc(&run)
             .arg(&container.dir)
             .arg(&container.id)
             .stdin(Stdio::null())
@@ -219,6 +226,14 @@ impl Drop for Container {
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Whether `/` is the kernel's rootfs (an initramfs), not a real mount.
+fn root_is_initramfs() -> bool {
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split_whitespace().nth(4) == Some("/") && l.contains(" - rootfs "))
 }
 
 fn run_ok(cmd: &mut Command) {

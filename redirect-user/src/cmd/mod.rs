@@ -3,5 +3,5 @@
 
 pub mod daemon;
 pub mod doctor;
-pub mod proxy;
 pub mod oci_hook;
+pub mod proxy;
