@@ -140,10 +140,14 @@ impl HookInput {
                 reason: e.to_string(),
             })
         };
-        let cgroup_root = crate::cgroup::cgroup2_root().map_err(|e| OciError::Proc {
-            path: "/proc/self/mountinfo".into(),
-            reason: e.to_string(),
-        })?;
+        // Only looked up, never mounted: a hook must not change the host,
+        // and a container cannot be in a hierarchy that is not mounted.
+        let cgroup_root = crate::cgroup::cgroup2_mount()
+            .map_err(|e| OciError::Proc {
+                path: "/proc/self/mountinfo".into(),
+                reason: e.to_string(),
+            })?
+            .ok_or_else(|| OciError::Cgroup("no cgroup v2 hierarchy is mounted".into()))?;
         Ok(HookInput {
             cgroup_root,
             proc_cgroup: read("cgroup")?,

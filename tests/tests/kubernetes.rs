@@ -5,7 +5,7 @@
 //! endpoint, and installs the same hook as dist/oci-hooks.d. No cluster is
 //! reachable here, so this is what "deploys" means in CI.
 
-use std::{collections::BTreeMap, path::Path};
+use std::collections::BTreeMap;
 
 use k8s_openapi::{
     api::{
@@ -16,9 +16,11 @@ use k8s_openapi::{
 };
 use serde::Deserialize as _;
 
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
-}
+// Compiled in, so that the test binary needs no checkout where it runs
+// (`cargo xtask test --kernel` runs it in a guest).
+const MANIFEST: &str = include_str!("../../dist/kubernetes/redirect.yaml");
+const HOOK: &str = include_str!("../../dist/oci-hooks.d/redirect.json");
+const UNIT: &str = include_str!("../../dist/redirect.service");
 
 struct Manifest {
     namespace: Namespace,
@@ -27,9 +29,9 @@ struct Manifest {
 }
 
 fn manifest() -> Manifest {
-    let text = std::fs::read_to_string(repo().join("dist/kubernetes/redirect.yaml")).unwrap();
+    let text = MANIFEST;
     let mut by_kind: BTreeMap<String, serde_json::Value> = BTreeMap::new();
-    for doc in serde_norway::Deserializer::from_str(&text) {
+    for doc in serde_norway::Deserializer::from_str(text) {
         let value = serde_json::Value::deserialize(doc).expect("valid YAML");
         let kind = value["kind"].as_str().expect("every document has a kind");
         assert!(
@@ -182,12 +184,23 @@ fn the_daemon_holds_only_the_capabilities_it_needs() {
         add,
         [
             "BPF",
+            "DAC_READ_SEARCH",
             "NET_ADMIN",
             "SYS_ADMIN",
-            "SYS_PTRACE",
-            "SYS_RESOURCE"
+            "SYS_PTRACE"
         ]
     );
+    // The same set as the systemd unit's.
+    let bounding = UNIT
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .unwrap();
+    let mut unit_caps: Vec<&str> = bounding
+        .split_whitespace()
+        .map(|c| c.trim_start_matches("CAP_"))
+        .collect();
+    unit_caps.sort();
+    assert_eq!(add, unit_caps);
     // Only the init container that mounts bpffs for the node is privileged.
     let pod = m
         .daemonset
@@ -245,10 +258,7 @@ fn the_node_gets_the_same_hook_as_dist_oci_hooks_d() {
     let m = manifest();
     let installed: serde_json::Value =
         serde_json::from_str(&m.config.data.as_ref().unwrap()["oci-hook.json"]).unwrap();
-    let mut dist: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(repo().join("dist/oci-hooks.d/redirect.json")).unwrap(),
-    )
-    .unwrap();
+    let mut dist: serde_json::Value = serde_json::from_str(HOOK).unwrap();
     // Only the binary's location on the node differs.
     dist["hook"]["path"] = "/opt/redirect/bin/redirect".into();
     assert_eq!(installed, dist);

@@ -10,7 +10,6 @@
 
 use std::{
     fs,
-    net::TcpListener,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -19,123 +18,29 @@ use std::{
 };
 
 use redirect_tests::{
-    NetnsPair, RedirectProcess, binary, privileged,
-    redirect::{
-        control::{Client, Request},
-        ebpf::netns_programs,
-    },
+    NetnsPair, binary, daemon::TestDaemon, privileged, redirect::ebpf::netns_programs,
 };
 
-/// A `redirect daemon` with its own control socket, pin directory and
-/// metrics port; stopped, and its pins removed, on drop.
-struct Daemon {
-    process: RedirectProcess,
-    dir: PathBuf,
-    control: PathBuf,
-    pin_dir: PathBuf,
+/// The daemon under test, with no static scope: the hook adds them.
+fn start_daemon(tag: &str) -> TestDaemon {
+    TestDaemon::start(tag, "", "")
 }
 
-impl Daemon {
-    fn start(tag: &str) -> Self {
-        ensure_bpffs();
-        let name = format!("redirect-test-oci-{tag}-{}", std::process::id());
-        let dir = std::env::temp_dir().join(&name);
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        let pin_dir = Path::new("/sys/fs/bpf").join(&name);
-        let _ = fs::remove_dir_all(&pin_dir);
-        let control = dir.join("control.sock");
-        // A port of our own for the metrics endpoint.
-        let metrics = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        let config = dir.join("redirect.toml");
-        fs::write(
-            &config,
-            format!(
-                "pin_dir = {:?}\ncontrol = {:?}\nmetrics = \"{metrics}\"\n",
-                pin_dir.display().to_string(),
-                control.display().to_string()
-            ),
-        )
-        .unwrap();
-        let mut process =
-            RedirectProcess::start(["daemon".as_ref(), "--config".as_ref(), config.as_os_str()]);
-        process.wait_ready();
-        let daemon = Daemon {
-            process,
-            dir,
-            control,
-            pin_dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while daemon.status().is_none() {
-            assert!(
-                Instant::now() < deadline,
-                "the daemon never answered on {}; stderr:\n{}",
-                daemon.control.display(),
-                daemon.process.stderr()
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
-        daemon
-    }
-
-    /// The daemon's status, or `None` while it does not answer.
-    fn status(&self) -> Option<serde_json::Value> {
-        Client::new(&self.control)
-            .request(&Request::Status)
-            .ok()
-            .map(Option::unwrap_or_default)
-    }
-
-    /// Every file under the pin directory.
-    fn pins(&self) -> Vec<PathBuf> {
-        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
-            for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
-                let path = entry.path();
-                if path.is_dir() {
-                    walk(&path, out);
-                }
-                out.push(path);
+/// Every file under the daemon's pin directory.
+fn pins(daemon: &TestDaemon) -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path, out);
             }
+            out.push(path);
         }
-        let mut out = Vec::new();
-        walk(&self.pin_dir, &mut out);
-        out.sort();
-        out
     }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // SIGTERM, then the pins go: links pinned for an in-place upgrade
-        // would otherwise outlive the test.
-        self.process.signal(libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while matches!(self.process.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(20));
-        }
-        let _ = fs::remove_dir_all(&self.pin_dir);
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Mounts bpffs on /sys/fs/bpf when nothing is mounted there (it is not by
-/// default on this machine; the daemon pins under it).
-fn ensure_bpffs() {
-    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let mounted = info
-        .lines()
-        .any(|l| l.split_whitespace().nth(4) == Some("/sys/fs/bpf") && l.contains(" - bpf "));
-    if !mounted {
-        let out = Command::new("mount")
-            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "mount bpffs: {out:?}");
-    }
+    let mut out = Vec::new();
+    walk(&daemon.pin_dir, &mut out);
+    out.sort();
+    out
 }
 
 /// A busybox container run by runc; killed and deleted on drop.
@@ -149,7 +54,7 @@ impl Container {
     /// Runs `httpd -f -p PORT` as uid 1000 without capabilities in the
     /// network namespace `netns`, with `annotations` and the hooks; its
     /// index page is `page`, and `/cgi-bin/who` reports the client address.
-    fn run(tag: &str, netns: &Path, port: u16, page: &str, map: &str, daemon: &Daemon) -> Self {
+    fn run(tag: &str, netns: &Path, port: u16, page: &str, map: &str, daemon: &TestDaemon) -> Self {
         static N: AtomicU32 = AtomicU32::new(0);
         let id = format!(
             "redirect-test-oci-{tag}-{}-{}",
@@ -210,8 +115,15 @@ impl Container {
         // Detached, with stdio to files: a pipe would be held open by the
         // container's process.
         let log = fs::File::create(container.dir.join("stdio.log")).unwrap();
+        let mut run = vec!["run", "-d"];
+        if root_is_initramfs() {
+            // pivot_root(2) cannot leave an initramfs (the guest of
+            // `cargo xtask test --kernel`): move the rootfs and chroot.
+            run.push("--no-pivot");
+        }
+        run.push("--bundle");
         let out = container
-            .runc(&["run", "-d", "--bundle"])
+            .runc(&run)
             .arg(&container.dir)
             .arg(&container.id)
             .stdin(Stdio::null())
@@ -224,7 +136,11 @@ impl Container {
             "runc run {}: {out}; output:\n{}\ndaemon:\n{}",
             container.id,
             container.log(),
-            daemon.process.stderr()
+            daemon
+                .process
+                .as_ref()
+                .map(|p| p.stderr())
+                .unwrap_or_default()
         );
         container.wait_listening(port);
         container
@@ -312,6 +228,14 @@ impl Drop for Container {
     }
 }
 
+/// Whether `/` is the kernel's rootfs (an initramfs), not a real mount.
+fn root_is_initramfs() -> bool {
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split_whitespace().nth(4) == Some("/") && l.contains(" - rootfs "))
+}
+
 fn run_ok(cmd: &mut Command) {
     let out = cmd.output().unwrap();
     assert!(out.status.success(), "{cmd:?}: {out:?}");
@@ -361,8 +285,8 @@ fn a_container_annotated_443_to_8443_is_served_inside_and_from_outside() {
     if !privileged("oci-runc") {
         return;
     }
-    let daemon = Daemon::start("one");
-    let pins_before = daemon.pins();
+    let daemon = start_daemon("one");
+    let pins_before = pins(&daemon);
     let pair = NetnsPair::new("oci");
     let ctr = Container::run(
         "one",
@@ -372,9 +296,9 @@ fn a_container_annotated_443_to_8443_is_served_inside_and_from_outside() {
         "443:8443",
         &daemon,
     );
-    let status = daemon.status().unwrap();
+    let status = daemon.status();
     assert!(mentions(&status, &format!("oci-{}", ctr.id)), "{status:#}");
-    let pins_during = daemon.pins();
+    let pins_during = pins(&daemon);
     assert!(
         pins_during.len() > pins_before.len(),
         "the container's scope is pinned: {pins_during:?}"
@@ -398,9 +322,9 @@ fn a_container_annotated_443_to_8443_is_served_inside_and_from_outside() {
     let id = ctr.id.clone();
     ctr.delete();
     // Nothing of it remains: not in the daemon, not pinned, not attached.
-    let status = daemon.status().unwrap();
+    let status = daemon.status();
     assert!(!mentions(&status, &id), "{status:#}");
-    assert_eq!(daemon.pins(), pins_before, "pins left behind");
+    assert_eq!(pins(&daemon), pins_before, "pins left behind");
     let deadline = Instant::now() + Duration::from_secs(3);
     while !netns_programs(&pair.server_path()).unwrap().is_empty() {
         assert!(Instant::now() < deadline, "sk_lookup still attached");
@@ -413,7 +337,7 @@ fn two_containers_map_the_same_port_differently_without_interfering() {
     if !privileged("oci-runc-two") {
         return;
     }
-    let daemon = Daemon::start("two");
+    let daemon = start_daemon("two");
     let (pair_a, pair_b) = (NetnsPair::new("oci-a"), NetnsPair::new("oci-b"));
     let a = Container::run(
         "a",
@@ -445,7 +369,7 @@ fn two_containers_map_the_same_port_differently_without_interfering() {
     assert_eq!(text(&b.wget("http://127.0.0.1:443/")), "page-b");
     assert_eq!(text(&wget_from_outside(&pair_b, "/")), "page-b");
     b.delete();
-    let status = daemon.status().unwrap();
+    let status = daemon.status();
     assert!(
         !mentions(&status, &id_a) && !mentions(&status, &id_b),
         "{status:#}"

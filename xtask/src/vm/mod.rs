@@ -32,6 +32,8 @@ const INIT: &str = include_str!("init.sh");
 /// Programs the tests run (see tests/tests/*.rs and tests/src/lib.rs),
 /// copied from the host with their shared libraries. busybox provides the
 /// shell and everything else (mount, umount, insmod…).
+/// (`runc` is for tests/oci.rs, which builds its containers' rootfs from
+/// the same static busybox.)
 const GUEST_TOOLS: [&str; 7] = [
     "ip", "dig", "dnsmasq", "findmnt", "unshare", "setpriv", "runc",
 ];
@@ -199,7 +201,9 @@ fn initramfs(
     let stripped = work.join("bin");
     let _ = fs::remove_dir_all(&stripped);
     fs::create_dir_all(&stripped)?;
-    for bin in ["redirect", "probe"] {
+    // The library's container_runtime example is run by
+    // tests/container_example.rs from target/<profile>/examples.
+    for bin in ["redirect", "probe", "examples/container_runtime"] {
         let copy = initramfs::stripped(&profile_dir.join(bin), &stripped)?;
         ramfs.executable(&format!("{GUEST_TARGET}/{bin}"), &copy)?;
     }
