@@ -4,25 +4,32 @@
 //! input (nothing is attached), 1 for an environment problem (privileges,
 //! kernel, cgroup), 126/127 when `exec` cannot start its command.
 
+// Without the eBPF backend (macOS, Windows, `--no-default-features`), only
+// `run` (as the proxy) and `doctor` exist; the items marked
+// `cfg(with_ebpf)` below are the eBPF backend's.
+#![cfg_attr(not(with_ebpf), allow(dead_code))]
+
+use std::{ffi::OsString, path::PathBuf, process::ExitCode};
+#[cfg(with_ebpf)]
 use std::{
-    ffi::OsString,
     io::{self, Write as _},
     os::fd::AsRawFd as _,
-    path::PathBuf,
-    process::ExitCode,
 };
 
 use crate::cmd::proxy::BackendArgs;
+#[cfg(with_ebpf)]
 use anyhow::Context as _;
 use clap::{ArgAction, Args, Parser, Subcommand};
+use redirect::{MappingError, MappingSet, mapping::parse_grant};
+#[cfg(with_ebpf)]
 use redirect::{
-    MappingError, MappingSet, Options, PortOwner, Redirector,
+    Options, PortOwner, Redirector,
     cgroup::{ChildCgroup, cgroup2_root, own_cgroup},
     ebpf::{Logger, check_privileges},
-    mapping::parse_grant,
     status::{self, InstanceStatus, Report, StatusSocket},
     user::User,
 };
+#[cfg(with_ebpf)]
 use tokio::{
     io::{AsyncWriteExt as _, Interest, unix::AsyncFd},
     net::{UnixListener, UnixStream},
@@ -82,6 +89,7 @@ enum Command {
     /// Only CMD and its children are affected. Exits with CMD's status; once
     /// CMD exits, whatever it left running in the cgroup is killed and the
     /// cgroup removed.
+    #[cfg(with_ebpf)]
     #[command(after_help = EXAMPLES)]
     Exec(ExecArgs),
     /// Check what works on this host (kernel, capabilities, every eBPF
@@ -91,6 +99,7 @@ enum Command {
     Doctor(cmd::doctor::DoctorArgs),
     /// Show every live redirector on this host: scope, mappings with their
     /// counters, attached programs.
+    #[cfg(with_ebpf)]
     Status(StatusArgs),
 }
 
@@ -188,14 +197,20 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    #[cfg(with_ebpf)]
     let options = Options {
         ebpf_debug_log: cli.verbose > 0,
         ..Options::default()
     };
     let result = runtime.block_on(async {
         match cli.command {
+            #[cfg(with_ebpf)]
             Command::Run(args) => run(args, &options).await,
+            #[cfg(not(with_ebpf))]
+            Command::Run(args) => run_without_ebpf(args).await,
+            #[cfg(with_ebpf)]
             Command::Exec(args) => exec(args, &options).await,
+            #[cfg(with_ebpf)]
             Command::Status(args) => show_status(&args),
             Command::Doctor(args) => cmd::doctor::run(&args),
         }
@@ -234,6 +249,20 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
+/// `run` in a build without the eBPF backend: the proxy, or an error
+/// saying that eBPF is not in this build.
+#[cfg(not(with_ebpf))]
+async fn run_without_ebpf(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let (mappings, grants) = args.map.validated()?;
+    if mappings.is_empty() {
+        return Err(MappingError::Empty.into());
+    }
+    let scoped =
+        args.cgroup.is_some() || args.owner.is_some() || args.netns.is_some() || !grants.is_empty();
+    cmd::proxy::run_without_ebpf(&mappings, &args.backend, scoped).await
+}
+
+#[cfg(with_ebpf)]
 /// `--owner`: a cgroup directory (an absolute path), else a user or uid.
 fn parse_owner(text: &str) -> Result<PortOwner, MappingError> {
     if text.starts_with('/') {
@@ -242,6 +271,7 @@ fn parse_owner(text: &str) -> Result<PortOwner, MappingError> {
     Ok(PortOwner::Uid(User::lookup(text)?.uid))
 }
 
+#[cfg(with_ebpf)]
 /// Attaches to `cgroup` with `mappings`, then grants `grants`.
 fn attach(
     cgroup: &std::path::Path,
@@ -256,6 +286,7 @@ fn attach(
     Ok(redirector)
 }
 
+#[cfg(with_ebpf)]
 async fn run(args: RunArgs, options: &Options) -> anyhow::Result<ExitCode> {
     let (mappings, grants) = args.map.validated()?;
     if mappings.is_empty() && grants.is_empty() {
@@ -313,6 +344,7 @@ async fn run(args: RunArgs, options: &Options) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+#[cfg(with_ebpf)]
 async fn exec(args: ExecArgs, options: &Options) -> anyhow::Result<ExitCode> {
     // An exec with neither is allowed: CMD still runs in a scope of its
     // own (and as --user), which is how "without --grant" is compared.
@@ -380,6 +412,7 @@ async fn exec(args: ExecArgs, options: &Options) -> anyhow::Result<ExitCode> {
     Ok(exit_code(status))
 }
 
+#[cfg(with_ebpf)]
 /// `redirect status`: asks every live instance, prints a table or JSON.
 fn show_status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
     let report = Report::new(status::collect()?);
@@ -398,6 +431,7 @@ fn show_status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+#[cfg(with_ebpf)]
 fn print_instance(out: &mut impl io::Write, i: &InstanceStatus) -> io::Result<()> {
     writeln!(
         out,
@@ -440,6 +474,7 @@ fn print_instance(out: &mut impl io::Write, i: &InstanceStatus) -> io::Result<()
     writeln!(out, "  counters: {}", counters.join(" "))
 }
 
+#[cfg(with_ebpf)]
 /// Serves this instance's status socket, if it could be bound (it needs
 /// write access to /run; without it `status` cannot see this instance,
 /// which is worth a warning, not a failure).
@@ -451,6 +486,7 @@ struct StatusServer {
     _socket: Option<StatusSocket>,
 }
 
+#[cfg(with_ebpf)]
 impl StatusServer {
     fn start(kind: &'static str) -> Self {
         let started_unix = std::time::SystemTime::now()
@@ -509,6 +545,7 @@ impl StatusServer {
     }
 }
 
+#[cfg(with_ebpf)]
 /// "redirecting 443->8443; granting port 80 for cgroup …".
 fn describe(redirector: &Redirector) -> String {
     let mut what = Vec::new();
@@ -526,6 +563,7 @@ fn describe(redirector: &Redirector) -> String {
     )
 }
 
+#[cfg(with_ebpf)]
 /// Prints the `ready` line, which scripts and tests wait for; `backend`
 /// says which backend runs and why (empty for `exec`).
 fn ready(redirector: &Redirector, backend: &str) -> anyhow::Result<()> {
@@ -535,6 +573,7 @@ fn ready(redirector: &Redirector, backend: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[cfg(with_ebpf)]
 /// Forwards `signal` to the command; SIGINT is left alone because the
 /// terminal already sent it to the whole foreground process group.
 fn forward(signal: &'static str, pid: Option<u32>) {
@@ -549,6 +588,7 @@ fn forward(signal: &'static str, pid: Option<u32>) {
     }
 }
 
+#[cfg(with_ebpf)]
 fn exit_code(status: std::process::ExitStatus) -> ExitCode {
     use std::os::unix::process::ExitStatusExt as _;
     match (status.code(), status.signal()) {
@@ -558,6 +598,7 @@ fn exit_code(status: std::process::ExitStatus) -> ExitCode {
     }
 }
 
+#[cfg(with_ebpf)]
 /// The shell's conventions: 127 for a command not found, 126 otherwise.
 fn spawn_failure_code(e: &io::Error) -> u8 {
     if e.kind() == io::ErrorKind::NotFound {
@@ -567,6 +608,7 @@ fn spawn_failure_code(e: &io::Error) -> u8 {
     }
 }
 
+#[cfg(with_ebpf)]
 /// The signals that end `run` (and that `exec` forwards).
 struct Shutdown {
     int: Signal,
@@ -574,6 +616,7 @@ struct Shutdown {
     hup: Signal,
 }
 
+#[cfg(with_ebpf)]
 impl Shutdown {
     fn new() -> anyhow::Result<Self> {
         let install = |kind| signal(kind).context("installing a signal handler");
@@ -593,6 +636,7 @@ impl Shutdown {
     }
 }
 
+#[cfg(with_ebpf)]
 /// Forwards eBPF log records to `log` for as long as the program runs;
 /// never returns without a logger.
 async fn pump_logger(logger: Option<Logger>) -> anyhow::Result<()> {

@@ -88,12 +88,16 @@ fn ensure_llvm() -> anyhow::Result<()> {
 
 /// The programs the integration tests run, with the Debian package that
 /// provides each.
-const TEST_TOOLS: [(&str, &str); 5] = [
+const TEST_TOOLS: [(&str, &str); 7] = [
     ("dig", "bind9-dnsutils"),
     ("dnsmasq", "dnsmasq-base"),
     ("unshare", "util-linux"),
     ("findmnt", "util-linux"),
     ("setpriv", "util-linux"),
+    // Real PROXY protocol peers for the proxy tests (each test starts its
+    // own instance with its own config, on a port it picked).
+    ("nginx", "nginx"),
+    ("haproxy", "haproxy"),
 ];
 
 /// Installs the programs the tests need (the `dnsmasq-base` package ships
