@@ -34,6 +34,12 @@ pub mod maps {
     /// Socket storage holding an [`OrigDst`](crate::OrigDst) for every
     /// socket whose connect was rewritten; freed with the socket.
     pub const ORIG_DST: &str = "ORIG_DST";
+    /// Hash from a [`ScopePort`](crate::ScopePort) (a TO port) to its
+    /// [`Reverse`](crate::Reverse): how getpeername reports FROM for a
+    /// socket whose connect was rewritten, without any per-socket state.
+    pub const REVERSE: &str = "REVERSE";
+    /// Array of one `u32` of `GLOBAL_*` bits about every scope.
+    pub const GLOBAL: &str = "GLOBAL";
     /// LRU hash from [`RevNatKey`](crate::RevNatKey) to
     /// [`RevNatValue`](crate::RevNatValue): how to report the source of a
     /// UDP reply to a rewritten datagram.
@@ -88,13 +94,14 @@ pub mod programs {
     pub const BIND6: &str = "bind6";
     /// `sk_lookup`: steers inbound connections for FROM to TO's listener.
     pub const STEER: &str = "steer";
-    /// `sockops`: counts connections established through a redirect.
-    /// (A `#[sock_ops]` function named `sockops` would collide with its
-    /// section name.)
-    pub const SOCK_OPS: &str = "sockops_stats";
     /// `sockops` of a steering instance: registers the scope's new
     /// listeners on TO ports for [`STEER`].
     pub const SOCK_LISTEN: &str = "sockops_listen";
+    /// `cgroup/post_bind4` of a steering instance: marks sockets the
+    /// scope's owner binds to a TO port.
+    pub const POST_BIND4: &str = "post_bind4";
+    /// `cgroup/post_bind6`: as [`POST_BIND4`] for IPv6.
+    pub const POST_BIND6: &str = "post_bind6";
 }
 
 /// Names of the globals the loader sets before loading.
@@ -138,6 +145,34 @@ impl ScopePort {
             _pad: 0,
         }
     }
+}
+
+/// [`maps::PORTS`] bit: the port is some mapping's TO in the scope, so a
+/// connect that dials it directly is marked, and getpeername never reports
+/// it as FROM.
+pub const SHAPE_TARGET: u8 = 1 << 6;
+
+/// [`maps::GLOBAL`] bit: some scope has a mapping that covers UDP (else
+/// recvmsg returns at once).
+pub const GLOBAL_UDP: u32 = 1;
+
+/// [`Reverse::flags`]: several mappings of the scope share this TO, so
+/// the table cannot say which FROM a socket dialled; those connects keep a
+/// per-socket record instead.
+pub const REVERSE_SHARED: u8 = 1;
+
+/// Value of [`maps::REVERSE`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reverse {
+    /// FROM, host byte order.
+    pub from: u16,
+    /// [`PROTO_TCP`], [`PROTO_UDP`] or [`PROTO_ANY`]: the mapping's.
+    pub proto: u8,
+    /// `REVERSE_*` bits.
+    pub flags: u8,
+    /// The mapping's address, or [`ADDR_ANY`].
+    pub addr: Addr,
 }
 
 /// [`maps::PORTS`] bit: a mapping keyed (address, TCP) exists.
@@ -261,6 +296,11 @@ pub struct Target {
     pub addr: Addr,
 }
 
+/// [`MappingValue::flags`]: another mapping of the scope has the same TO,
+/// so a connect through this one keeps a per-socket [`OrigDst`] record
+/// for getpeername (see [`REVERSE_SHARED`]).
+pub const FLAG_SHARED_TO: u16 = 2;
+
 /// Value of [`maps::UDP_BINDS`]: a UDP bind of TO by the scope is rewritten
 /// to FROM, but only on the mapping's address (or any address for a
 /// wildcard mapping), so a mapping never widens a bind.
@@ -308,15 +348,17 @@ pub struct MappingStats {
     pub _pad: u32,
     /// Connects (TCP and connected UDP) rewritten.
     pub connects: u64,
-    /// TCP connections established through this mapping and not yet closed.
-    /// Incremented and decremented on whichever CPU the event runs, so a
-    /// single CPU's copy may wrap below zero; the wrapping sum is exact.
-    pub established: u64,
     /// Unconnected UDP datagrams rewritten (sendmsg).
     pub datagrams: u64,
 }
 
-/// Per-socket record of a rewritten connect, kept in [`maps::ORIG_DST`].
+/// [`OrigDst::flags`]: the socket dialled a TO port directly; getpeername
+/// must report the true peer.
+pub const ORIG_DIRECT: u32 = 1;
+
+/// Per-socket record, kept in [`maps::ORIG_DST`] only for the rare sockets
+/// the [`maps::REVERSE`] table cannot answer for: a connect through a
+/// mapping whose TO another mapping shares, and a direct dial of a TO port.
 ///
 /// getpeername restores `orig_port` only while the socket's peer port is
 /// still `new_port`, so a socket that reconnects elsewhere is never touched.
@@ -328,12 +370,8 @@ pub struct OrigDst {
     pub orig_port: u16,
     /// Port the connect was rewritten to (TO), host byte order.
     pub new_port: u16,
-    /// The mapping's stats slot.
-    pub slot: u32,
-    /// The mapping's slot generation.
-    pub generation: u32,
-    /// 1 while this socket is counted in [`MappingStats::established`].
-    pub established: u32,
+    /// `ORIG_*` bits.
+    pub flags: u32,
 }
 
 /// Key of [`maps::REV_NAT`]: a socket and the backend it sent to.
@@ -449,11 +487,15 @@ pub enum Counter {
     /// sk_lookup could not hand the connection to the registered socket
     /// (wrong family or protocol, or not listening): refused.
     SteerBadSocket = 21,
+    /// A listener on a TO port not registered because the scope has an
+    /// owner and the owner did not bind it (bound by someone else before
+    /// the mapping existed, or autobound by `listen()`).
+    ListenerNotOwner = 22,
 }
 
 impl Counter {
     /// Number of counters; the length of [`maps::COUNTERS`].
-    pub const COUNT: u32 = 22;
+    pub const COUNT: u32 = 23;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -479,6 +521,7 @@ impl Counter {
         Counter::ListenerIneligible,
         Counter::ListenerTaken,
         Counter::SteerBadSocket,
+        Counter::ListenerNotOwner,
     ];
 
     /// Stable snake_case name, used in logs and status output.
@@ -506,6 +549,7 @@ impl Counter {
             Counter::ListenerIneligible => "listener_ineligible",
             Counter::ListenerTaken => "listener_taken",
             Counter::SteerBadSocket => "steer_bad_socket",
+            Counter::ListenerNotOwner => "listener_not_owner",
         }
     }
 }
@@ -524,4 +568,5 @@ mod pod {
     unsafe impl aya::Pod for super::ScopePort {}
     unsafe impl aya::Pod for super::UdpBind {}
     unsafe impl aya::Pod for super::Target {}
+    unsafe impl aya::Pod for super::Reverse {}
 }

@@ -114,7 +114,7 @@ fn grant<const V6: bool>(ctx: &SockAddrContext) -> i32 {
 /// Whether the current process is the owner of `scope`'s TO ports: true
 /// when the scope has no owner (anyone in it may bind them).
 #[inline(always)]
-fn is_owner(scope: u32) -> bool {
+pub fn is_owner(scope: u32) -> bool {
     // SAFETY: copied out at once.
     let Some(owner) = unsafe { OWNERS.get(scope) }.copied() else {
         return true;

@@ -2,8 +2,14 @@
 //! TCP or UDP `connect()` whose destination is mapped.
 //!
 //! The rewrite happens once, at connect time; no packet of the connection is
-//! touched afterwards. The original port is kept in socket storage so that
-//! `getpeername()` can report it (see `getpeername.rs`).
+//! touched afterwards, and for an ordinary redirect **nothing is stored**:
+//! getpeername finds FROM again from the scope's `REVERSE` table (see
+//! `getpeername.rs`). Writing per-socket state was the whole cost of a
+//! redirected connection (socket storage or an LRU insert on every
+//! connect, plus its free at close: 7–9 % of the connection rate), so only
+//! the rare sockets the table cannot answer for get a record: a connect
+//! through a mapping whose TO another mapping shares, and a direct dial of
+//! a TO port (marked, so it is never reported as FROM).
 //!
 //! One worker serves both families: a dual-stack socket connecting to
 //! `::ffff:a.b.c.d` arrives here through connect6, and its address is
@@ -11,12 +17,12 @@
 
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use aya_log_ebpf::debug;
-use redirect_common::{Counter, FLAG_UDP_BIND, OrigDst};
+use redirect_common::{Counter, FLAG_SHARED_TO, FLAG_UDP_BIND, ORIG_DIRECT, OrigDst, SHAPE_TARGET};
 
 use crate::{
     ALLOW,
     ctx::{self, Family, IPPROTO_TCP, IPPROTO_UDP},
-    maps::{ORIG_DST, Stat, add_stat, count, current_scope, lookup},
+    maps::{ORIG_DST, Stat, add_stat, count, current_scope, lookup_shapes, port_shapes},
     udp,
 };
 
@@ -59,9 +65,29 @@ fn try_redirect_connect(ctx: &SockAddrContext, family: Family) -> Result<Counter
         return Err(Counter::SkipPortZero);
     }
     let scope = current_scope().ok_or(Counter::SkipNoScope)?;
+    let Some(shapes) = port_shapes(scope, from) else {
+        // The common case: a port the scope does not map. A UDP socket may
+        // connect again, so an earlier record must not outlive it.
+        if proto == IPPROTO_UDP {
+            forget(ctx);
+        }
+        return Ok(Counter::ConnectUnmapped);
+    };
     let addr = ctx::dst_addr(ctx, family);
-    let Some((key, target)) = lookup(scope, &addr, from, proto as u8) else {
-        forget(ctx);
+    let Some((key, target)) = lookup_shapes(scope, &addr, from, proto as u8, shapes) else {
+        if shapes & SHAPE_TARGET != 0 {
+            // Dialling TO directly: getpeername must not say FROM.
+            record(
+                ctx,
+                OrigDst {
+                    orig_port: 0,
+                    new_port: from,
+                    flags: ORIG_DIRECT,
+                },
+            )?;
+        } else if proto == IPPROTO_UDP {
+            forget(ctx);
+        }
         return Ok(Counter::ConnectUnmapped);
     };
     if proto == IPPROTO_UDP && target.flags & FLAG_UDP_BIND != 0 {
@@ -69,26 +95,24 @@ fn try_redirect_connect(ctx: &SockAddrContext, family: Family) -> Result<Counter
         forget(ctx);
         return Err(Counter::SkipUdpServed);
     }
-    // SAFETY: `ctx` is this program's context; the helper checks the socket.
-    let slot = unsafe { ORIG_DST.get_or_insert_ptr_mut(ctx, None) };
-    if slot.is_null() {
-        // Without the record getpeername would reveal TO: leave it alone.
-        return Err(Counter::ErrStorage);
+    if target.flags & FLAG_SHARED_TO != 0 {
+        // Without the record getpeername could not tell which FROM: leave
+        // the connect alone rather than let it be revealed.
+        record(
+            ctx,
+            OrigDst {
+                orig_port: from,
+                new_port: target.port,
+                flags: 0,
+            },
+        )?;
+    } else if proto == IPPROTO_UDP {
+        forget(ctx);
     }
     if proto == IPPROTO_UDP {
         // A connected UDP socket may still ask recvfrom() for the source.
         udp::remember(ctx, &addr, key, &target)?;
     }
-    // SAFETY: non-null storage returned by the kernel for this socket.
-    unsafe {
-        *slot = OrigDst {
-            orig_port: from,
-            new_port: target.port,
-            slot: target.slot,
-            generation: target.generation,
-            established: 0,
-        }
-    };
     ctx::set_dst_port(ctx, target.port);
     add_stat(target.slot, target.generation, Stat::Connects, 1);
     debug!(
@@ -101,15 +125,30 @@ fn try_redirect_connect(ctx: &SockAddrContext, family: Family) -> Result<Counter
     Ok(Counter::ConnectRedirected)
 }
 
-/// A socket that connects again (UDP can) to an unmapped port must not keep
-/// the record of an earlier rewrite, or getpeername would lie about the new
-/// peer.
+/// Writes the socket's record, creating it.
+#[inline(always)]
+fn record(ctx: &SockAddrContext, value: OrigDst) -> Result<(), Counter> {
+    // SAFETY: `ctx` is this program's context; the helper checks the socket.
+    let slot = unsafe { ORIG_DST.get_or_insert_ptr_mut(ctx, None) };
+    if slot.is_null() {
+        return Err(Counter::ErrStorage);
+    }
+    // SAFETY: non-null storage returned by the kernel for this socket.
+    unsafe { *slot = value };
+    Ok(())
+}
+
+/// A socket that connects again (UDP can) must not keep the record of an
+/// earlier connect, or getpeername would lie about the new peer.
 #[inline(always)]
 fn forget(ctx: &SockAddrContext) {
     // SAFETY: lookup only (no create); a null result means no record.
     let slot = unsafe { ORIG_DST.get_ptr_mut(ctx) };
     if !slot.is_null() {
         // SAFETY: non-null storage returned by the kernel for this socket.
-        unsafe { (*slot).orig_port = 0 };
+        unsafe {
+            (*slot).orig_port = 0;
+            (*slot).flags = 0;
+        }
     }
 }

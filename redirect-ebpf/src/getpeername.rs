@@ -1,44 +1,72 @@
 //! `cgroup/getpeername4` and `cgroup/getpeername6`: report the original port
 //! to a client whose connect was rewritten, so it cannot tell.
 //!
+//! No per-socket state is needed for an ordinary redirect: a socket of the
+//! scope whose peer is a TO port got there through the one mapping that
+//! targets it (`REVERSE`), unless it dialled TO directly, which connect
+//! marks. The rare socket connect kept a record for is answered from it.
+//!
 //! Minimum kernel version: 5.8.
 
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
-use redirect_common::Counter;
+use redirect_common::{ADDR_ANY, Counter, ORIG_DIRECT, PROTO_ANY, REVERSE_SHARED, ScopePort};
 
 use crate::{
-    ALLOW, ctx,
-    maps::{ORIG_DST, count},
+    ALLOW,
+    ctx::{self, Family},
+    maps::{ORIG_DST, REVERSE, count, current_scope},
 };
 
 /// Restores the original peer port of an IPv4 socket.
 #[cgroup_sock_addr(getpeername4)]
 pub fn getpeername4(ctx: SockAddrContext) -> i32 {
-    restore_peer(&ctx);
+    restore_peer(&ctx, Family::V4);
     ALLOW
 }
 
 /// Restores the original peer port of an IPv6 (or v4-mapped) socket.
 #[cgroup_sock_addr(getpeername6)]
 pub fn getpeername6(ctx: SockAddrContext) -> i32 {
-    restore_peer(&ctx);
+    restore_peer(&ctx, Family::V6);
     ALLOW
 }
 
 /// Sockets that were never redirected are the common case and are not
 /// counted: getpeername is called far more often than connect.
 #[inline(always)]
-fn restore_peer(ctx: &SockAddrContext) {
+fn restore_peer(ctx: &SockAddrContext, family: Family) {
+    let peer = ctx::dst_port(ctx);
     // SAFETY: lookup only (no create); a null result means no record.
     let slot = unsafe { ORIG_DST.get_ptr_mut(ctx) };
-    if slot.is_null() {
+    if !slot.is_null() {
+        // SAFETY: non-null storage returned by the kernel for this socket.
+        let orig = unsafe { *slot };
+        if orig.flags & ORIG_DIRECT != 0 && orig.new_port == peer {
+            return; // dialled TO itself
+        }
+        // Only while the peer is still the port we rewrote to.
+        if orig.orig_port != 0 && peer == orig.new_port {
+            ctx::set_dst_port(ctx, orig.orig_port);
+            count(Counter::PeerRestored);
+            return;
+        }
+    }
+    let Some(scope) = current_scope() else {
+        return;
+    };
+    // SAFETY: copied out at once.
+    let Some(rev) = unsafe { REVERSE.get(ScopePort::new(scope, peer)) }.copied() else {
+        return;
+    };
+    if rev.flags & REVERSE_SHARED != 0 {
+        return; // such connects kept a record, read above
+    }
+    if rev.proto != PROTO_ANY && u32::from(rev.proto) != ctx::protocol(ctx) {
         return;
     }
-    // SAFETY: non-null storage returned by the kernel for this socket.
-    let orig = unsafe { *slot };
-    // Only while the peer is still the port we rewrote to.
-    if orig.orig_port != 0 && ctx::dst_port(ctx) == orig.new_port {
-        ctx::set_dst_port(ctx, orig.orig_port);
-        count(Counter::PeerRestored);
+    if rev.addr != ADDR_ANY && rev.addr != ctx::dst_addr(ctx, family) {
+        return;
     }
+    ctx::set_dst_port(ctx, rev.from);
+    count(Counter::PeerRestored);
 }

@@ -3,7 +3,8 @@
 //! - `connect.rs`: connect4/6 rewrite TCP and connected UDP;
 //! - `getpeername.rs`: getpeername4/6 report the original port;
 //! - `udp.rs`: sendmsg4/6 and recvmsg4/6 for unconnected UDP;
-//! - `sockops.rs`: counts connections established through a redirect;
+//! - `listen.rs`: registers a scope's listeners for steering (sock_ops,
+//!   and post_bind marks proving the owner bound them);
 //! - `bind.rs`: bind4/6 let granted ports be bound without privilege;
 //! - `steer.rs`: sk_lookup hands inbound connections for FROM to the
 //!   listener registered for TO.
@@ -22,8 +23,8 @@ mod bind;
 mod connect;
 mod ctx;
 mod getpeername;
+mod listen;
 mod maps;
-mod sockops;
 mod steer;
 mod udp;
 

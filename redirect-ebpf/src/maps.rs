@@ -15,8 +15,8 @@ use aya_ebpf::{
 use redirect_common::{
     ADDR_ANY, Addr, Counter, MAX_GRANTS, MAX_LEVEL, MAX_LISTENERS, MAX_MAPPINGS, MAX_SCOPES,
     MappingKey, MappingStats, MappingValue, OrigDst, Owner, PROTO_ANY, PROTO_TCP, PROTO_UDP,
-    REV_NAT_ENTRIES, RevNatKey, RevNatValue, SHAPE_ADDR_ANY, SHAPE_ADDR_TCP, SHAPE_ADDR_UDP,
-    SHAPE_ANY_ANY, SHAPE_ANY_TCP, SHAPE_ANY_UDP, ScopePort, Target, UdpBind,
+    REV_NAT_ENTRIES, RevNatKey, RevNatValue, Reverse, SHAPE_ADDR_ANY, SHAPE_ADDR_TCP,
+    SHAPE_ADDR_UDP, SHAPE_ANY_ANY, SHAPE_ANY_TCP, SHAPE_ANY_UDP, ScopePort, Target, UdpBind,
 };
 
 /// The scope a steering instance serves; set by the loader (0 in the
@@ -58,13 +58,21 @@ pub static OWNERS: HashMap<u32, Owner> = HashMap::with_max_entries(MAX_SCOPES, 0
 #[map]
 pub static UDP_BINDS: HashMap<ScopePort, UdpBind> = HashMap::with_max_entries(MAX_MAPPINGS, 0);
 
+/// For each scope's TO ports, the mapping they come from, for getpeername.
+#[map]
+pub static REVERSE: HashMap<ScopePort, Reverse> = HashMap::with_max_entries(MAX_MAPPINGS, 0);
+
+/// `GLOBAL_*` bits about every scope.
+#[map]
+pub static GLOBAL: Array<u32> = Array::with_max_entries(1, 0);
+
 /// For each scope's FROM ports, which key shapes have a mapping: the fast
 /// path for misses, and one MAPPINGS lookup for hits.
 #[map]
 pub static PORTS: HashMap<ScopePort, u8> = HashMap::with_max_entries(MAX_MAPPINGS, 0);
 
-/// Original destination of every rewritten socket; freed with the socket,
-/// so nothing here outlives the connection.
+/// The rare per-socket records (see `OrigDst`); freed with the socket, so
+/// nothing here outlives the connection.
 #[btf_map]
 pub static ORIG_DST: SkStorage<OrigDst> = SkStorage::new();
 
@@ -102,8 +110,6 @@ pub fn count(c: Counter) {
 pub enum Stat {
     /// `connects`.
     Connects,
-    /// `established`.
-    Established,
     /// `datagrams`.
     Datagrams,
 }
@@ -123,7 +129,6 @@ pub fn add_stat(slot: u32, generation: u32, stat: Stat, delta: u64) {
     }
     let field = match stat {
         Stat::Connects => &mut stats.connects,
-        Stat::Established => &mut stats.established,
         Stat::Datagrams => &mut stats.datagrams,
     };
     *field = field.wrapping_add(delta);
@@ -160,8 +165,26 @@ pub fn current_scope() -> Option<u32> {
 /// port costs one lookup, a mapped one usually two.
 #[inline(always)]
 pub fn lookup(scope: u32, addr: &Addr, port: u16, proto: u8) -> Option<(MappingKey, MappingValue)> {
+    lookup_shapes(scope, addr, port, proto, port_shapes(scope, port)?)
+}
+
+/// The `SHAPE_*` bits of (`scope`, `port`), if the port is a FROM or a TO
+/// of the scope.
+#[inline(always)]
+pub fn port_shapes(scope: u32, port: u16) -> Option<u8> {
     // SAFETY: copied out at once.
-    let shapes = *unsafe { PORTS.get(ScopePort::new(scope, port)) }?;
+    unsafe { PORTS.get(ScopePort::new(scope, port)) }.copied()
+}
+
+/// [`lookup`] with the port's shapes already read.
+#[inline(always)]
+pub fn lookup_shapes(
+    scope: u32,
+    addr: &Addr,
+    port: u16,
+    proto: u8,
+    shapes: u8,
+) -> Option<(MappingKey, MappingValue)> {
     let (addr_proto, any_proto) = match proto {
         PROTO_TCP => (SHAPE_ADDR_TCP, SHAPE_ANY_TCP),
         PROTO_UDP => (SHAPE_ADDR_UDP, SHAPE_ANY_UDP),

@@ -14,13 +14,14 @@
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use aya_log_ebpf::debug;
 use redirect_common::{
-    Addr, Counter, FLAG_UDP_BIND, MappingKey, MappingValue, PROTO_UDP, RevNatKey, RevNatValue,
+    Addr, Counter, FLAG_UDP_BIND, GLOBAL_UDP, MappingKey, MappingValue, PROTO_UDP, RevNatKey,
+    RevNatValue,
 };
 
 use crate::{
     ALLOW,
     ctx::{self, Family},
-    maps::{MAPPINGS, REV_NAT, Stat, add_stat, count, current_scope, lookup},
+    maps::{GLOBAL, MAPPINGS, REV_NAT, Stat, add_stat, count, current_scope, lookup},
 };
 
 /// Rewrites the destination of an IPv4 `sendto()`.
@@ -127,6 +128,11 @@ pub fn remember(
 
 #[inline(always)]
 fn restore_source(ctx: &SockAddrContext, family: Family) -> Option<Counter> {
+    // Every UDP receive of the scope comes here: with no UDP mapping
+    // anywhere, one array read and out (no cookie, no LRU lookup).
+    if GLOBAL.get(0).is_none_or(|g| g & GLOBAL_UDP == 0) {
+        return None;
+    }
     let key = RevNatKey {
         cookie: ctx::cookie(ctx),
         addr: ctx::dst_addr(ctx, family),

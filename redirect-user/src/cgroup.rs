@@ -186,6 +186,8 @@ fn fs_magic(f: &File) -> io::Result<u32> {
 pub struct ChildCgroup {
     dir: CgroupDir,
     removed: bool,
+    /// The [`EXEC_RECORDS`] file naming this cgroup, removed with it.
+    record: Option<PathBuf>,
 }
 
 impl ChildCgroup {
@@ -197,6 +199,7 @@ impl ChildCgroup {
             Ok(dir) => Ok(ChildCgroup {
                 dir,
                 removed: false,
+                record: None,
             }),
             Err(e) => {
                 let _ = fs::remove_dir(&path);
@@ -236,18 +239,130 @@ impl ChildCgroup {
     /// Kills what remains inside and removes the directory.
     pub fn remove(mut self) -> Result<()> {
         self.removed = true;
-        remove_cgroup(self.path())
+        remove_cgroup(self.path())?;
+        self.forget_record();
+        Ok(())
+    }
+
+    fn forget_record(&mut self) {
+        if let Some(record) = self.record.take() {
+            let _ = fs::remove_file(record);
+        }
     }
 }
 
 impl Drop for ChildCgroup {
     fn drop(&mut self) {
-        if !self.removed
-            && let Err(e) = remove_cgroup(self.path())
-        {
-            log::warn!("{e}");
+        if self.removed {
+            return;
+        }
+        match remove_cgroup(self.path()) {
+            Ok(()) => self.forget_record(),
+            Err(e) => log::warn!("{e}"),
         }
     }
+}
+
+/// Where `redirect exec` records the cgroup it runs its command in: one
+/// file per exec, named after its pid, holding the cgroup's path and the
+/// process's start time. A SIGKILLed exec cannot remove its cgroup; the
+/// record lets the next `redirect status`, `run` or `exec` find it, see
+/// that its process is gone (a pid reused since has another start time),
+/// and remove it ([`remove_stale_exec_cgroups`]).
+pub const EXEC_RECORDS: &str = "/run/redirect/exec";
+
+/// The name of the cgroup `redirect exec` with pid `pid` runs its command in.
+pub fn exec_cgroup_name(pid: u32) -> String {
+    format!("redirect-exec-{pid}")
+}
+
+/// Creates this process's exec cgroup, [`exec_cgroup_name`] under
+/// `parent`, and records it in [`EXEC_RECORDS`] first, so that it is found
+/// and removed even if this process is SIGKILLed.
+pub fn create_exec_cgroup(parent: &Path) -> Result<ChildCgroup> {
+    let pid = std::process::id();
+    let path = parent.join(exec_cgroup_name(pid));
+    let start = start_time(pid).ok_or_else(|| {
+        Error::io(
+            "reading",
+            format!("/proc/{pid}/stat"),
+            io::ErrorKind::InvalidData.into(),
+        )
+    })?;
+    fs::create_dir_all(EXEC_RECORDS).map_err(|e| Error::io("creating", EXEC_RECORDS, e))?;
+    let record = Path::new(EXEC_RECORDS).join(pid.to_string());
+    fs::write(&record, format!("{}\n{start}\n", path.display()))
+        .map_err(|e| Error::io("writing", &record, e))?;
+    match ChildCgroup::create(parent, &exec_cgroup_name(pid)) {
+        Ok(mut cgroup) => {
+            cgroup.record = Some(record);
+            Ok(cgroup)
+        }
+        Err(e) => {
+            let _ = fs::remove_file(&record);
+            Err(e)
+        }
+    }
+}
+
+/// Removes the cgroups of `redirect exec` processes that are gone
+/// (SIGKILLed, so they could not clean up): kills whatever still runs
+/// inside (`cgroup.kill`), removes the directory and its record. Returns
+/// the cgroups removed. Needs root; without it (an unprivileged
+/// `redirect status`) nothing is removed and nothing is reported.
+pub fn remove_stale_exec_cgroups() -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(EXEC_RECORDS) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let record = entry.path();
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(text) = fs::read_to_string(&record) else {
+            continue;
+        };
+        let mut lines = text.lines();
+        let (Some(path), Some(start)) = (lines.next(), lines.next()) else {
+            continue;
+        };
+        let path = PathBuf::from(path);
+        // Only what exec itself would have made, whatever the file says.
+        if path.file_name().and_then(|n| n.to_str()) != Some(exec_cgroup_name(pid).as_str()) {
+            continue;
+        }
+        if start_time(pid).map(|t| t.to_string()).as_deref() == Some(start) {
+            continue; // still running
+        }
+        if !path.exists() {
+            let _ = fs::remove_file(&record);
+            continue;
+        }
+        match remove_cgroup(&path) {
+            Ok(()) => {
+                if fs::remove_file(&record).is_ok() {
+                    removed.push(path);
+                }
+            }
+            Err(e) => log::debug!("stale exec cgroup: {e}"),
+        }
+    }
+    removed
+}
+
+/// The start time of process `pid` (field 22 of `/proc/PID/stat`, in
+/// clock ticks since boot), or `None` when there is no such process.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold anything,
+    // so fields are counted from the last ')': state is field 3.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
 }
 
 /// The pids in cgroup `path`.
@@ -297,6 +412,13 @@ mod tests {
             parse_mountinfo(info),
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
+    }
+
+    #[test]
+    fn reads_its_own_start_time() {
+        let me = start_time(std::process::id()).expect("our own start time");
+        assert!(me > 0);
+        assert_eq!(start_time(std::process::id()), Some(me));
     }
 
     #[test]

@@ -38,10 +38,25 @@ pub enum Error {
         detail: String,
     },
 
+    /// The kernel is older than redirect's minimum, or its version cannot
+    /// be read (aya would then attach with legacy `BPF_PROG_ATTACH`, which
+    /// outlives the process).
+    #[error(
+        "kernel {release}: {reason}; redirect needs Linux >= 5.8 with a version it can read \
+         (otherwise programs would be attached in a way that outlives redirect)"
+    )]
+    KernelVersion {
+        /// `uname -r`.
+        release: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// The directory given as scope is not a cgroup v2 directory.
     #[error(
         "{path} is not a cgroup v2 directory ({reason}); pass --cgroup with a directory of the \
-         cgroup2 mount{hint}"
+         cgroup2 mount{hint}",
+        path = clip(&.path.to_string_lossy())
     )]
     NotCgroup2 {
         /// The directory given.
@@ -130,7 +145,8 @@ pub enum Error {
     /// The network namespace path given cannot be opened: bad input.
     #[error(
         "network namespace {path}: {source}; pass a namespace file such as /run/netns/NAME or \
-         /proc/PID/ns/net"
+         /proc/PID/ns/net",
+        path = clip(&.path.to_string_lossy())
     )]
     NetnsPath {
         /// The path given.
@@ -198,3 +214,16 @@ impl Error {
 
 /// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How much of a user's input an error message quotes.
+pub const QUOTE_MAX: usize = 64;
+
+/// `input` as an error message quotes it: whole when short, else its first
+/// [`QUOTE_MAX`] characters and "…", so that a 100,000-character argument
+/// does not come back whole.
+pub fn clip(input: &str) -> String {
+    match input.char_indices().nth(QUOTE_MAX) {
+        Some((end, _)) => format!("{}…", &input[..end]),
+        None => input.to_owned(),
+    }
+}

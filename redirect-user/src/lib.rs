@@ -31,8 +31,14 @@
 //!   and Windows.
 //! - [`status`]: the status socket each live instance serves, and
 //!   collecting every instance's status for `redirect status`.
+//! - [`daemon`]: `redirect daemon`: config file, control socket, reload,
+//!   metrics, pinned state that outlives restarts.
 //! - [`control`]: the daemon's control protocol and a blocking client.
+//! - [`oci`]: OCI hook logic: container state and annotations to a
+//!   control request.
 //! - [`user`]: looking up and becoming another user (`exec --user`).
+//! - [`kernel`]: the kernel version check made before attaching.
+//! - [`netns`]: checking a `--netns` path before attaching.
 //! - [`error`]: the [`Error`] type; every variant names the cause and a fix.
 //!
 //! # Minimum kernel version
@@ -50,11 +56,19 @@
 pub mod cgroup;
 #[cfg(unix)]
 pub mod control;
+#[cfg(with_ebpf)]
+pub mod daemon;
 pub mod doctor;
 #[cfg(with_ebpf)]
 pub mod ebpf;
 pub mod error;
+#[cfg(target_os = "linux")]
+pub mod kernel;
 pub mod mapping;
+#[cfg(target_os = "linux")]
+pub mod netns;
+#[cfg(target_os = "linux")]
+pub mod oci;
 pub mod proxy;
 #[cfg(with_ebpf)]
 pub mod status;

@@ -4,17 +4,18 @@
 //! input (nothing is attached), 1 for an environment problem (privileges,
 //! kernel, cgroup), 126/127 when `exec` cannot start its command.
 
+
 // Without the eBPF backend (macOS, Windows, `--no-default-features`), only
 // `run` (as the proxy) and `doctor` exist; the items marked
 // `cfg(with_ebpf)` below are the eBPF backend's.
 #![cfg_attr(not(with_ebpf), allow(dead_code))]
 
-use std::{ffi::OsString, path::PathBuf, process::ExitCode};
 #[cfg(with_ebpf)]
 use std::{
     io::{self, Write as _},
     os::fd::AsRawFd as _,
 };
+use std::{ffi::OsString, path::PathBuf, process::ExitCode};
 
 use crate::cmd::proxy::BackendArgs;
 #[cfg(with_ebpf)]
@@ -24,15 +25,15 @@ use redirect::{MappingError, MappingSet, mapping::parse_grant};
 #[cfg(with_ebpf)]
 use redirect::{
     Options, PortOwner, Redirector,
-    cgroup::{ChildCgroup, cgroup2_root, own_cgroup},
+    cgroup::{cgroup2_root, create_exec_cgroup, own_cgroup},
     ebpf::{Logger, check_privileges},
-    status::{self, InstanceStatus, Report, StatusSocket},
+    status::{self, InstanceStatus, Report, ServiceLimits, StatusService},
     user::User,
 };
 #[cfg(with_ebpf)]
 use tokio::{
-    io::{AsyncWriteExt as _, Interest, unix::AsyncFd},
-    net::{UnixListener, UnixStream},
+    io::{Interest, unix::AsyncFd},
+    net::UnixStream,
     signal::unix::{Signal, SignalKind, signal},
 };
 
@@ -89,25 +90,56 @@ enum Command {
     /// Only CMD and its children are affected. Exits with CMD's status; once
     /// CMD exits, whatever it left running in the cgroup is killed and the
     /// cgroup removed.
-    #[cfg(with_ebpf)]
     #[command(after_help = EXAMPLES)]
+    #[cfg(with_ebpf)]
     Exec(ExecArgs),
     /// Check what works on this host (kernel, capabilities, every eBPF
     /// hook tried for real, ports) and say what to do about the rest.
     ///
     /// Exits 0 only when the chosen backend can run.
     Doctor(cmd::doctor::DoctorArgs),
-    /// Show every live redirector on this host: scope, mappings with their
-    /// counters, attached programs.
+    /// Show every live redirector on this host: the daemon's scopes (or,
+    /// with no daemon, what is pinned), and each `run`/`exec` instance.
     #[cfg(with_ebpf)]
     Status(StatusArgs),
+    /// Run the node daemon: keep the scopes of a config file attached, with
+    /// pinned state that outlives restarts and upgrades.
+    #[cfg(with_ebpf)]
+    Daemon(cmd::daemon::DaemonArgs),
+    /// Add a mapping to a scope of the running daemon (lost on reload
+    /// unless written to the config file).
+    #[cfg(with_ebpf)]
+    Add(cmd::daemon::EditArgs),
+    /// Remove a mapping from a scope of the running daemon.
+    #[cfg(with_ebpf)]
+    Remove(cmd::daemon::EditArgs),
+    /// Make the running daemon re-read its config file and apply the
+    /// difference (as SIGHUP does).
+    #[cfg(with_ebpf)]
+    Reload(cmd::daemon::ControlArgs),
+    /// Remove everything pinned under the daemon's pin directory (every
+    /// scope it attached), leaving the host as it found it.
+    #[cfg(with_ebpf)]
+    Reset(cmd::daemon::ResetArgs),
+    /// OCI runtime hook (createRuntime, poststop): asks the daemon for a
+    /// scope per container annotated io.redirect.map (docs/CONTAINERS.md).
+    #[cfg(with_ebpf)]
+    OciHook(cmd::oci_hook::OciHookArgs),
 }
 
 #[derive(Args, Debug)]
 struct StatusArgs {
-    /// Print one JSON object with `mappings` and `instances` arrays.
+    /// Print one JSON object with `mappings` and `instances` arrays (and
+    /// `daemon` when a daemon answers or state is pinned).
     #[arg(long)]
     json: bool,
+
+    #[command(flatten)]
+    control: cmd::daemon::ControlArgs,
+
+    /// Where to look for pinned state when no daemon answers.
+    #[arg(long, value_name = "DIR", default_value = redirect::ebpf::pin::DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -212,13 +244,39 @@ fn main() -> ExitCode {
             Command::Exec(args) => exec(args, &options).await,
             #[cfg(with_ebpf)]
             Command::Status(args) => show_status(&args),
+            #[cfg(with_ebpf)]
+            Command::Daemon(args) => cmd::daemon::daemon(args).await,
+            #[cfg(with_ebpf)]
+            Command::Add(a) => cmd::daemon::request(
+                &a.control.control,
+                redirect::control::Request::Add {
+                    scope: a.scope,
+                    mapping: a.mapping,
+                },
+            ),
+            #[cfg(with_ebpf)]
+            Command::Remove(a) => cmd::daemon::request(
+                &a.control.control,
+                redirect::control::Request::Remove {
+                    scope: a.scope,
+                    mapping: a.mapping,
+                },
+            ),
+            #[cfg(with_ebpf)]
+            Command::Reload(a) => {
+                cmd::daemon::request(&a.control, redirect::control::Request::Reload)
+            }
+            #[cfg(with_ebpf)]
+            Command::Reset(a) => cmd::daemon::reset(a),
             Command::Doctor(args) => cmd::doctor::run(&args),
+            #[cfg(with_ebpf)]
+            Command::OciHook(args) => Ok(cmd::oci_hook::run(&args)),
         }
     });
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("redirect: error: {e:#}");
+            eprintln!("redirect: error: {}", render(&e));
             if is_bad_input(&e) {
                 ExitCode::from(2)
             } else {
@@ -228,12 +286,40 @@ fn main() -> ExitCode {
     }
 }
 
+/// The error and its causes, each said once: many library errors already
+/// quote their source in their own message.
+fn render(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
 fn is_bad_input(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<redirect::Error>()
             .is_some_and(redirect::Error::is_bad_input)
             || c.downcast_ref::<MappingError>().is_some()
+            || daemon_bad_input(c)
     })
+}
+
+#[cfg(with_ebpf)]
+fn daemon_bad_input(c: &(dyn std::error::Error + 'static)) -> bool {
+    c.downcast_ref::<redirect::daemon::DaemonError>()
+        .is_some_and(redirect::daemon::DaemonError::is_bad_input)
+        || c.downcast_ref::<redirect::daemon::config::ConfigError>()
+            .is_some()
+}
+
+#[cfg(not(with_ebpf))]
+fn daemon_bad_input(_: &(dyn std::error::Error + 'static)) -> bool {
+    false
 }
 
 /// Quiet by default (warnings and errors); `-v` adds redirect's debug log,
@@ -265,10 +351,7 @@ async fn run_without_ebpf(args: RunArgs) -> anyhow::Result<ExitCode> {
 #[cfg(with_ebpf)]
 /// `--owner`: a cgroup directory (an absolute path), else a user or uid.
 fn parse_owner(text: &str) -> Result<PortOwner, MappingError> {
-    if text.starts_with('/') {
-        return Ok(PortOwner::Cgroup(PathBuf::from(text)));
-    }
-    Ok(PortOwner::Uid(User::lookup(text)?.uid))
+    PortOwner::parse(text)
 }
 
 #[cfg(with_ebpf)]
@@ -296,6 +379,9 @@ async fn run(args: RunArgs, options: &Options) -> anyhow::Result<ExitCode> {
         return Err(MappingError::GrantWithoutScope.into());
     }
     let owner = args.owner.as_deref().map(parse_owner).transpose()?;
+    if let Some(path) = &args.netns {
+        redirect::netns::open(path)?;
+    }
     let scoped = args.cgroup.is_some() || owner.is_some() || !grants.is_empty();
     if let Some(why) = cmd::proxy::chosen(&args.backend, scoped) {
         return cmd::proxy::run(&mappings, &args.backend, why).await;
@@ -309,6 +395,7 @@ async fn run(args: RunArgs, options: &Options) -> anyhow::Result<ExitCode> {
         Ok(cgroup) => cgroup,
         Err(e) => return cmd::proxy::fall_back(&mappings, &args.backend, scoped, e.into()).await,
     };
+    clean_stale_exec_cgroups();
     // Inbound steering is per network namespace, not per cgroup: a
     // cgroup-scoped run steers only a namespace it is given.
     let netns = match (&args.netns, &args.cgroup) {
@@ -352,9 +439,10 @@ async fn exec(args: ExecArgs, options: &Options) -> anyhow::Result<ExitCode> {
     let user = args.user.as_deref().map(User::lookup).transpose()?;
     let mut shutdown = Shutdown::new()?;
     check_privileges()?;
+    clean_stale_exec_cgroups();
     let root = cgroup2_root()?;
     let parent = own_cgroup(&root)?;
-    let scope = ChildCgroup::create(&parent, &format!("redirect-exec-{}", std::process::id()))?;
+    let scope = create_exec_cgroup(&parent)?;
     let mut redirector = attach(scope.path(), mappings, &grants, options)?;
     log::debug!("{}", describe(&redirector));
 
@@ -367,19 +455,30 @@ async fn exec(args: ExecArgs, options: &Options) -> anyhow::Result<ExitCode> {
             .env("LOGNAME", &user.name)
             .env("HOME", &user.home);
     }
+    // We fork from this thread (the runtime is current-thread), and the
+    // parent-death signal follows the thread that forked.
+    let parent_pid = rustix::process::getpid();
     // SAFETY: the closure only makes async-signal-safe syscalls (write,
-    // setgroups, setgid, setuid). Writing "0" to cgroup.procs moves the
-    // calling process (the forked child, before exec) into the scope, so
-    // CMD never runs outside it; then it drops to --user.
+    // setgroups, setgid, setuid, prctl, getppid) and allocates nothing.
+    // Writing "0" to cgroup.procs moves the calling process (the forked
+    // child, before exec) into the scope, so CMD never runs outside it;
+    // then it drops to --user; then it asks for SIGKILL when we die (after
+    // the uid change, which clears that setting), so a SIGKILLed exec never
+    // leaves CMD running unredirected. If we died before that, getppid
+    // tells, and CMD is not started at all.
     unsafe {
         cmd.pre_exec(move || {
             if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
                 return Err(io::Error::last_os_error());
             }
-            match &user {
-                Some(user) => user.become_user(),
-                None => Ok(()),
+            if let Some(user) = &user {
+                user.become_user()?;
             }
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+            if rustix::process::getppid() != Some(parent_pid) {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
         });
     }
     let mut child = match cmd.spawn() {
@@ -413,29 +512,60 @@ async fn exec(args: ExecArgs, options: &Options) -> anyhow::Result<ExitCode> {
 }
 
 #[cfg(with_ebpf)]
+/// Removes the cgroups that SIGKILLed `redirect exec`s left behind (when
+/// root), and says so.
+fn clean_stale_exec_cgroups() {
+    for path in redirect::cgroup::remove_stale_exec_cgroups() {
+        log::warn!(
+            "removed {}, left by a `redirect exec` that was killed",
+            path.display()
+        );
+    }
+}
+
+#[cfg(with_ebpf)]
 /// `redirect status`: asks every live instance, prints a table or JSON.
 fn show_status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
+    clean_stale_exec_cgroups();
     let report = Report::new(status::collect()?);
-    let mut out = io::stdout().lock();
+    let daemon = cmd::daemon::daemon_status(&args.control.control)
+        .or_else(|| redirect::ebpf::pin::pinned_status(&args.pin_dir));
+    // Buffered: a report of thousands of mappings is tens of thousands of
+    // lines, one write(2) each through the line-buffered stdout.
+    let mut out = io::BufWriter::new(io::stdout().lock());
     if args.json {
-        serde_json::to_writer_pretty(&mut out, &report)?;
+        let mut value = serde_json::to_value(&report)?;
+        if let Some(d) = &daemon {
+            value["daemon"] = d.clone();
+        }
+        serde_json::to_writer_pretty(&mut out, &value)?;
         writeln!(out)?;
+        out.flush()?;
         return Ok(ExitCode::SUCCESS);
     }
-    if report.instances.is_empty() {
+    if let Some(d) = &daemon {
+        cmd::daemon::print_daemon(&mut out, d)?;
+    }
+    if report.instances.is_empty() && daemon.is_none() {
         writeln!(out, "no redirect instance is running")?;
     }
     for i in &report.instances {
         print_instance(&mut out, i)?;
     }
+    out.flush()?;
     Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(with_ebpf)]
 fn print_instance(out: &mut impl io::Write, i: &InstanceStatus) -> io::Result<()> {
+    let gone = if i.scope_gone {
+        " (the cgroup is gone: nothing is redirected; stop this instance)"
+    } else {
+        ""
+    };
     writeln!(
         out,
-        "redirect {} (pid {}) for cgroup {}",
+        "redirect {} (pid {}) for cgroup {}{gone}",
         i.kind,
         i.pid,
         i.scope.display()
@@ -477,13 +607,12 @@ fn print_instance(out: &mut impl io::Write, i: &InstanceStatus) -> io::Result<()
 #[cfg(with_ebpf)]
 /// Serves this instance's status socket, if it could be bound (it needs
 /// write access to /run; without it `status` cannot see this instance,
-/// which is worth a warning, not a failure).
+/// which is worth a warning, not a failure). Bounded whatever clients do:
+/// see [`StatusService`].
 struct StatusServer {
-    listener: Option<UnixListener>,
+    service: Option<StatusService>,
     kind: &'static str,
     started_unix: u64,
-    // Removes the socket file when dropped.
-    _socket: Option<StatusSocket>,
 }
 
 #[cfg(with_ebpf)]
@@ -492,55 +621,39 @@ impl StatusServer {
         let started_unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let (listener, socket) = match StatusSocket::bind() {
-            Ok(mut socket) => {
-                let listener = socket
-                    .take_listener()
-                    .and_then(|l| UnixListener::from_std(l).ok());
-                (listener, Some(socket))
-            }
+        let service = match StatusService::bind(ServiceLimits::default()) {
+            Ok(service) => Some(service),
             Err(e) => {
                 log::warn!("`redirect status` will not see this instance: {e}");
-                (None, None)
+                None
             }
         };
         StatusServer {
-            listener,
+            service,
             kind,
             started_unix,
-            _socket: socket,
         }
     }
 
     /// The next status request; never resolves without a socket.
-    async fn accept(&self) -> io::Result<UnixStream> {
-        match &self.listener {
-            Some(l) => l.accept().await.map(|(stream, _)| stream),
+    async fn accept(&self) -> UnixStream {
+        match &self.service {
+            Some(s) => s.accept().await,
             None => std::future::pending().await,
         }
     }
 
-    /// Answers one request with a JSON snapshot, without blocking the loop.
-    fn serve(&self, conn: io::Result<UnixStream>, redirector: &Redirector) {
-        let mut stream = match conn {
-            Ok(stream) => stream,
-            Err(e) => {
-                log::warn!("status socket: {e}");
-                return;
-            }
-        };
-        let body = redirector
-            .status(self.kind, self.started_unix)
-            .map_err(anyhow::Error::from)
-            .and_then(|s| Ok(serde_json::to_vec(&s)?));
-        match body {
-            Ok(body) => {
-                tokio::spawn(async move {
-                    let _ = stream.write_all(&body).await;
-                    let _ = stream.shutdown().await;
-                });
-            }
-            Err(e) => log::warn!("building the status: {e:#}"),
+    /// Answers one request with the shared JSON snapshot, without blocking
+    /// the loop.
+    fn serve(&self, stream: UnixStream, redirector: &Redirector) {
+        if let Some(service) = &self.service {
+            service.serve(stream, || {
+                redirector
+                    .status(self.kind, self.started_unix)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|s| Ok(serde_json::to_vec(&s)?))
+                    .map_err(|e| format!("{e:#}"))
+            });
         }
     }
 }

@@ -27,6 +27,8 @@ use std::{
 
 use redirect_common::MAX_MAPPINGS;
 
+use crate::error::clip;
+
 /// The protocols a mapping applies to.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Proto {
@@ -156,7 +158,8 @@ pub enum MappingError {
          and an address (127.0.0.1:443:8443, [::1]:443:8443)"
     )]
     Syntax {
-        /// The text as given.
+        /// The text as given (clipped to [`QUOTE_MAX`](crate::error::QUOTE_MAX)
+        /// characters).
         input: String,
         /// What is wrong with it.
         reason: &'static str,
@@ -221,9 +224,14 @@ pub enum MappingError {
         /// What is wrong with it.
         reason: &'static str,
     },
-    /// A `--user` names no user.
-    #[error("unknown user `{0}` for --user: no such user (see /etc/passwd)")]
-    UnknownUser(String),
+    /// A `--user` or `--owner` names no user.
+    #[error("unknown user `{name}` for {option}: no such user (see /etc/passwd)")]
+    UnknownUser {
+        /// The name or uid given (clipped).
+        name: String,
+        /// The option that named it: `--user`, `--owner`.
+        option: &'static str,
+    },
     /// `--grant` without a scope would grant the port to every process on
     /// the host.
     #[error(
@@ -246,7 +254,7 @@ impl FromStr for Mapping {
 
     fn from_str(input: &str) -> Result<Self, Self::Err> {
         let syntax = |reason| MappingError::Syntax {
-            input: input.to_owned(),
+            input: clip(input),
             reason,
         };
         let (rest, proto) = match input.rsplit_once('/') {
@@ -298,8 +306,8 @@ impl FromStr for Mapping {
 
 fn parse_port(input: &str, port: &str) -> Result<u16, MappingError> {
     let err = |reason| MappingError::Port {
-        input: input.to_owned(),
-        port: port.to_owned(),
+        input: clip(input),
+        port: clip(port),
         reason,
     };
     if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
@@ -317,7 +325,7 @@ fn parse_port(input: &str, port: &str) -> Result<u16, MappingError> {
 /// need no grant).
 pub fn parse_grant(input: &str) -> Result<u16, MappingError> {
     let err = |reason| MappingError::Grant {
-        input: input.to_owned(),
+        input: clip(input),
         reason,
     };
     if input.is_empty() || !input.bytes().all(|b| b.is_ascii_digit()) {

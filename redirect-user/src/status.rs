@@ -4,18 +4,33 @@
 //! that opts in) listens on a unix socket `/run/redirect/instances/<pid>.sock`
 //! and answers every connection with one JSON [`InstanceStatus`], then
 //! closes it. The socket is read-only (the instance ignores anything sent
-//! to it) and world-connectable, so `status` needs no privileges. It is
-//! removed when the instance ends; one left behind by a SIGKILL refuses
-//! connections, and [`collect`] removes it. *Rejected*: pinning the maps in
-//! bpffs, which would outlive a killed instance.
+//! to it) and world-connectable (mode 0666), so `status` needs no
+//! privileges. It is removed when the instance ends; one left behind by a
+//! SIGKILL refuses connections, and [`collect`] removes it. *Rejected*:
+//! pinning the maps in bpffs, which would outlive a killed instance.
+//!
+//! # Bounded, since anyone may connect
+//!
+//! [`StatusService`] bounds what clients can cost the instance, whatever
+//! they do ([`ServiceLimits`]): at most 64 clients are served at once and
+//! at most 8 per uid (from `SO_PEERCRED`), so one user cannot take every
+//! slot from another (root's `redirect status` is answered while `nobody`
+//! holds a thousand idle connections); a connection beyond either cap is
+//! closed at once, unanswered. The reply is built at most every 200 ms and
+//! shared by every client as one `Arc<[u8]>` (never copied per client),
+//! and a client that has not read all of it within 2 s is dropped. Memory
+//! is then bounded by the slots (each holds a reference to a shared reply,
+//! plus its kernel socket buffer) and the replies built in the last 2 s,
+//! whatever the number of clients.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     fs,
     io::{self, Read as _},
     os::unix::{fs::PermissionsExt as _, net::UnixListener, net::UnixStream},
     path::{Path, PathBuf},
-    time::Duration,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
@@ -34,6 +49,10 @@ pub struct InstanceStatus {
     pub kind: String,
     /// The cgroup v2 directory it redirects for.
     pub scope: PathBuf,
+    /// Whether that directory has been removed while the instance runs:
+    /// its programs went with it, so nothing is redirected any more.
+    #[serde(default)]
+    pub scope_gone: bool,
     /// When it started, in seconds since the Unix epoch.
     pub started_unix: u64,
     /// Its eBPF programs.
@@ -220,5 +239,182 @@ fn ask(path: &Path) -> io::Result<InstanceStatus> {
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     let mut buf = Vec::new();
     stream.read_to_end(&mut buf)?;
+    if buf.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "it answered nothing: too many status clients at once (see `ss -x`); try again",
+        ));
+    }
     serde_json::from_slice(&buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// What [`StatusService`] allows its clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceLimits {
+    /// Clients served at once; a connection beyond it is closed at once.
+    pub max_clients: usize,
+    /// Clients of one uid served at once, so that one user cannot take the
+    /// slots of every other.
+    pub max_clients_per_uid: usize,
+    /// How long a client has to read the whole reply before it is dropped.
+    pub write_timeout: Duration,
+    /// The reply is rebuilt at most this often; clients in between share
+    /// the last one.
+    pub refresh: Duration,
+}
+
+impl Default for ServiceLimits {
+    fn default() -> Self {
+        ServiceLimits {
+            max_clients: 64,
+            max_clients_per_uid: 8,
+            write_timeout: Duration::from_secs(2),
+            refresh: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Serves an instance's status socket with bounded cost (see the module
+/// documentation): capped clients in all and per uid, a write timeout, and
+/// one shared reply rebuilt at most every [`ServiceLimits::refresh`].
+///
+/// Needs a tokio runtime (with the `net` and `time` drivers): [`accept`]
+/// and [`serve`] are called from its loop.
+///
+/// [`accept`]: StatusService::accept
+/// [`serve`]: StatusService::serve
+#[derive(Debug)]
+pub struct StatusService {
+    listener: tokio::net::UnixListener,
+    limits: ServiceLimits,
+    reply: Mutex<Option<(Instant, Arc<[u8]>)>>,
+    clients: Arc<Mutex<Clients>>,
+    // Removes the socket file when dropped.
+    _socket: StatusSocket,
+}
+
+/// The clients being served, in all and by uid.
+#[derive(Debug, Default)]
+struct Clients {
+    total: usize,
+    by_uid: HashMap<u32, usize>,
+}
+
+/// A client's slot; given back when dropped.
+struct Slot {
+    clients: Arc<Mutex<Clients>>,
+    uid: u32,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut c = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        c.total -= 1;
+        if let Some(n) = c.by_uid.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                c.by_uid.remove(&self.uid);
+            }
+        }
+    }
+}
+
+impl StatusService {
+    /// Binds this process's status socket ([`socket_path`]) and serves it
+    /// within `limits`. Must be called within a tokio runtime.
+    pub fn bind(limits: ServiceLimits) -> Result<Self> {
+        let mut socket = StatusSocket::bind()?;
+        let listener = socket
+            .take_listener()
+            .expect("a freshly bound socket has its listener");
+        let listener = tokio::net::UnixListener::from_std(listener)
+            .map_err(|e| Error::io("serving", &socket.path, e))?;
+        Ok(StatusService {
+            listener,
+            limits,
+            reply: Mutex::new(None),
+            clients: Arc::default(),
+            _socket: socket,
+        })
+    }
+
+    /// The next connection. Errors (such as running out of file
+    /// descriptors) are logged and retried after a pause, so that a caller
+    /// looping on this never spins.
+    pub async fn accept(&self) -> tokio::net::UnixStream {
+        loop {
+            match self.listener.accept().await {
+                Ok((stream, _)) => return stream,
+                Err(e) => {
+                    log::warn!("status socket: accepting: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    /// Answers `stream` with the shared reply, in a task of its own, if the
+    /// caps allow; otherwise closes it at once. `build` makes a fresh reply
+    /// (the JSON of an [`InstanceStatus`]) and is called only when the last
+    /// one is older than [`ServiceLimits::refresh`].
+    pub fn serve<E: std::fmt::Display>(
+        &self,
+        stream: tokio::net::UnixStream,
+        build: impl FnOnce() -> std::result::Result<Vec<u8>, E>,
+    ) {
+        // Without credentials the client counts as one anonymous uid.
+        let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
+        let Some(slot) = self.admit(uid) else {
+            log::debug!("status socket: too many clients (uid {uid}); closing a connection");
+            return;
+        };
+        let body = match self.reply(build) {
+            Ok(body) => body,
+            Err(e) => {
+                log::warn!("building the status: {e}");
+                return;
+            }
+        };
+        let timeout = self.limits.write_timeout;
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt as _;
+            let mut stream = stream;
+            let _ = tokio::time::timeout(timeout, async {
+                stream.write_all(&body).await?;
+                stream.shutdown().await
+            })
+            .await;
+            drop(slot);
+        });
+    }
+
+    fn admit(&self, uid: u32) -> Option<Slot> {
+        let mut c = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let mine = c.by_uid.get(&uid).copied().unwrap_or(0);
+        if c.total >= self.limits.max_clients || mine >= self.limits.max_clients_per_uid {
+            return None;
+        }
+        c.total += 1;
+        *c.by_uid.entry(uid).or_default() += 1;
+        Some(Slot {
+            clients: self.clients.clone(),
+            uid,
+        })
+    }
+
+    /// The shared reply, rebuilt when older than the refresh period.
+    fn reply<E>(
+        &self,
+        build: impl FnOnce() -> std::result::Result<Vec<u8>, E>,
+    ) -> std::result::Result<Arc<[u8]>, E> {
+        let mut reply = self.reply.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((built, body)) = reply.as_ref()
+            && built.elapsed() < self.limits.refresh
+        {
+            return Ok(body.clone());
+        }
+        let body: Arc<[u8]> = build()?.into();
+        *reply = Some((Instant::now(), body.clone()));
+        Ok(body)
+    }
 }

@@ -24,9 +24,18 @@ pub struct User {
 }
 
 impl User {
-    /// Looks up a user by name, or by number (`65534`).
+    /// Looks up a user by name, or by number (`65534`), given to `--user`.
     pub fn lookup(name_or_uid: &str) -> Result<User, MappingError> {
-        let not_found = || MappingError::UnknownUser(name_or_uid.to_owned());
+        Self::lookup_for(name_or_uid, "--user")
+    }
+
+    /// Looks up a user by name or number given to `option` (which an
+    /// unknown user's error names).
+    pub fn lookup_for(name_or_uid: &str, option: &'static str) -> Result<User, MappingError> {
+        let not_found = || MappingError::UnknownUser {
+            name: crate::error::clip(name_or_uid),
+            option,
+        };
         let mut buf = vec![0u8; 16 * 1024];
         // SAFETY: passwd is plain data filled by getpw*_r.
         let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };

@@ -28,6 +28,8 @@ use std::{
 };
 
 pub use redirect;
+
+pub mod daemon;
 use redirect::cgroup::ChildCgroup;
 #[cfg(feature = "ebpf")]
 use redirect::{cgroup::cgroup2_root, ebpf::attached_programs};
@@ -49,6 +51,18 @@ pub fn privileged(test: &str) -> bool {
             false
         }
     }
+}
+
+/// `base` times `REDIRECT_TEST_PATIENCE` (a whole factor, default 1): the
+/// bound of every wait on a `redirect` or `probe` process. `cargo xtask test
+/// --kernel` raises it in its emulated guest, where a debug `redirect` takes
+/// seconds to parse the kernel's BTF and load its programs.
+pub fn patience(base: Duration) -> Duration {
+    let factor = std::env::var("REDIRECT_TEST_PATIENCE")
+        .ok()
+        .and_then(|f| f.parse().ok())
+        .unwrap_or(1);
+    base * factor
 }
 
 #[cfg(feature = "ebpf")]
@@ -84,10 +98,10 @@ pub fn attached(cgroup: &Path) -> Vec<String> {
 }
 
 #[cfg(feature = "ebpf")]
-/// Waits (up to 3 s) until nothing is attached to `cgroup`; returns what is
+/// Waits (up to 3 s, see [`patience`]) until nothing is attached to `cgroup`; returns what is
 /// still attached otherwise.
 pub fn wait_detached(cgroup: &Path) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(3);
+    let deadline = Instant::now() + patience(Duration::from_secs(3));
     loop {
         let left = attached(cgroup);
         if left.is_empty() || Instant::now() > deadline {
@@ -98,11 +112,16 @@ pub fn wait_detached(cgroup: &Path) -> Vec<String> {
 }
 
 /// A workspace binary that `nobody` can run wherever the checkout lives:
-/// a copy in `$TMPDIR/redirect-tests-bin` (one fixed directory, refreshed
-/// once per test process, so runs do not accumulate copies).
+/// a copy in `$TMPDIR/redirect-tests-bin-<checkout>` (one fixed directory
+/// per checkout, refreshed once per test process, so runs do not
+/// accumulate copies and two checkouts tested at once never run each
+/// other's binaries).
 pub fn binary(name: &str) -> PathBuf {
+    use std::hash::{Hash as _, Hasher as _};
     static COPIED: Mutex<Vec<String>> = Mutex::new(Vec::new());
-    let dir = std::env::temp_dir().join("redirect-tests-bin");
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    target_dir().hash(&mut hasher);
+    let dir = std::env::temp_dir().join(format!("redirect-tests-bin-{:016x}", hasher.finish()));
     let copy = dir.join(name);
     let mut copied = COPIED.lock().unwrap();
     if !copied.iter().any(|n| n == name) {
@@ -511,9 +530,9 @@ impl RedirectProcess {
         process
     }
 
-    /// Waits (up to 20 s) for the line starting with `ready`, and returns it.
+    /// Waits (up to 20 s, see [`patience`]) for the line starting with `ready`, and returns it.
     pub fn wait_ready(&mut self) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + patience(Duration::from_secs(20));
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match self.lines.recv_timeout(left) {
                 Ok(line) if line.starts_with("ready") => return line,
@@ -535,9 +554,9 @@ impl RedirectProcess {
         assert_eq!(rc, 0, "kill");
     }
 
-    /// Waits (up to 10 s) for the process to exit.
+    /// Waits (up to 10 s, see [`patience`]) for the process to exit.
     pub fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + patience(Duration::from_secs(10));
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status;
@@ -625,10 +644,10 @@ impl Interactive {
         stdin.flush().expect("flush probe stdin");
     }
 
-    /// The next output line (waits up to 10 s).
+    /// The next output line (waits up to 10 s, see [`patience`]).
     pub fn line(&mut self) -> String {
         self.lines
-            .recv_timeout(Duration::from_secs(10))
+            .recv_timeout(patience(Duration::from_secs(10)))
             .expect("probe printed nothing")
     }
 

@@ -164,3 +164,46 @@ fn a_runtime_insert_is_validated() {
     assert!(err.to_string().contains("loop"), "{err}");
     assert_eq!(redirector.mappings().len(), 1);
 }
+
+/// getpeername answers from the scope's reverse table, with no per-socket
+/// state: a client that dials TO itself must still see TO, and two FROMs
+/// sharing one TO each see their own (those connects keep a record).
+#[test]
+fn getpeername_tells_direct_dials_and_shared_targets_apart() {
+    if !privileged("getpeername-reverse") {
+        return;
+    }
+    let servers = Pair::tcp("127.0.0.1");
+    let other = redirect_tests::TcpServer::start("127.0.0.1:0", "other");
+    let cgroup = test_cgroup("getpeername-reverse");
+    let to = servers.target.addr;
+    let mappings = redirect::MappingSet::parse([
+        servers.mapping(),
+        format!("{}:{}", other.addr.port(), to.port()),
+    ])
+    .unwrap();
+    let redirector =
+        redirect::Redirector::attach(cgroup.path(), mappings, &redirect::Options::default())
+            .expect("attach");
+
+    let direct = probe(Some(&cgroup), "tcp", to);
+    assert_eq!(direct.reply(), "to:hello");
+    assert_eq!(direct.peer(), to, "a direct dial of TO reports TO");
+
+    let via_first = probe(Some(&cgroup), "tcp", servers.decoy.addr);
+    assert_eq!(via_first.reply(), "to:hello");
+    assert_eq!(via_first.peer(), servers.decoy.addr, "its own FROM");
+    let via_second = probe(Some(&cgroup), "tcp", other.addr);
+    assert_eq!(via_second.reply(), "to:hello");
+    assert_eq!(via_second.peer(), other.addr, "its own FROM");
+
+    // With one mapping left, its TO is unambiguous again: no record.
+    let mut redirector = redirector;
+    redirector
+        .remove(&Mapping::new(other.addr.port(), 0))
+        .unwrap();
+    let again = probe(Some(&cgroup), "tcp", servers.decoy.addr);
+    assert_eq!(again.peer(), servers.decoy.addr);
+    let direct = probe(Some(&cgroup), "tcp", to);
+    assert_eq!(direct.peer(), to, "still TO for a direct dial");
+}

@@ -7,8 +7,8 @@ use std::{
 };
 
 use redirect_tests::{
-    Interactive, Pair, RedirectProcess, privileged, probe, redirect, status_json, status_mappings,
-    test_cgroup,
+    Interactive, Pair, RedirectProcess, patience, privileged, probe, redirect, status_json,
+    status_mappings, test_cgroup,
 };
 
 const N: u64 = 5;
@@ -117,10 +117,10 @@ fn status_skips_a_killed_instance() {
     assert!(!redirect::status::socket_path(pid).exists());
 }
 
-/// Polls `status --json` (up to 5 s) until the instance's single mapping
+/// Polls `status --json` (up to 5 s, see [`patience`]) until the instance's single mapping
 /// satisfies `done`; returns it.
 fn wait_for(pid: u32, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + patience(Duration::from_secs(5));
     loop {
         let entries = status_mappings(pid);
         let entry = entries.first().cloned().expect("instance listed");

@@ -11,6 +11,7 @@ mod portable;
 mod run;
 mod test;
 mod toolchain;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -27,7 +28,8 @@ enum Command {
     /// `sudo -E` when not root). Example: cargo xtask run --map 443:8443
     Run(run::Options),
     /// Install what the build needs, build everything and run the whole test
-    /// suite, the privileged eBPF tests included.
+    /// suite, the privileged eBPF tests included (in a qemu guest with
+    /// `--kernel 6.1`).
     Test(test::Options),
     /// rustfmt check and clippy (-D warnings) for userspace and eBPF.
     Lint,

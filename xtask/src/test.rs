@@ -15,17 +15,26 @@ use crate::{cargo, is_root, status, toolchain};
 pub struct Options {
     /// Only run tests whose name contains this filter.
     filter: Option<String>,
+    /// Run the suite in a qemu guest on this kernel instead of the host's:
+    /// a version to fetch (`6.1`, Debian 12's) or the path of a bzImage.
+    #[arg(long, value_name = "VERSION|VMLINUZ")]
+    kernel: Option<String>,
 }
 
 pub fn run(opts: Options) -> anyhow::Result<()> {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    if let Some(kernel) = &opts.kernel {
+        // The guest runs the suite as its root: no sudo on the host.
+        return crate::vm::run(kernel, opts.filter.as_deref(), ci);
+    }
     toolchain::ensure()?;
     toolchain::ensure_test_tools()?;
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
     if ci && !is_root() {
         anyhow::bail!("CI=true but not root: the privileged eBPF tests must run, never skip");
     }
-    // The integration tests run the `redirect` and `probe` binaries.
-    status(cargo().args(["build", "--locked", "--bins"]))?;
+    // The integration tests run the `redirect` and `probe` binaries, and
+    // the library's container_runtime example.
+    status(cargo().args(["build", "--locked", "--bins", "--examples"]))?;
 
     let mut cmd = cargo();
     cmd.args(["test", "--locked", "--no-fail-fast"]);
@@ -61,16 +70,17 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Test counts summed over libtest's result lines.
 #[derive(Default)]
-struct Totals {
-    passed: u64,
-    failed: u64,
-    ignored: u64,
+pub struct Totals {
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
 }
 
 impl Totals {
     /// Adds one "test result: ok. 3 passed; 0 failed; 1 ignored; …" line.
-    fn add(&mut self, line: &str) {
+    pub fn add(&mut self, line: &str) {
         let Some(rest) = line.strip_prefix("test result: ") else {
             return;
         };

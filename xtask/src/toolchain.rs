@@ -87,13 +87,18 @@ fn ensure_llvm() -> anyhow::Result<()> {
 }
 
 /// The programs the integration tests run, with the Debian package that
-/// provides each.
-const TEST_TOOLS: [(&str, &str); 7] = [
+/// provides each. The container tests run `runc` and copy the static
+/// busybox into their rootfs (Debian's `busybox` package is dynamic and
+/// would not run there).
+const TEST_TOOLS: [(&str, &str); 10] = [
+    ("ip", "iproute2"),
     ("dig", "bind9-dnsutils"),
     ("dnsmasq", "dnsmasq-base"),
     ("unshare", "util-linux"),
     ("findmnt", "util-linux"),
     ("setpriv", "util-linux"),
+    ("runc", "runc"),
+    ("busybox", "busybox-static"),
     // Real PROXY protocol peers for the proxy tests (each test starts its
     // own instance with its own config, on a port it picked).
     ("nginx", "nginx"),
@@ -104,6 +109,21 @@ const TEST_TOOLS: [(&str, &str); 7] = [
 /// the binary without starting a system service).
 pub fn ensure_test_tools() -> anyhow::Result<()> {
     ensure_tools(&TEST_TOOLS, "the tests")
+}
+
+/// What `cargo xtask test --kernel` needs on the host: qemu (the guest
+/// runs under its software emulation), a static busybox (the guest's shell
+/// and mount, insmod, poweroff…), objcopy (strips the test binaries), and
+/// apt-get/dpkg-deb to fetch and unpack the kernel package.
+const VM_TOOLS: [(&str, &str); 3] = [
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("busybox", "busybox-static"),
+    ("objcopy", "binutils"),
+];
+
+/// Installs what booting the suite in a qemu guest needs.
+pub fn ensure_vm_tools() -> anyhow::Result<()> {
+    ensure_tools(&VM_TOOLS, "cargo xtask test --kernel")
 }
 
 /// Installs, with apt-get, the packages of whichever `(binary, package)`
@@ -135,24 +155,31 @@ fn on_path(bin: &str) -> bool {
         .any(|dir| dir.join(bin).is_file())
 }
 
+/// apt-get as root (through sudo when not root), non-interactive.
+fn apt(args: &[&str]) -> Command {
+    let mut cmd = if is_root() {
+        Command::new("apt-get")
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg("apt-get");
+        c
+    };
+    // Wait for another apt (unattended upgrades, a second xtask) rather
+    // than failing at once on its lock.
+    cmd.args(["-o", "DPkg::Lock::Timeout=600"])
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    cmd
+}
+
+/// Refreshes the package lists.
+pub fn apt_update() -> anyhow::Result<()> {
+    status(&mut apt(&["update", "-qq"]))
+}
+
 /// Installs Debian packages (through sudo when not root).
 pub fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
-    let apt = |args: &[&str]| {
-        let mut cmd = if is_root() {
-            Command::new("apt-get")
-        } else {
-            let mut c = Command::new("sudo");
-            c.arg("apt-get");
-            c
-        };
-        // Wait for another apt (unattended upgrades, a second xtask) rather
-        // than failing at once on its lock.
-        cmd.args(["-o", "DPkg::Lock::Timeout=600"])
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive");
-        cmd
-    };
-    status(&mut apt(&["update", "-qq"]))?;
+    apt_update()?;
     let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
     args.extend_from_slice(packages);
     status(&mut apt(&args))

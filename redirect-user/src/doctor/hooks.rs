@@ -20,6 +20,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/re
 enum Kind {
     SockAddr,
     SockOps,
+    CgroupSock,
     SkLookup,
 }
 
@@ -117,12 +118,20 @@ const HOOKS: &[Hook] = &[
         required: false,
     },
     Hook {
-        program: programs::SOCK_OPS,
-        kind: Kind::SockOps,
-        hook: "sockops",
-        min_kernel: "5.7",
-        used_for: "per-mapping established counters",
-        required: true,
+        program: programs::POST_BIND4,
+        kind: Kind::CgroupSock,
+        hook: "cgroup/post_bind4",
+        min_kernel: "6.1 (verified; sk_storage and the caller's uid there)",
+        used_for: "--owner with --netns: proving the owner bound a listener",
+        required: false,
+    },
+    Hook {
+        program: programs::POST_BIND6,
+        kind: Kind::CgroupSock,
+        hook: "cgroup/post_bind6",
+        min_kernel: "6.1 (verified)",
+        used_for: "--owner with --netns, over IPv6",
+        required: false,
     },
     Hook {
         program: programs::SOCK_LISTEN,
@@ -219,6 +228,15 @@ fn try_one(
         }
         Kind::SockOps => {
             let p: &mut SockOps = program.try_into().map_err(|e| fail("type", e))?;
+            p.load().map_err(|e| fail("load", e))?;
+            let id = p
+                .attach(cgroup.dir().as_fd(), CgroupAttachMode::Single)
+                .map_err(|e| fail("attach", e))?;
+            p.detach(id).map_err(|e| fail("detach", e))?;
+        }
+        Kind::CgroupSock => {
+            let p: &mut aya::programs::CgroupSock =
+                program.try_into().map_err(|e| fail("type", e))?;
             p.load().map_err(|e| fail("load", e))?;
             let id = p
                 .attach(cgroup.dir().as_fd(), CgroupAttachMode::Single)

@@ -9,10 +9,9 @@ use crate::{Error, Result};
 /// `BPF_PROG_QUERY` from `<linux/bpf.h>`.
 const BPF_PROG_QUERY: libc::c_long = 16;
 
-/// The cgroup hooks redirect uses, with their `enum bpf_attach_type` values
-/// (kernel ABI, stable).
-pub const HOOKS: [(&str, u32); 11] = [
-    ("sock_ops", 3),
+/// The cgroup hooks every scope uses, with their `enum bpf_attach_type`
+/// values (kernel ABI, stable).
+pub const HOOKS: [(&str, u32); 10] = [
     ("bind4", 8),
     ("bind6", 9),
     ("connect4", 10),
@@ -24,6 +23,10 @@ pub const HOOKS: [(&str, u32); 11] = [
     ("getpeername4", 29),
     ("getpeername6", 30),
 ];
+
+/// The cgroup hooks a scope that steers a namespace adds (its steering
+/// instance registers listeners), with their attach types.
+pub const STEER_HOOKS: [(&str, u32); 3] = [("sock_ops", 3), ("post_bind4", 12), ("post_bind6", 13)];
 
 /// A program attached directly to a cgroup.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,13 +52,14 @@ struct QueryAttr {
     _pad: u32,
 }
 
-/// Every program attached directly to cgroup `path` on one of [`HOOKS`],
+/// Every program attached directly to cgroup `path` on one of [`HOOKS`]
+/// or [`STEER_HOOKS`],
 /// whoever attached it (programs inherited from parent cgroups are not
 /// listed).
 pub fn attached_programs(path: &Path) -> Result<Vec<AttachedProgram>> {
     let dir = File::open(path).map_err(|e| Error::io("opening", path, e))?;
     let mut found = Vec::new();
-    for (hook, attach_type) in HOOKS {
+    for &(hook, attach_type) in HOOKS.iter().chain(&STEER_HOOKS) {
         let ids = query(&dir, attach_type).map_err(|e| Error::io("BPF_PROG_QUERY on", path, e))?;
         found.extend(ids.into_iter().map(|id| AttachedProgram {
             hook,

@@ -134,7 +134,7 @@ pub fn warn_mixed_owners(found: &[FoundListener]) {
 }
 
 /// Every pid in `scope` and its descendant cgroups.
-fn scope_pids(scope: &Path) -> Vec<i32> {
+pub(super) fn scope_pids(scope: &Path) -> Vec<i32> {
     let mut pids = Vec::new();
     let mut dirs = vec![scope.to_path_buf()];
     while let Some(dir) = dirs.pop() {
@@ -171,7 +171,7 @@ fn listening_inodes(proc_dir: &str, ports: &HashSet<u16>) -> HashMap<u64, Listen
 
 /// The address field of `/proc/net/tcp{,6}`: 8 or 32 hex digits, each
 /// group of 8 being a network-order word printed as a native integer.
-fn parse_proc_addr(hex: &str) -> Option<(u32, redirect_common::Addr)> {
+pub(super) fn parse_proc_addr(hex: &str) -> Option<(u32, redirect_common::Addr)> {
     let word = |i: usize| u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16).ok();
     match hex.len() {
         8 => Some((

@@ -17,6 +17,7 @@
 //! maps are pinned on bpffs and outlive the process (see [`pin`]).
 
 mod attached;
+mod established;
 mod listeners;
 pub mod pin;
 mod privileges;
@@ -25,7 +26,7 @@ mod scope;
 
 use std::path::{Path, PathBuf};
 
-pub use attached::{AttachedProgram, HOOKS, attached_programs, netns_programs};
+pub use attached::{AttachedProgram, HOOKS, STEER_HOOKS, attached_programs, netns_programs};
 use aya::programs::ProgramType;
 use aya_log::EbpfLogger;
 pub use privileges::check_privileges;
@@ -67,8 +68,19 @@ pub enum PortOwner {
 }
 
 impl PortOwner {
-    /// The OWNER map entry.
-    fn entry(&self) -> Result<redirect_common::Owner> {
+    /// Parses `--owner`/`owner =`: a cgroup v2 directory (an absolute
+    /// path), else a user name or uid.
+    pub fn parse(text: &str) -> std::result::Result<Self, crate::MappingError> {
+        if text.starts_with('/') {
+            return Ok(PortOwner::Cgroup(PathBuf::from(text)));
+        }
+        Ok(PortOwner::Uid(
+            crate::user::User::lookup_for(text, "--owner")?.uid,
+        ))
+    }
+
+    /// The OWNERS map entry.
+    pub(crate) fn entry(&self) -> Result<redirect_common::Owner> {
         use std::os::unix::fs::MetadataExt as _;
         Ok(match self {
             PortOwner::Uid(uid) => redirect_common::Owner {
@@ -103,7 +115,7 @@ impl PortOwner {
     }
 
     /// Whether process `pid` is this owner (for listeners found in /proc).
-    fn owns(&self, pid: i32) -> bool {
+    pub(crate) fn owns(&self, pid: i32) -> bool {
         match self {
             PortOwner::Uid(uid) => listeners::real_uid(pid) == Some(*uid),
             PortOwner::Cgroup(path) => {
@@ -151,7 +163,9 @@ impl Counters {
 pub struct MappingCounts {
     /// Connects (TCP and connected UDP) redirected.
     pub connects: u64,
-    /// TCP connections established through the mapping and still open.
+    /// TCP connections of the scope's processes open right now to the
+    /// mapping's TO (read from `/proc` when asked, not counted per
+    /// connection: see `established.rs`).
     pub established: u64,
     /// Unconnected UDP datagrams redirected.
     pub datagrams: u64,
@@ -200,6 +214,7 @@ impl Redirector {
     /// attached is detached again before returning.
     pub fn attach(cgroup: &Path, mappings: MappingSet, options: &Options) -> Result<Self> {
         check_privileges()?;
+        crate::kernel::check_version()?;
         let dir = CgroupDir::open(cgroup)?;
         let programs = Programs::load(&LoadOptions {
             pin_dir: None,
@@ -279,7 +294,13 @@ impl Redirector {
     /// them attached right now.
     pub fn status(&self, kind: &str, started_unix: u64) -> Result<crate::status::InstanceStatus> {
         use crate::status::{InstanceStatus, MappingStatus, ProgramStatus};
-        let attached = attached_programs(&self.cgroup)?;
+        // A removed cgroup takes its programs with it; the instance still
+        // runs and must still be seen (and said to be doing nothing).
+        let (attached, scope_gone) = match attached_programs(&self.cgroup) {
+            Ok(attached) => (attached, false),
+            Err(_) if !self.cgroup.exists() => (Vec::new(), true),
+            Err(e) => return Err(e),
+        };
         let mut programs: Vec<ProgramStatus> = self
             .program_ids()
             .into_iter()
@@ -313,6 +334,7 @@ impl Redirector {
             pid: std::process::id(),
             kind: kind.to_owned(),
             scope: self.cgroup.clone(),
+            scope_gone,
             started_unix,
             programs,
             mappings,

@@ -31,7 +31,7 @@ use std::{
 };
 
 use redirect_common::{
-    LAYOUT_VERSION, MappingKey, MappingStats, MappingValue, Owner, RevNatKey, RevNatValue,
+    LAYOUT_VERSION, MappingKey, MappingStats, MappingValue, Owner, RevNatKey, RevNatValue, Reverse,
     ScopePort, Target, UdpBind, maps,
 };
 
@@ -130,6 +130,8 @@ pub fn expected_sizes(name: &str) -> Option<(u32, u32)> {
     let s = |k: usize, v: usize| Some((k as u32, v as u32));
     match name {
         maps::SCOPES => s(size_of::<u64>(), size_of::<u32>()),
+        maps::REVERSE => s(size_of::<ScopePort>(), size_of::<Reverse>()),
+        maps::GLOBAL => s(size_of::<u32>(), size_of::<u32>()),
         maps::LEVELS => s(size_of::<u32>(), size_of::<u32>()),
         maps::MAPPINGS => s(size_of::<MappingKey>(), size_of::<MappingValue>()),
         maps::PORTS => s(size_of::<ScopePort>(), size_of::<u8>()),
@@ -331,4 +333,45 @@ fn remove_tree(dir: &Path, removed: &mut usize) -> Result<()> {
         *removed += 1;
     }
     std::fs::remove_dir(dir).map_err(|e| Error::io("removing", dir, e))
+}
+
+/// What is pinned under `pin_dir`, read from the maps themselves, for
+/// `redirect status` when no daemon runs (root only: pins are 0600).
+/// `None` when nothing is pinned there or it cannot be read.
+pub fn pinned_status(pin_dir: &Path) -> Option<serde_json::Value> {
+    use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
+    let open = |name: &str| MapData::from_pin(map_path(pin_dir, name)).ok();
+    let scopes = HashMap::<_, u64, u32>::try_from(Map::HashMap(open(maps::SCOPES)?)).ok()?;
+    let mappings =
+        HashMap::<_, MappingKey, MappingValue>::try_from(Map::HashMap(open(maps::MAPPINGS)?))
+            .ok()?;
+    let stats =
+        PerCpuHashMap::<_, u32, MappingStats>::try_from(Map::PerCpuHashMap(open(maps::STATS)?))
+            .ok()?;
+    let entries: Vec<(MappingKey, MappingValue)> = mappings.iter().filter_map(|r| r.ok()).collect();
+    let mut out = Vec::new();
+    for (cgroup_id, id) in scopes.iter().filter_map(|r| r.ok()) {
+        let mut list = Vec::new();
+        for (k, v) in entries.iter().filter(|(k, _)| k.scope == id) {
+            let m = super::programs::mapping_of(k, v);
+            let mut c = super::MappingCounts::default();
+            if let Ok(per_cpu) = stats.get(&v.slot, 0) {
+                for s in per_cpu.iter().filter(|s| s.generation == v.generation) {
+                    c.connects = c.connects.wrapping_add(s.connects);
+                    c.datagrams = c.datagrams.wrapping_add(s.datagrams);
+                }
+            }
+            list.push(crate::status::MappingStatus::new(&m, &c));
+        }
+        out.push(serde_json::json!({
+            "name": format!("#{id}"),
+            "id": id,
+            "cgroup": format!("cgroup id {cgroup_id}"),
+            "mappings": list,
+        }));
+    }
+    Some(serde_json::json!({
+        "daemon": { "pin_dir": pin_dir },
+        "scopes": out,
+    }))
 }

@@ -34,13 +34,16 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, PerCpuValues, SockHash},
-    programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, links::FdLink},
+    programs::{
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, Program, SkLookup, SockOps, links::FdLink,
+    },
 };
 use aya_log::EbpfLogger;
 use redirect_common::{
-    ADDR_ANY, Addr, Counter, FLAG_UDP_BIND, MAX_LEVEL, MAX_MAPPINGS, MAX_SCOPES, MappingKey,
-    MappingStats, MappingValue, Owner, PROTO_ANY, PROTO_TCP, PROTO_UDP, ScopePort, Target, UdpBind,
-    globals, listener_key, maps, programs, shape,
+    ADDR_ANY, Addr, Counter, FLAG_SHARED_TO, FLAG_UDP_BIND, GLOBAL_UDP, MAX_LEVEL, MAX_MAPPINGS,
+    MAX_SCOPES, MappingKey, MappingStats, MappingValue, Owner, PROTO_ANY, PROTO_TCP, PROTO_UDP,
+    REVERSE_SHARED, Reverse, SHAPE_TARGET, ScopePort, Target, UdpBind, globals, listener_key, maps,
+    programs, shape,
 };
 
 use super::{
@@ -71,8 +74,10 @@ pub const SOCK_ADDR_PROGRAMS: [&str; 10] = [
 ];
 
 /// The maps of the shared instance that are pinned and reused.
-const SHARED_MAPS: [&str; 12] = [
+const SHARED_MAPS: [&str; 14] = [
     maps::SCOPES,
+    maps::REVERSE,
+    maps::GLOBAL,
     maps::LEVELS,
     maps::MAPPINGS,
     maps::PORTS,
@@ -87,19 +92,20 @@ const SHARED_MAPS: [&str; 12] = [
 ];
 
 /// The maps a steering instance really uses, and the size of each there.
-const STEER_MAPS: [(&str, u32); 4] = [
+const STEER_MAPS: [(&str, u32); 5] = [
     (maps::MAPPINGS, 1024),
     (maps::PORTS, 1024),
     (maps::TARGETS, 1024),
     (maps::LISTENERS, 1024),
+    (maps::OWNERS, 1),
 ];
 
 /// Maps a steering instance has (it is the same object) but never uses:
 /// made as small as the kernel allows.
 const STEER_UNUSED: [&str; 6] = [
     maps::SCOPES,
+    maps::REVERSE,
     maps::GRANTS,
-    maps::OWNERS,
     maps::UDP_BINDS,
     maps::REV_NAT,
     maps::STATS,
@@ -227,6 +233,10 @@ pub(super) struct Shared {
     /// How many scopes sit at each cgroup depth (the LEVELS bitmask).
     levels: [u32; MAX_LEVEL as usize + 1],
     slots: Slots,
+    /// Whether any mapping covering UDP ever existed in this program set
+    /// (the GLOBAL_UDP bit). Never cleared: the reverse entries of a
+    /// removed mapping must still be found stale and deleted by recvmsg.
+    udp_seen: bool,
     logger: Option<Logger>,
 }
 
@@ -279,9 +289,6 @@ impl Programs {
                 .load()
                 .map_err(load_error(name))?;
         }
-        program::<SockOps>(&mut ebpf, programs::SOCK_OPS)?
-            .load()
-            .map_err(load_error(programs::SOCK_OPS))?;
         let used = used_slots(&ebpf)?;
         Ok(Programs {
             shared: Arc::new(Mutex::new(Shared {
@@ -291,6 +298,7 @@ impl Programs {
                 scopes: BTreeMap::new(),
                 levels: [0; MAX_LEVEL as usize + 1],
                 slots: Slots::new(&used),
+                udp_seen: false,
                 logger,
             })),
         })
@@ -362,7 +370,6 @@ impl Programs {
         let shared = self.lock();
         SOCK_ADDR_PROGRAMS
             .iter()
-            .chain(&[programs::SOCK_OPS])
             .filter_map(|&name| {
                 let info = shared.ebpf.program(name)?.info().ok()?;
                 Some((name, info.id()))
@@ -539,6 +546,10 @@ impl Shared {
             for (key, value) in self.pinned_mappings(id)? {
                 let m = mapping_of(&key, &value);
                 scope.mappings.insert(m)?;
+                if m.proto != Proto::Tcp && !self.udp_seen {
+                    self.udp_seen = true;
+                    self.write_global()?;
+                }
                 scope.slots.insert(
                     key,
                     Slot {
@@ -576,10 +587,8 @@ impl Shared {
             .map_err(|e| map_error("writing", maps::SCOPES, e))?;
         self.levels[scope.level as usize] += 1;
         self.write_levels()?;
-        // Links: sock_ops (only counts) first, then the sock_addr hooks in
-        // their order.
-        let names = std::iter::once(programs::SOCK_OPS).chain(SOCK_ADDR_PROGRAMS);
-        for name in names {
+        // Links: the sock_addr hooks in their order (reverse paths first).
+        for name in SOCK_ADDR_PROGRAMS {
             let link = self.link_cgroup(id, name, dir)?;
             scope.links.push(link);
         }
@@ -601,41 +610,7 @@ impl Shared {
             .pin_dir
             .as_ref()
             .map(|d| pin::scope_dir(d, id).join("links").join(name));
-        if let Some(path) = &pin_path
-            && let Some(adopted) = pin::adopt_link(path)?
-        {
-            let prog = self
-                .ebpf
-                .program(name)
-                .ok_or(Error::Missing {
-                    kind: "program",
-                    name,
-                })?
-                .fd()
-                .map_err(load_error(name))?;
-            pin::replace_program(&adopted, prog.as_fd(), path)?;
-            return Ok(ScopeLink::Pinned(path.clone()));
-        }
-        let link: FdLink = if name == programs::SOCK_OPS {
-            let p = program::<SockOps>(&mut self.ebpf, name)?;
-            let link_id = p
-                .attach(dir.as_fd(), CgroupAttachMode::Single)
-                .map_err(|e| attach_error(name, dir.path(), e))?;
-            let link = p.take_link(link_id).map_err(load_error(name))?;
-            link.try_into().map_err(|e| link_error(name, e))?
-        } else {
-            // `Single` means "no flags": a cgroup bpf_link always
-            // coexists with other programs (as BPF_F_ALLOW_MULTI would),
-            // and the kernel rejects any flag on BPF_LINK_CREATE for
-            // cgroups with EINVAL.
-            let p = program::<CgroupSockAddr>(&mut self.ebpf, name)?;
-            let link_id = p
-                .attach(dir.as_fd(), CgroupAttachMode::Single)
-                .map_err(|e| attach_error(name, dir.path(), e))?;
-            let link = p.take_link(link_id).map_err(load_error(name))?;
-            link.try_into().map_err(|e| link_error(name, e))?
-        };
-        pin_link(link, pin_path)
+        link_or_adopt(&mut self.ebpf, name, AttachTo::Cgroup(dir), pin_path)
     }
 
     /// Loads the scope's steering instance (maps of its own, the scope id
@@ -683,6 +658,17 @@ impl Shared {
         program::<SockOps>(&mut steer, programs::SOCK_LISTEN)?
             .load()
             .map_err(load_error(programs::SOCK_LISTEN))?;
+        for name in [programs::POST_BIND4, programs::POST_BIND6] {
+            program::<CgroupSock>(&mut steer, name)?
+                .load()
+                .map_err(load_error(name))?;
+        }
+        // The owner, for post_bind's marks and sock_ops' check.
+        if let Some(owner) = &scope.owner {
+            map_mut::<HashMap<_, u32, Owner>>(&mut steer, maps::OWNERS)?
+                .insert(id, owner.entry()?, 0)
+                .map_err(|e| map_error("writing", maps::OWNERS, e))?;
+        }
         log::debug!(
             "steering instance of scope {id} loaded for {}",
             netns.display()
@@ -705,75 +691,23 @@ impl Shared {
             .as_ref()
             .map(|d| pin::scope_dir(d, id).join("steer").join("links"));
         let steer = scope.steer.as_mut().expect("loaded by load_steer");
-        // sock_ops first: a listener created from now on is registered.
-        let listen_pin = steer_links.as_ref().map(|d| d.join(programs::SOCK_LISTEN));
-        let link = match listen_pin
-            .as_ref()
-            .map(|p| pin::adopt_link(p))
-            .transpose()?
-            .flatten()
-        {
-            Some(adopted) => {
-                let path = listen_pin.clone().expect("adopted from a pin");
-                let prog = steer
-                    .program(programs::SOCK_LISTEN)
-                    .ok_or(Error::Missing {
-                        kind: "program",
-                        name: programs::SOCK_LISTEN,
-                    })?
-                    .fd()
-                    .map_err(load_error(programs::SOCK_LISTEN))?;
-                pin::replace_program(&adopted, prog.as_fd(), &path)?;
-                ScopeLink::Pinned(path)
-            }
-            None => {
-                let p = program::<SockOps>(steer, programs::SOCK_LISTEN)?;
-                let link_id = p
-                    .attach(dir.as_fd(), CgroupAttachMode::Single)
-                    .map_err(|e| attach_error(programs::SOCK_LISTEN, dir.path(), e))?;
-                let link = p
-                    .take_link(link_id)
-                    .map_err(load_error(programs::SOCK_LISTEN))?;
-                let fd: FdLink = link
-                    .try_into()
-                    .map_err(|e| link_error(programs::SOCK_LISTEN, e))?;
-                pin_link(fd, listen_pin)?
-            }
-        };
-        scope.links.push(link);
-        let steer_pin = steer_links.as_ref().map(|d| d.join(programs::STEER));
-        let link = match steer_pin
-            .as_ref()
-            .map(|p| pin::adopt_link(p))
-            .transpose()?
-            .flatten()
-        {
-            Some(adopted) => {
-                let path = steer_pin.clone().expect("adopted from a pin");
-                let prog = steer
-                    .program(programs::STEER)
-                    .ok_or(Error::Missing {
-                        kind: "program",
-                        name: programs::STEER,
-                    })?
-                    .fd()
-                    .map_err(load_error(programs::STEER))?;
-                pin::replace_program(&adopted, prog.as_fd(), &path)?;
-                ScopeLink::Pinned(path)
-            }
-            None => {
-                let netns = std::fs::File::open(&netns_path).map_err(|e| Error::NetnsPath {
-                    path: netns_path.clone(),
-                    source: e,
-                })?;
-                let p = program::<SkLookup>(steer, programs::STEER)?;
-                let link_id = p
-                    .attach(netns)
-                    .map_err(|e| attach_error(programs::STEER, &netns_path, e))?;
-                let link = p.take_link(link_id).map_err(load_error(programs::STEER))?;
-                pin_link(FdLink::from(link), steer_pin)?
-            }
-        };
+        let pin = |name: &str| steer_links.as_ref().map(|d| d.join(name));
+        // post_bind first (owner marks), then sock_ops (a listener created
+        // from now on is registered), then sk_lookup on the namespace.
+        for name in [
+            programs::POST_BIND4,
+            programs::POST_BIND6,
+            programs::SOCK_LISTEN,
+        ] {
+            let link = link_or_adopt(steer, name, AttachTo::Cgroup(dir), pin(name))?;
+            scope.links.push(link);
+        }
+        let link = link_or_adopt(
+            steer,
+            programs::STEER,
+            AttachTo::Netns(&netns_path),
+            pin(programs::STEER),
+        )?;
         scope.links.push(link);
         Ok(())
     }
@@ -859,12 +793,7 @@ impl Shared {
         })?;
         let old = std::mem::replace(&mut scope.mappings, next);
         let udp_bind = scope.netns.is_some() && m.proto != Proto::Tcp;
-        let value = MappingValue {
-            port: m.to,
-            flags: if udp_bind { FLAG_UDP_BIND } else { 0 },
-            slot: slot.index,
-            generation: slot.generation,
-        };
+        let value = value_of(scope, &m, slot);
         let written = self.reset_stats(slot).and_then(|()| {
             write_tables(&mut self.ebpf, scope.id, &scope.mappings, m.from, m.to)?;
             if let Some(steer) = scope.steer.as_mut() {
@@ -900,10 +829,40 @@ impl Shared {
             return Err(e);
         }
         scope.slots.insert(key, slot);
+        if m.proto != Proto::Tcp && !self.udp_seen {
+            self.udp_seen = true;
+            self.write_global()?;
+        }
+        // A mapping that now shares its TO with this one needs its flag.
+        self.refresh_values(scope, m.to)?;
         if scope.netns.is_some() && !scope.links.is_empty() {
             self.register_existing(scope, &[m.to].into())?;
         }
         Ok(())
+    }
+
+    /// Rewrites the MAPPINGS values of the scope's mappings to `to` (their
+    /// FLAG_SHARED_TO changes when another mapping to `to` comes or goes).
+    fn refresh_values(&mut self, scope: &ScopeState, to: u16) -> Result<()> {
+        for m in scope.mappings.iter().filter(|m| m.to == to) {
+            let key = table_key(scope.id, &m);
+            let Some(slot) = scope.slots.get(&key).copied() else {
+                continue;
+            };
+            let value = value_of(scope, &m, slot);
+            map_mut::<HashMap<_, MappingKey, MappingValue>>(&mut self.ebpf, maps::MAPPINGS)?
+                .insert(key, value, 0)
+                .map_err(|e| map_error("writing", maps::MAPPINGS, e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes GLOBAL from what the scopes hold.
+    fn write_global(&mut self) -> Result<()> {
+        let bits = if self.udp_seen { GLOBAL_UDP } else { 0 };
+        map_mut::<Array<_, u32>>(&mut self.ebpf, maps::GLOBAL)?
+            .set(0, bits, 0)
+            .map_err(|e| map_error("writing", maps::GLOBAL, e))
     }
 
     /// Removes the mapping with the same source as `m`; connects and
@@ -953,6 +912,7 @@ impl Shared {
         if let Some(slot) = scope.slots.remove(&key) {
             self.slots.give_back(slot);
         }
+        self.refresh_values(scope, existing.to)?;
         Ok(Some(existing))
     }
 
@@ -1064,6 +1024,7 @@ impl Shared {
         scope: &ScopeState,
     ) -> Result<Vec<(Mapping, MappingCounts)>> {
         let stats = map::<PerCpuHashMap<_, u32, MappingStats>>(&self.ebpf, maps::STATS)?;
+        let established = super::established::count(&scope.cgroup, &scope.mappings);
         scope
             .mappings
             .iter()
@@ -1081,9 +1042,9 @@ impl Shared {
                 let mut counts = MappingCounts::default();
                 for s in per_cpu.iter().filter(|s| s.generation == slot.generation) {
                     counts.connects = counts.connects.wrapping_add(s.connects);
-                    counts.established = counts.established.wrapping_add(s.established);
                     counts.datagrams = counts.datagrams.wrapping_add(s.datagrams);
                 }
+                counts.established = established.get(&m).copied().unwrap_or(0);
                 Ok((m, counts))
             })
             .collect()
@@ -1227,18 +1188,21 @@ static SCOPE_IDS: [u32; MAX_SCOPES as usize] = {
     ids
 };
 
-/// Rewrites PORTS[(scope, from)] and TARGETS[(scope, to)] from the scope's
-/// current mappings (removing them when nothing uses them any more).
+/// Rewrites, from the scope's current mappings, PORTS for `from` and `to`,
+/// TARGETS and REVERSE for `to` (removing entries nothing uses any more).
 fn write_tables(ebpf: &mut Ebpf, id: u32, mappings: &MappingSet, from: u16, to: u16) -> Result<()> {
-    let shapes = mappings
-        .iter()
-        .filter(|m| m.from == from)
-        .fold(0u8, |s, m| {
-            s | shape(m.addr.is_some(), proto_number(m.proto))
-        });
-    {
+    for port in [from, to] {
+        let mut shapes = mappings
+            .iter()
+            .filter(|m| m.from == port)
+            .fold(0u8, |s, m| {
+                s | shape(m.addr.is_some(), proto_number(m.proto))
+            });
+        if mappings.iter().any(|m| m.to == port) {
+            shapes |= SHAPE_TARGET;
+        }
         let mut ports = map_mut::<HashMap<_, ScopePort, u8>>(ebpf, maps::PORTS)?;
-        let key = ScopePort::new(id, from);
+        let key = ScopePort::new(id, port);
         if shapes == 0 {
             remove_key(&mut ports, &key, maps::PORTS)?;
         } else {
@@ -1247,15 +1211,55 @@ fn write_tables(ebpf: &mut Ebpf, id: u32, mappings: &MappingSet, from: u16, to: 
                 .map_err(|e| map_error("writing", maps::PORTS, e))?;
         }
     }
-    let target = target_of_set(mappings, id, to);
-    let mut targets = map_mut::<HashMap<_, ScopePort, Target>>(ebpf, maps::TARGETS)?;
     let key = ScopePort::new(id, to);
-    if target.count == 0 {
-        remove_key(&mut targets, &key, maps::TARGETS)
-    } else {
-        targets
-            .insert(key, target, 0)
-            .map_err(|e| map_error("writing", maps::TARGETS, e))
+    {
+        let target = target_of_set(mappings, id, to);
+        let mut targets = map_mut::<HashMap<_, ScopePort, Target>>(ebpf, maps::TARGETS)?;
+        if target.count == 0 {
+            remove_key(&mut targets, &key, maps::TARGETS)?;
+        } else {
+            targets
+                .insert(key, target, 0)
+                .map_err(|e| map_error("writing", maps::TARGETS, e))?;
+        }
+    }
+    let mut reverse = map_mut::<HashMap<_, ScopePort, Reverse>>(ebpf, maps::REVERSE)?;
+    match reverse_of(mappings, id, to) {
+        None => remove_key(&mut reverse, &key, maps::REVERSE),
+        Some(r) => reverse
+            .insert(key, r, 0)
+            .map_err(|e| map_error("writing", maps::REVERSE, e)),
+    }
+}
+
+/// REVERSE entry of TO port `to`: the one mapping that targets it, or
+/// "shared" when several do.
+fn reverse_of(mappings: &MappingSet, id: u32, to: u16) -> Option<Reverse> {
+    let mut targeting = mappings.iter().filter(|m| m.to == to);
+    let first = targeting.next()?;
+    let shared = targeting.next().is_some();
+    Some(Reverse {
+        from: first.from,
+        proto: proto_number(first.proto),
+        flags: if shared { REVERSE_SHARED } else { 0 },
+        addr: table_key(id, &first).addr,
+    })
+}
+
+/// The MAPPINGS value of `m` in `scope`, with stats slot `slot`.
+fn value_of(scope: &ScopeState, m: &Mapping, slot: Slot) -> MappingValue {
+    let mut flags = 0;
+    if scope.netns.is_some() && m.proto != Proto::Tcp {
+        flags |= FLAG_UDP_BIND;
+    }
+    if scope.mappings.iter().filter(|o| o.to == m.to).count() > 1 {
+        flags |= FLAG_SHARED_TO;
+    }
+    MappingValue {
+        port: m.to,
+        flags,
+        slot: slot.index,
+        generation: slot.generation,
     }
 }
 
@@ -1317,7 +1321,7 @@ pub(super) fn table_key(id: u32, m: &Mapping) -> MappingKey {
 }
 
 /// The mapping a pinned MAPPINGS entry stands for.
-fn mapping_of(key: &MappingKey, value: &MappingValue) -> Mapping {
+pub(super) fn mapping_of(key: &MappingKey, value: &MappingValue) -> Mapping {
     let addr = (key.addr != ADDR_ANY).then(|| {
         let mut b = [0u8; 16];
         for (i, w) in key.addr.iter().enumerate() {
@@ -1364,6 +1368,85 @@ fn counters_of(ebpf: &Ebpf) -> Result<Counters> {
         values.push((c, per_cpu.iter().sum()));
     }
     Ok(Counters { values })
+}
+
+/// What a program is attached to.
+enum AttachTo<'a> {
+    /// A cgroup (sock_addr, sock_ops, post_bind programs).
+    Cgroup(&'a CgroupDir),
+    /// A network namespace file (sk_lookup).
+    Netns(&'a Path),
+}
+
+/// Links program `name` of `ebpf` to `target`, or, when a link is pinned at
+/// `pin_path` already, adopts it and replaces its program in place. A new
+/// link is pinned at `pin_path` when given.
+fn link_or_adopt(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    target: AttachTo<'_>,
+    pin_path: Option<PathBuf>,
+) -> Result<ScopeLink> {
+    if let Some(path) = &pin_path
+        && let Some(adopted) = pin::adopt_link(path)?
+    {
+        let prog = ebpf
+            .program(name)
+            .ok_or(Error::Missing {
+                kind: "program",
+                name,
+            })?
+            .fd()
+            .map_err(load_error(name))?;
+        pin::replace_program(&adopted, prog.as_fd(), path)?;
+        return Ok(ScopeLink::Pinned(path.clone()));
+    }
+    let program = ebpf.program_mut(name).ok_or(Error::Missing {
+        kind: "program",
+        name,
+    })?;
+    // `Single` means "no flags": a cgroup bpf_link always coexists with
+    // other programs (as BPF_F_ALLOW_MULTI would), and the kernel rejects
+    // any flag on BPF_LINK_CREATE for cgroups with EINVAL.
+    let mode = CgroupAttachMode::Single;
+    let link: FdLink = match (program, target) {
+        (Program::CgroupSockAddr(p), AttachTo::Cgroup(dir)) => {
+            let id = p
+                .attach(dir.as_fd(), mode)
+                .map_err(|e| attach_error(name, dir.path(), e))?;
+            let link = p.take_link(id).map_err(load_error(name))?;
+            link.try_into().map_err(|e| link_error(name, e))?
+        }
+        (Program::SockOps(p), AttachTo::Cgroup(dir)) => {
+            let id = p
+                .attach(dir.as_fd(), mode)
+                .map_err(|e| attach_error(name, dir.path(), e))?;
+            let link = p.take_link(id).map_err(load_error(name))?;
+            link.try_into().map_err(|e| link_error(name, e))?
+        }
+        (Program::CgroupSock(p), AttachTo::Cgroup(dir)) => {
+            let id = p
+                .attach(dir.as_fd(), mode)
+                .map_err(|e| attach_error(name, dir.path(), e))?;
+            let link = p.take_link(id).map_err(load_error(name))?;
+            link.try_into().map_err(|e| link_error(name, e))?
+        }
+        (Program::SkLookup(p), AttachTo::Netns(path)) => {
+            let netns = std::fs::File::open(path).map_err(|e| Error::NetnsPath {
+                path: path.to_path_buf(),
+                source: e,
+            })?;
+            let id = p.attach(netns).map_err(|e| attach_error(name, path, e))?;
+            FdLink::from(p.take_link(id).map_err(load_error(name))?)
+        }
+        _ => {
+            return Err(Error::Missing {
+                kind: "program of the expected type",
+                name,
+            });
+        }
+    };
+    pin_link(link, pin_path)
 }
 
 /// Pins `link` at `path` when given (it then outlives the process), or
@@ -1439,7 +1522,7 @@ where
 /// The program `name` of `ebpf`, as its type `P`.
 fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P>
 where
-    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+    &'a mut P: TryFrom<&'a mut Program, Error = aya::programs::ProgramError>,
 {
     ebpf.program_mut(name)
         .ok_or(Error::Missing {
@@ -1534,9 +1617,10 @@ mod tests {
     fn embedded_object_has_every_shared_name() {
         let obj = aya_obj::Object::parse(OBJECT).expect("parse embedded object");
         for name in SOCK_ADDR_PROGRAMS.iter().chain(&[
-            programs::SOCK_OPS,
             programs::STEER,
             programs::SOCK_LISTEN,
+            programs::POST_BIND4,
+            programs::POST_BIND6,
         ]) {
             assert!(obj.programs.contains_key(*name), "program {name} missing");
         }

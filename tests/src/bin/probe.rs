@@ -15,6 +15,15 @@
 //!                         print its `local=` and `peer=`, answer `to:LINE`
 //! probe udp-serve ADDR    bind UDP, print `listening local=ADDR`; answer
 //!                         one datagram with `to:DATAGRAM`
+//! probe bindlisten ADDR   bind (IPv4) and print `bound`; on a line on
+//!                         stdin, listen, print `listening`, then serve as
+//!                         `serve` does
+//! probe loop ADDR SECS    TCP connect, send, read the reply, close, over
+//!                         and over for SECS seconds; print `ok=N`,
+//!                         `failed=N` and the first `error=`
+//! probe idle-unix PATH N  connect N times to the unix socket PATH and never
+//!                         read; print `open=N`, close them all when stdin
+//!                         closes (an idle-client attack on a status socket)
 //! ```
 //!
 //! The one-shot modes print `local=`, `peer=` (getpeername, or the source
@@ -30,6 +39,11 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [mode, path, n] = args.as_slice()
+        && mode == "idle-unix"
+    {
+        return idle_unix(path, n.parse().expect("N"));
+    }
     let (mode, addr, rest) = match args.as_slice() {
         [mode, addr, rest @ ..] => (mode.as_str(), addr, rest),
         _ => usage(),
@@ -45,6 +59,8 @@ fn main() {
         "bind" => return bind(addr),
         "serve" => return serve(addr),
         "udp-serve" => return udp_serve(addr),
+        "loop" => return connect_loop(addr, arg().parse().expect("SECS")),
+        "bindlisten" => return bind_then_listen(addr),
         _ => usage(),
     };
     match result {
@@ -55,6 +71,29 @@ fn main() {
             println!("error={e}");
             std::process::exit(1);
         }
+    }
+}
+
+/// Sequential connections for `secs` seconds (a bounded load loop).
+fn connect_loop(addr: SocketAddr, secs: f64) {
+    let end = std::time::Instant::now() + Duration::from_secs_f64(secs);
+    let (mut ok, mut failed, mut first) = (0u64, 0u64, None);
+    while std::time::Instant::now() < end {
+        match tcp(addr, "loop") {
+            Ok((_, _, reply)) if !reply.is_empty() => ok += 1,
+            Ok(_) => {
+                failed += 1;
+                first.get_or_insert_with(|| "empty reply".to_owned());
+            }
+            Err(e) => {
+                failed += 1;
+                first.get_or_insert(e);
+            }
+        }
+    }
+    println!("ok={ok}\nfailed={failed}");
+    if let Some(e) = first {
+        println!("error={e}");
     }
 }
 
@@ -148,6 +187,54 @@ fn serve(addr: SocketAddr) {
     let _ = (&stream).write_all(format!("to:{}\n", line.trim_end()).as_bytes());
 }
 
+/// bind() now, listen() later: what an attacker does to get a socket
+/// bound before a mapping exists and listening after.
+fn bind_then_listen(addr: SocketAddr) {
+    use std::os::fd::FromRawFd as _;
+    let SocketAddr::V4(v4) = addr else {
+        panic!("bindlisten takes an IPv4 address")
+    };
+    // SAFETY: plain syscalls with valid arguments; the fd is owned by the
+    // listener built from it below.
+    let fd = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0, "socket");
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(v4.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        let rc = libc::bind(
+            fd,
+            (&raw const sa).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        if rc != 0 {
+            println!("error={}", std::io::Error::last_os_error());
+            std::process::exit(1);
+        }
+        fd
+    };
+    println!("bound");
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
+    // SAFETY: our own bound socket.
+    if unsafe { libc::listen(fd, 16) } != 0 {
+        println!("error={}", std::io::Error::last_os_error());
+        std::process::exit(1);
+    }
+    println!("listening");
+    // SAFETY: the fd is a listening TCP socket we own.
+    let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    let (stream, _) = listener.accept().expect("accept");
+    let mut line = String::new();
+    let _ = BufReader::new(&stream).read_line(&mut line);
+    let _ = (&stream).write_all(format!("squatter:{}\n", line.trim_end()).as_bytes());
+}
+
 fn udp_serve(addr: SocketAddr) {
     let socket = UdpSocket::bind(addr).expect("bind");
     println!(
@@ -178,4 +265,30 @@ fn hold(addr: SocketAddr, n: usize) {
     // Hold them until the test closes our stdin.
     let _ = std::io::stdin().lock().lines().count();
     drop(streams);
+}
+
+/// `n` connections to a unix socket that never read, held until stdin
+/// closes.
+fn idle_unix(path: &str, n: usize) {
+    // SAFETY: plain syscalls with valid pointers.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(s) => held.push(s),
+            Err(e) => {
+                println!("error={e}");
+                break;
+            }
+        }
+    }
+    println!("open={}", held.len());
+    std::io::stdout().flush().expect("flush");
+    let _ = std::io::stdin().lines().count();
 }

@@ -1,12 +1,15 @@
-//! The bench's own world: two network namespaces joined by a veth pair, a
-//! child cgroup for the clients, and the servers. Everything is created
-//! here and removed on drop; nothing the bench does touches the host's
-//! network stack or iptables.
+//! The bench's own worlds, two identical ones: each has two network
+//! namespaces joined by a veth pair, a child cgroup for its local clients
+//! and servers, and the servers. The *test* world is where a path is set
+//! up; the *base* world stays untouched, and the direct reference runs
+//! there at the same time as the path (the two clients take turns, see
+//! `workloads::duel`). Everything is created here and removed on drop;
+//! nothing the bench does touches the host's network stack or iptables.
 //!
 //! ```text
 //!  netns SRV (lo + veth-srv 192.0.2.1)          netns CLI (veth-cli 192.0.2.2)
 //!    echo :8443  iperf3 :8444  udp echo :5353       inbound clients
-//!    local clients (in the bench cgroup)
+//!    local clients (in the world's cgroup)
 //! ```
 //!
 //! The ports clients ask for (443, 444, 53) are privileged on purpose: that
@@ -25,6 +28,8 @@ use std::{
 };
 
 use anyhow::Context as _;
+
+use super::workloads::{Placement, cpu_args};
 
 /// The server namespace's address on the veth pair (TEST-NET-1: used only
 /// inside namespaces the bench creates).
@@ -47,45 +52,114 @@ pub enum Side {
     Remote,
 }
 
-/// The namespaces, the client cgroup and the servers.
+/// Which of the two identical worlds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum World {
+    /// Where the path under test is set up.
+    Test,
+    /// Never touched: the direct reference.
+    Base,
+}
+
+/// The namespaces, the client cgroups and the servers of both worlds.
 pub struct Env {
-    /// The server namespace's name.
+    /// The test world's server namespace.
     pub srv: String,
-    /// The client namespace's name.
+    /// The test world's client namespace.
     pub cli: String,
-    /// The clients' cgroup (cgroup v2 directory).
+    /// The test world's cgroup (cgroup v2 directory): the scope of the
+    /// redirect paths.
     pub cgroup: PathBuf,
+    /// The base world's server and client namespaces.
+    base_ns: (String, String),
+    /// The base world's cgroup.
+    base_cgroup: PathBuf,
+    /// The two FIFOs through which paired clients take turns.
+    pub fifos: (PathBuf, PathBuf),
     /// Built binaries.
     pub bench_agent: PathBuf,
     /// The `redirect` binary.
     pub redirect: PathBuf,
     /// Where outputs go (target/bench).
     pub out_dir: PathBuf,
+    /// Which CPUs the servers and clients run on.
+    pub placement: Placement,
+    /// The nice value of every process the bench starts (see
+    /// [`prioritize`]).
+    pub nice: i32,
     servers: Vec<Child>,
 }
 
 impl Env {
-    pub fn new(bench_agent: PathBuf, redirect: PathBuf, out_dir: PathBuf) -> anyhow::Result<Self> {
+    pub fn new(
+        bench_agent: PathBuf,
+        redirect: PathBuf,
+        out_dir: PathBuf,
+        placement: Placement,
+        nice: i32,
+    ) -> anyhow::Result<Self> {
         let pid = std::process::id();
         let root = cgroup2_root()?;
         let cgroup = root.join(format!("redirect-bench-{pid}"));
-        fs::create_dir(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
+        let base_cgroup = root.join(format!("redirect-bench-base-{pid}"));
+        for dir in [&cgroup, &base_cgroup] {
+            fs::create_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let fifos = (out_dir.join("turn-base"), out_dir.join("turn-test"));
+        for f in [&fifos.0, &fifos.1] {
+            let _ = fs::remove_file(f);
+            let c = std::ffi::CString::new(f.as_os_str().as_encoded_bytes())?;
+            // SAFETY: a valid C string.
+            anyhow::ensure!(
+                unsafe { libc::mkfifo(c.as_ptr(), 0o600) } == 0,
+                "mkfifo {}: {}",
+                f.display(),
+                std::io::Error::last_os_error()
+            );
+        }
         let mut env = Env {
             srv: format!("rbench-srv-{pid}"),
             cli: format!("rbench-cli-{pid}"),
             cgroup,
+            base_ns: (format!("rbench-bsrv-{pid}"), format!("rbench-bcli-{pid}")),
+            base_cgroup,
+            fifos,
             bench_agent,
             redirect,
             out_dir,
+            placement,
+            nice,
             servers: Vec::new(),
         };
-        env.create_namespaces()?;
-        env.start_servers()?;
+        for world in [World::Test, World::Base] {
+            env.create_namespaces(world)?;
+            env.start_servers(world)?;
+        }
         Ok(env)
     }
 
-    fn create_namespaces(&self) -> anyhow::Result<()> {
-        let (srv, cli) = (self.srv.as_str(), self.cli.as_str());
+    /// Exchanges the roles of the two worlds: the base world becomes the
+    /// test world and the other way round. The bench does it every round,
+    /// so that state a path leaves behind in the test world (TIME_WAIT
+    /// sockets, say; the first full runs showed the test world slower than
+    /// the base world after a few visits) weighs on both sides of the
+    /// ratios alike instead of on one.
+    pub fn swap_worlds(&mut self) {
+        std::mem::swap(&mut self.srv, &mut self.base_ns.0);
+        std::mem::swap(&mut self.cli, &mut self.base_ns.1);
+        std::mem::swap(&mut self.cgroup, &mut self.base_cgroup);
+    }
+
+    /// The (server, client) namespaces of `world`.
+    fn ns(&self, world: World) -> (&str, &str) {
+        match world {
+            World::Test => (&self.srv, &self.cli),
+            World::Base => (&self.base_ns.0, &self.base_ns.1),
+        }
+    }
+
+    fn create_namespaces(&self, world: World) -> anyhow::Result<()> {
+        let (srv, cli) = self.ns(world);
         run(&["ip", "netns", "add", srv])?;
         run(&["ip", "netns", "add", cli])?;
         run(&[
@@ -117,20 +191,22 @@ impl Env {
         Ok(())
     }
 
-    fn start_servers(&mut self) -> anyhow::Result<()> {
+    fn start_servers(&mut self, world: World) -> anyhow::Result<()> {
         let agent = self.bench_agent.display().to_string();
         let echo = format!("0.0.0.0:{}", ECHO.1);
         let udp = format!("0.0.0.0:{}", UDP.1);
         let iperf = IPERF.1.to_string();
-        for args in [
-            vec![agent.as_str(), "serve-tcp", &echo],
-            vec![agent.as_str(), "serve-udp", &udp],
-            vec!["iperf3", "-s", "-p", &iperf],
-        ] {
+        let cpu = cpu_args(self.placement.server);
+        let cpu: Vec<&str> = cpu.iter().map(String::as_str).collect();
+        let mut tcp = vec![agent.as_str(), "serve-tcp", &echo];
+        tcp.extend(&cpu);
+        let mut udp_args = vec![agent.as_str(), "serve-udp", &udp];
+        udp_args.extend(&cpu);
+        for args in [tcp, udp_args, vec!["iperf3", "-s", "-p", &iperf]] {
             // In the clients' cgroup: the scope of the redirect paths, so
             // that inbound steering finds these listeners and registers them.
             let child = self
-                .command(Side::Local, true, &args)
+                .command_in(world, Side::Local, true, &args)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -140,7 +216,7 @@ impl Env {
         // Wait until both TCP servers accept, directly.
         for port in [ECHO.1, IPERF.1] {
             let deadline = Instant::now() + Duration::from_secs(10);
-            while !self.tcp_ready(port) {
+            while !self.tcp_ready(world, port) {
                 anyhow::ensure!(Instant::now() < deadline, "server on :{port} did not start");
                 thread::sleep(Duration::from_millis(50));
             }
@@ -148,8 +224,9 @@ impl Env {
         Ok(())
     }
 
-    fn tcp_ready(&self, port: u16) -> bool {
-        self.command(
+    fn tcp_ready(&self, world: World, port: u16) -> bool {
+        self.command_in(
+            world,
             Side::Local,
             false,
             &["bash", "-c", &format!("exec 3<>/dev/tcp/127.0.0.1/{port}")],
@@ -159,22 +236,34 @@ impl Env {
         .is_ok_and(|s| s.success())
     }
 
-    /// A command run in `side`'s namespace, inside the clients' cgroup when
-    /// `in_cgroup`.
+    /// A command run in `side`'s namespace of the test world, inside its
+    /// cgroup when `in_cgroup`.
     pub fn command(&self, side: Side, in_cgroup: bool, args: &[&str]) -> Command {
+        self.command_in(World::Test, side, in_cgroup, args)
+    }
+
+    /// A command run in `side`'s namespace of `world`, inside its cgroup
+    /// when `in_cgroup`.
+    pub fn command_in(&self, world: World, side: Side, in_cgroup: bool, args: &[&str]) -> Command {
+        let (srv, cli) = self.ns(world);
         let ns = match side {
-            Side::Local => &self.srv,
-            Side::Remote => &self.cli,
+            Side::Local => srv,
+            Side::Remote => cli,
+        };
+        let cgroup = match world {
+            World::Test => &self.cgroup,
+            World::Base => &self.base_cgroup,
         };
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", ns])
             .args(args)
             .stdin(Stdio::null());
+        prioritize(&mut cmd, self.nice);
         if in_cgroup {
             let procs = Arc::new(
                 fs::OpenOptions::new()
                     .write(true)
-                    .open(self.cgroup.join("cgroup.procs"))
+                    .open(cgroup.join("cgroup.procs"))
                     .expect("open bench cgroup.procs"),
             );
             // SAFETY: only write(2) runs between fork and exec.
@@ -197,6 +286,7 @@ impl Env {
     pub fn host_command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(args[0]);
         cmd.args(&args[1..]).stdin(Stdio::null());
+        prioritize(&mut cmd, self.nice);
         cmd
     }
 
@@ -207,12 +297,30 @@ impl Env {
         run(&all)
     }
 
+    /// A client command on `side`: local clients run in the bench's
+    /// cgroup (the scope of the redirect paths); inbound clients stand for
+    /// other hosts, so they run outside it and no cgroup program sees
+    /// their connects.
+    pub fn client_command(&self, side: Side, args: &[&str]) -> Command {
+        self.client_command_in(World::Test, side, args)
+    }
+
+    /// [`Env::client_command`] in `world`.
+    pub fn client_command_in(&self, world: World, side: Side, args: &[&str]) -> Command {
+        self.command_in(world, side, side == Side::Local, args)
+    }
+
     /// Runs a bench-agent client and returns its `key=value` output line.
     pub fn client(&self, side: Side, args: &[&str]) -> anyhow::Result<String> {
         let agent = self.bench_agent.display().to_string();
         let mut all = vec![agent.as_str()];
         all.extend_from_slice(args);
-        output(self.command(side, true, &all))
+        output(self.client_command(side, &all))
+    }
+
+    /// The server namespace's bind-mounted file (for sk_lookup queries).
+    pub fn srv_netns_path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.srv))
     }
 
     /// Writes a file under the output directory and returns its path.
@@ -229,10 +337,50 @@ impl Drop for Env {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for ns in [&self.srv, &self.cli] {
+        for ns in [&self.srv, &self.cli, &self.base_ns.0, &self.base_ns.1] {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
         remove_cgroup(&self.cgroup);
+        remove_cgroup(&self.base_cgroup);
+        for f in [&self.fifos.0, &self.fifos.1] {
+            let _ = fs::remove_file(f);
+        }
+    }
+}
+
+/// Starts `cmd` in a session of its own, which is also the leader of its
+/// own process group (so that `Process` can stop it with its children),
+/// killed if the bench dies (`PR_SET_PDEATHSIG`), and at `nice`.
+///
+/// Why a session: with `kernel.sched_autogroup_enabled` (the default),
+/// the scheduler shares the CPU between sessions first and applies nice
+/// values only within a session, so a plain nice does nothing against the
+/// compile jobs of other sessions. Each process gets its own autogroup,
+/// whose nice is set through `/proc/self/autogroup`. Without autogroups the
+/// plain nice (also set) applies.
+fn prioritize(cmd: &mut Command, nice: i32) {
+    let value = format!("{nice}\n");
+    // SAFETY: only async-signal-safe syscalls run between fork and exec,
+    // on memory allocated before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if nice != 0 {
+                libc::setpriority(libc::PRIO_PROCESS, 0, nice);
+                let fd = libc::open(
+                    c"/proc/self/autogroup".as_ptr(),
+                    libc::O_WRONLY | libc::O_CLOEXEC,
+                );
+                if fd >= 0 {
+                    libc::write(fd, value.as_ptr().cast(), value.len());
+                    libc::close(fd);
+                }
+            }
+            Ok(())
+        });
     }
 }
 

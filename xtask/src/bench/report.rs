@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use super::{
     MAPPING_COUNTS,
+    bpfstats::Cost,
     paths::BenchPath,
     workloads::{Durations, Metric},
 };
@@ -22,14 +23,34 @@ pub struct PathInfo {
 pub struct Results {
     /// The paths, in registry order.
     pub paths: Vec<PathInfo>,
-    /// Repetitions.
+    /// Rounds (every path visited once per round).
     pub reps: usize,
+    /// Rounds that also measured throughput and the mapping workloads.
+    pub tput_reps: usize,
     /// `--quick`.
     pub quick: bool,
     /// Loop lengths.
-    pub iperf_secs: u32,
-    /// Loop lengths.
-    pub loop_secs: f64,
+    pub durations: Durations,
+    /// Every round's ratios to direct, by path and metric.
+    pub rounds: Vec<BTreeMap<(&'static str, Metric), f64>>,
+    /// Paths not measured, and why.
+    pub skipped: Vec<(&'static str, String)>,
+    /// 1-minute load average, sampled before every path's measurement.
+    pub load: Vec<f64>,
+    /// /proc/loadavg at the start and at the end.
+    pub load_start: String,
+    /// See `load_start`.
+    pub load_end: String,
+    /// CPU placement, as text.
+    pub placement: String,
+    /// Nice value the bench ran at.
+    pub nice: i32,
+    /// Per-program eBPF cost tables.
+    pub costs: Vec<CostTable>,
+    /// Why the cost tables are missing or partial, if they are.
+    pub cost_notes: Vec<String>,
+    /// Control-plane timings (µs) per round, by workload name.
+    pub control: BTreeMap<&'static str, Vec<f64>>,
     /// Absolute figures per repetition.
     pub values: BTreeMap<(&'static str, Metric), Vec<f64>>,
     /// Ratios against the same side's direct path, per repetition.
@@ -40,8 +61,6 @@ pub struct Results {
     pub scale: BTreeMap<u32, Vec<f64>>,
     /// Connection rate with N mappings over that with 1, per repetition.
     pub scale_ratios: BTreeMap<u32, Vec<f64>>,
-    /// Run-time insert of one mapping: (p50 µs, p99 µs) per repetition.
-    pub add_mapping_us: Vec<(f64, f64)>,
     /// Kernel, cores, CPU.
     pub machine: String,
     /// Wall-clock time of the whole run.
@@ -49,7 +68,13 @@ pub struct Results {
 }
 
 impl Results {
-    pub fn new(paths: &[Box<dyn BenchPath>], reps: usize, quick: bool, d: Durations) -> Self {
+    pub fn new(
+        paths: &[Box<dyn BenchPath>],
+        reps: usize,
+        tput_reps: usize,
+        quick: bool,
+        d: Durations,
+    ) -> Self {
         Results {
             paths: paths
                 .iter()
@@ -59,9 +84,9 @@ impl Results {
                 })
                 .collect(),
             reps,
+            tput_reps,
             quick,
-            iperf_secs: d.iperf_secs,
-            loop_secs: d.loop_secs,
+            durations: d,
             ..Results::default()
         }
     }
@@ -70,26 +95,28 @@ impl Results {
         self.setup_ms.entry(path).or_default().push(ms);
     }
 
-    /// Records one repetition's figures and their ratios to direct.
-    pub fn push_rep(
+    /// Records one visit of `path`: its figures and those of its side's
+    /// direct path measured just before it (the reference), and their
+    /// ratios, under round `round`.
+    pub fn push_visit(
         &mut self,
-        paths: &[Box<dyn BenchPath>],
-        figures: &BTreeMap<(&'static str, Metric), f64>,
+        round: usize,
+        path: &'static str,
+        direct: &'static str,
+        reference: &BTreeMap<Metric, f64>,
+        figures: &BTreeMap<Metric, f64>,
     ) {
-        for ((path, metric), value) in figures {
-            self.values.entry((path, *metric)).or_default().push(*value);
-            let side = paths.iter().find(|p| p.name() == *path).map(|p| p.side());
-            let direct = paths
-                .iter()
-                .find(|p| p.is_direct() && Some(p.side()) == side)
-                .and_then(|d| figures.get(&(d.name(), *metric)));
-            if let Some(direct) = direct
-                && *direct > 0.0
-            {
-                self.ratios
-                    .entry((path, *metric))
-                    .or_default()
-                    .push(value / direct);
+        while self.rounds.len() <= round {
+            self.rounds.push(BTreeMap::new());
+        }
+        for (m, v) in reference {
+            self.values.entry((direct, *m)).or_default().push(*v);
+        }
+        for (m, v) in figures {
+            self.values.entry((path, *m)).or_default().push(*v);
+            if let Some(r) = reference.get(m).filter(|r| **r > 0.0) {
+                self.ratios.entry((path, *m)).or_default().push(v / r);
+                self.rounds[round].insert((path, *m), v / r);
             }
         }
     }
@@ -107,50 +134,120 @@ impl Results {
         }
     }
 
-    pub fn push_add_mapping(&mut self, us: (f64, f64)) {
-        self.add_mapping_us.push(us);
-    }
-
-    /// Median ratio of `path` on `metric`.
+    /// Median and trimmed range of `path`'s ratios to direct on `metric`.
     pub fn ratio(&self, path: &str, metric: Metric) -> Option<Stat> {
         self.ratios
             .iter()
             .find(|((p, m), _)| *p == path && *m == metric)
             .map(|(_, v)| Stat::of(v))
     }
+
+    /// Median of `path`'s absolute figures on `metric`.
+    pub fn value(&self, path: &str, metric: Metric) -> Option<Stat> {
+        self.values
+            .iter()
+            .find(|((p, m), _)| *p == path && *m == metric)
+            .map(|(_, v)| Stat::of(v))
+    }
+
+    /// `a ÷ b` on `metric` (each first divided by its own direct
+    /// reference), per round where both were measured.
+    pub fn cross(&self, a: &str, b: &str, metric: Metric) -> Option<Stat> {
+        let v: Vec<f64> = self
+            .rounds
+            .iter()
+            .filter_map(|r| {
+                let x = r.iter().find(|((p, m), _)| *p == a && *m == metric)?.1;
+                let y = r.iter().find(|((p, m), _)| *p == b && *m == metric)?.1;
+                (*y > 0.0).then(|| x / y)
+            })
+            .collect();
+        (!v.is_empty()).then(|| Stat::of(&v))
+    }
+
+    /// The noise band of `metric`: how far from 1.0 the A/A control's
+    /// ratios reach (trimmed), e.g. 0.02 for 0.985–1.020.
+    pub fn noise(&self, metric: Metric) -> Option<f64> {
+        let aa = self.ratio(AA, metric)?;
+        Some((aa.max - 1.0).abs().max((1.0 - aa.min).abs()))
+    }
 }
 
-/// Median and range of a sample.
+/// The A/A control path's name.
+pub const AA: &str = "direct (A/A)";
+
+/// One per-program cost table: what redirect's programs cost per unit of
+/// work (a connection, a round trip) on one path.
+#[derive(Clone, Debug)]
+pub struct CostTable {
+    /// The path measured.
+    pub path: &'static str,
+    /// The unit: "connection", "UDP round trip".
+    pub unit: &'static str,
+    /// Units of work done while measuring.
+    pub units: f64,
+    /// One row per attached program.
+    pub rows: Vec<Cost>,
+}
+
+impl CostTable {
+    /// The sum over programs of ns per run × runs per unit.
+    pub fn total_ns(&self) -> f64 {
+        self.rows.iter().map(Cost::ns_per_unit).sum()
+    }
+}
+
+/// Median and trimmed range of a sample.
 #[derive(Clone, Copy, Debug)]
 pub struct Stat {
     /// Median.
     pub median: f64,
-    /// Smallest.
+    /// Smallest, once the single lowest is dropped (from 5 samples up).
     pub min: f64,
-    /// Largest.
+    /// Largest, once the single highest is dropped (from 5 samples up).
     pub max: f64,
+    /// Samples.
+    pub n: usize,
 }
+
+/// Samples from which the range drops its lowest and highest value: one
+/// round hit by a burst of someone else's work should not set the spread.
+pub const TRIM_FROM: usize = 5;
 
 impl Stat {
     pub fn of(v: &[f64]) -> Stat {
         let mut s = v.to_vec();
         s.sort_by(f64::total_cmp);
-        let median = if s.is_empty() {
-            f64::NAN
-        } else if s.len() % 2 == 1 {
-            s[s.len() / 2]
-        } else {
-            (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0
-        };
+        let n = s.len();
+        let median = median_sorted(&s);
+        if n >= TRIM_FROM {
+            s = s[1..n - 1].to_vec();
+        }
         Stat {
             median,
             min: s.first().copied().unwrap_or(f64::NAN),
             max: s.last().copied().unwrap_or(f64::NAN),
+            n,
         }
+    }
+
+    /// Trimmed max − min, as a fraction (0.03 = 3 %).
+    pub fn spread(self) -> f64 {
+        self.max - self.min
     }
 
     fn ratio_cell(self) -> String {
         format!("{:.3} ({:.3}–{:.3})", self.median, self.min, self.max)
+    }
+}
+
+fn median_sorted(s: &[f64]) -> f64 {
+    if s.is_empty() {
+        f64::NAN
+    } else if s.len() % 2 == 1 {
+        s[s.len() / 2]
+    } else {
+        (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0
     }
 }
 
@@ -165,34 +262,122 @@ fn num(v: f64) -> String {
     }
 }
 
-/// One target the report checks: a description and whether it holds.
+/// A target's outcome.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Met, by more than the noise.
+    Pass,
+    /// Missed, by more than the noise.
+    FallShort,
+    /// The measured figure is closer to the target than the A/A control's
+    /// spread: this run cannot tell.
+    TooNoisy,
+}
+
+impl Verdict {
+    fn label(self) -> &'static str {
+        match self {
+            Verdict::Pass => "PASS",
+            Verdict::FallShort => "FALL SHORT",
+            Verdict::TooNoisy => "TOO NOISY TO JUDGE",
+        }
+    }
+}
+
+/// One target the report checks.
 pub struct Target {
     /// What is checked, with the measured figure.
     pub text: String,
-    /// Whether it holds.
-    pub pass: bool,
+    /// The outcome.
+    pub verdict: Verdict,
 }
 
-/// The targets of the issue, checked against the medians.
+/// Judges `value` against `limit` (`at_least`: value ≥ limit, otherwise
+/// value ≤ limit), calling it too noisy when the margin is within `noise`
+/// (a fraction of the limit; `None` when the figure has no noise band).
+fn judge(value: f64, limit: f64, at_least: bool, noise: Option<f64>) -> Verdict {
+    let pass = if at_least {
+        value >= limit
+    } else {
+        value <= limit
+    };
+    match noise {
+        Some(n) if (value - limit).abs() <= n * limit => Verdict::TooNoisy,
+        _ if pass => Verdict::Pass,
+        _ => Verdict::FallShort,
+    }
+}
+
+fn noise_note(noise: Option<f64>) -> String {
+    noise.map_or(String::new(), |n| {
+        format!("; A/A noise ±{:.1} %", n * 100.0)
+    })
+}
+
+/// The targets of the issues, checked against the medians.
 pub fn targets(r: &Results) -> Vec<Target> {
     let mut out = Vec::new();
-    let mut ratio_target = |metric: Metric, what: &str| {
-        if let Some(s) = r.ratio("redirect", metric) {
-            let noise = r.ratio("direct (A/A)", metric).map_or(String::new(), |a| {
-                format!(" (A/A control: {:.3}, {:.3}–{:.3})", a.median, a.min, a.max)
-            });
+    // The bench's own precision (issue 11).
+    if let Some(d) = r.value("direct", Metric::ConnRate) {
+        out.push(Target {
+            text: format!(
+                "direct connection rate ≥ 40,000/s (the load generator measures the path, \
+                 not itself): {:.0}/s",
+                d.median
+            ),
+            verdict: judge(d.median, 40_000.0, true, None),
+        });
+    }
+    for m in [Metric::ConnRate, Metric::LatP50, Metric::UdpP50] {
+        if let Some(aa) = r.ratio(AA, m) {
             out.push(Target {
                 text: format!(
-                    "redirect (eBPF, local) {what} ≥ 0.98× direct: {:.3}× ({:.3}–{:.3}){noise}",
-                    s.median, s.min, s.max
+                    "A/A spread of {} ≤ 3 %: {:.1} % ({:.3}–{:.3}, trimmed, {} rounds)",
+                    m.label(),
+                    aa.spread() * 100.0,
+                    aa.min,
+                    aa.max,
+                    aa.n
                 ),
-                pass: s.median >= 0.98,
+                verdict: judge(aa.spread(), 0.03, false, None),
+            });
+        }
+    }
+    // The datapath (issue 11).
+    let mut ratio_target = |path: &str, what: &str, metric: Metric, limit: f64| {
+        if let Some(s) = r.ratio(path, metric) {
+            let noise = r.noise(metric);
+            let at_least = metric.higher_is_better();
+            out.push(Target {
+                text: format!(
+                    "{path} {} {} {limit:.2}× direct: {:.3}× ({:.3}–{:.3}){}",
+                    what,
+                    if at_least { "≥" } else { "≤" },
+                    s.median,
+                    s.min,
+                    s.max,
+                    noise_note(noise)
+                ),
+                verdict: judge(s.median, limit, at_least, noise),
             });
         }
     };
-    ratio_target(Metric::ConnRate, "connection rate");
-    ratio_target(Metric::Tput1, "throughput (1 stream)");
-    ratio_target(Metric::Tput4, "throughput (4 streams)");
+    ratio_target("redirect", "connection rate", Metric::ConnRate, 0.98);
+    ratio_target("redirect-in", "connection rate", Metric::ConnRate, 0.98);
+    ratio_target("redirect", "UDP p50", Metric::UdpP50, 1.02);
+    ratio_target("redirect", "throughput (1 stream)", Metric::Tput1, 0.98);
+    for t in &r.costs {
+        if t.unit == "connection" {
+            out.push(Target {
+                text: format!(
+                    "{}: eBPF cost per connection ≤ 300 ns (bpf_stats): {:.0} ns",
+                    t.path,
+                    t.total_ns()
+                ),
+                verdict: judge(t.total_ns(), 300.0, false, None),
+            });
+        }
+    }
     if let (Some(ebpf), Some(ipt)) = (
         r.ratio("redirect", Metric::ConnRate),
         r.ratio("iptables", Metric::ConnRate),
@@ -202,86 +387,115 @@ pub fn targets(r: &Results) -> Vec<Target> {
                 "redirect connection rate ahead of iptables REDIRECT: {:.3}× vs {:.3}× direct",
                 ebpf.median, ipt.median
             ),
-            pass: ebpf.median > ipt.median,
+            verdict: judge(ebpf.median, ipt.median, true, r.noise(Metric::ConnRate)),
         });
     }
-    for (metric, what) in [
-        (Metric::ConnRate, "connection rate"),
-        (Metric::Tput1, "throughput (1 stream)"),
+    // The fallback proxy (issue 12), against the userspace proxies of the
+    // same rounds.
+    let proxy = "redirect-proxy";
+    for (other, metric, limit) in [
+        ("haproxy", Metric::ConnRate, 1.15),
+        ("socat", Metric::ConnRate, 3.0),
+        ("haproxy", Metric::Tput1, 1.0),
+        ("haproxy", Metric::Tput4, 1.0),
+        ("haproxy", Metric::LatP50, 1.0),
     ] {
-        if let Some(s) = r.ratio("redirect-in", metric) {
-            let ipt = r.ratio("iptables-in", metric).map_or(String::new(), |i| {
-                format!("; iptables PREROUTING: {:.3}×", i.median)
-            });
+        if let Some(s) = r.cross(proxy, other, metric) {
+            let at_least = metric.higher_is_better();
+            let noise = r.noise(metric);
             out.push(Target {
                 text: format!(
-                    "redirect inbound (sk_lookup) {what} ≥ 0.97× direct: {:.3}× ({:.3}–{:.3}){ipt}",
-                    s.median, s.min, s.max
+                    "{proxy} {} {} {limit:.2}× {other}'s: {:.3}× ({:.3}–{:.3}){}",
+                    metric.label(),
+                    if at_least { "≥" } else { "≤" },
+                    s.median,
+                    s.min,
+                    s.max,
+                    noise_note(noise)
                 ),
-                pass: s.median >= 0.97,
+                verdict: judge(s.median, limit, at_least, noise),
             });
         }
     }
+    // Control plane (issue 10 and earlier).
     if let Some(v) = r.setup_ms.get("redirect") {
         let s = Stat::of(v);
         out.push(Target {
             text: format!("redirect setup ≤ 50 ms: {:.1} ms", s.median),
-            pass: s.median <= 50.0,
+            verdict: judge(s.median, 50.0, false, None),
         });
     }
-    if !r.add_mapping_us.is_empty() {
-        let p50: Vec<f64> = r.add_mapping_us.iter().map(|(p50, _)| *p50).collect();
-        let s = Stat::of(&p50);
+    if let Some(v) = r.control.get(ADD_MAPPING) {
+        let s = Stat::of(v);
         out.push(Target {
             text: format!(
-                "adding a mapping at run time ≤ 1 ms: {:.1} µs (p50)",
+                "adding a mapping at run time ≤ 100 µs: {:.1} µs (p50)",
                 s.median
             ),
-            pass: s.median <= 1000.0,
+            verdict: judge(s.median, 100.0, false, None),
         });
     }
     if let Some(v) = r.scale_ratios.get(&MAPPING_COUNTS[2]) {
         let s = Stat::of(v);
         out.push(Target {
             text: format!(
-                "connection rate with {} mappings ≥ 0.98× that with 1: {:.3}×",
-                MAPPING_COUNTS[2], s.median
+                "connection rate with {} mappings ≥ 0.98× that with 1: {:.3}×{}",
+                MAPPING_COUNTS[2],
+                s.median,
+                noise_note(r.noise(Metric::ConnRate))
             ),
-            pass: s.median >= 0.98,
+            verdict: judge(s.median, 0.98, true, r.noise(Metric::ConnRate)),
         });
     }
     out
 }
 
+/// Name of the control-plane timing of `Redirector::insert`.
+pub const ADD_MAPPING: &str = "add a mapping (p50)";
+
 /// The markdown report.
 pub fn markdown(r: &Results) -> String {
     let mut s = String::new();
+    let d = r.durations;
     let date = chrono_free_date();
     s += &format!("# redirect benchmark, {date}\n\n");
     s += &format!("- Machine: {}\n", r.machine);
     s += &format!(
-        "- Mode: {} ({} repetitions; iperf3 runs of {} s, rate and latency loops of {} s); \
-         whole run {:.0} s\n",
+        "- Mode: {} ({} rounds; connection rate {} s, latency {} s per visit; throughput \
+         (iperf3, {} s) and the mapping workloads in {} of the rounds); whole run {:.0} s\n",
         if r.quick { "--quick" } else { "full" },
         r.reps,
-        r.iperf_secs,
-        r.loop_secs,
+        d.conn_secs,
+        d.lat_secs,
+        d.iperf_secs,
+        r.tput_reps,
         r.elapsed_secs
     );
+    let load = Stat::of(&r.load);
+    s += &format!(
+        "- Load: /proc/loadavg `{}` at the start, `{}` at the end; 1-minute load before each \
+         measurement: median {:.2} (range {:.2}–{:.2}, trimmed). Bench processes ran at nice {}.\n",
+        r.load_start.trim(),
+        r.load_end.trim(),
+        load.median,
+        load.min,
+        load.max,
+        r.nice
+    );
+    s += &format!("- Placement: {}.\n", r.placement);
     s += "- Local clients talk over loopback in a namespace of the bench's own; inbound \
           clients come from a second namespace over a veth pair. Clients dial 443/444/53 \
-          (8443/8444/5353 for the direct paths).\n\n";
+          (8443/8444/5353 for the direct paths).\n";
+    for (path, why) in &r.skipped {
+        s += &format!("- **Skipped** `{path}`: {why}\n");
+    }
 
-    s += "## Direct path, absolute (median over repetitions)\n\n";
+    s += "\n## Direct path, absolute (median over every reference measurement, base world)\n\n";
     s += "| workload | direct (local) | direct-in (inbound) |\n|---|---|---|\n";
     for m in Metric::ALL {
         let cell = |path: &str| {
-            r.values
-                .iter()
-                .find(|((p, mm), _)| *p == path && *mm == m)
-                .map_or("–".into(), |(_, v)| {
-                    format!("{} {}", num(Stat::of(v).median), m.unit())
-                })
+            r.value(path, m)
+                .map_or("–".into(), |v| format!("{} {}", num(v.median), m.unit()))
         };
         s += &format!(
             "| {} | {} | {} |\n",
@@ -291,15 +505,19 @@ pub fn markdown(r: &Results) -> String {
         );
     }
 
-    s += "\n## Ratios against the direct path of the same run\n\n";
-    s += "Median (min–max) over repetitions of path ÷ direct. For throughput and connection \
-          rate higher is better (1.000 = as fast as direct); for latency the ratio is also \
-          path ÷ direct, so lower is better (1.000 = no added latency). – means the path \
-          does not carry that traffic (HAProxy has no UDP) or the workload is not run \
-          inbound.\n\n";
-    s += "`direct (A/A)` is the direct path measured a second time in each repetition: \
-          its spread around 1.000 is this machine's noise floor, against which the other \
-          rows should be read.\n\n";
+    s += "\n## Ratios against the direct path measured at the same time\n\n";
+    s += "Median (trimmed min–max) over rounds of path ÷ direct of the same side. The path \
+          is set up in the bench's test world while the direct path is measured in an \
+          identical, untouched base world, the two clients taking turns of 100 ms, so each \
+          ratio compares figures taken in the same second (iperf3 runs one after the \
+          other). For throughput and connection rate higher is better \
+          (1.000 = as fast as direct); for latency the ratio is also path ÷ direct, so \
+          lower is better (1.000 = no added latency). – means the path does not carry that \
+          traffic (HAProxy has no UDP) or the workload is not run inbound. The range drops \
+          each row's single lowest and highest round when there are 5 rounds or more.\n\n";
+    s += "`direct (A/A)` is a visit like the others whose \"path\" is the test world's \
+          direct path: its spread around 1.000 is the noise floor of this run, against which \
+          the other rows should be read.\n\n";
     s += "| path |";
     for m in Metric::ALL {
         s += &format!(" {} |", m.label());
@@ -308,6 +526,9 @@ pub fn markdown(r: &Results) -> String {
     s += &"---|".repeat(Metric::ALL.len());
     s += "\n";
     for p in r.paths.iter().filter(|p| !p.is_direct) {
+        if r.skipped.iter().any(|(n, _)| *n == p.name) {
+            continue;
+        }
         s += &format!("| {} |", p.name);
         for m in Metric::ALL {
             let cell = r.ratio(p.name, m).map_or("–".into(), Stat::ratio_cell);
@@ -315,9 +536,51 @@ pub fn markdown(r: &Results) -> String {
         }
         s += "\n";
     }
+    s += "| **A/A spread** (trimmed max − min) |";
+    for m in Metric::ALL {
+        let cell = r
+            .ratio(AA, m)
+            .map_or("–".into(), |a| format!("{:.1} %", a.spread() * 100.0));
+        s += &format!(" {cell} |");
+    }
+    s += "\n";
+
+    s += "\n## What redirect's eBPF programs cost (bpf_stats)\n\n";
+    s += "Measured in a pass of its own after the rounds, with `kernel.bpf_stats_enabled` \
+          switched on only for that pass (`BPF_ENABLE_STATS`; the kernel restores the \
+          previous setting when the bench exits). Every program attached to the bench's \
+          cgroup and, for the inbound path, the server namespace's sk_lookup programs. \
+          Clients and servers are both in the scope, so a connection's programs run on \
+          both of its ends. ns per run is `run_time_ns / run_cnt` over the workload; \
+          runs per unit is `run_cnt` over the connections (or round trips) the client \
+          made. The kernel's accounting leaves out work done outside the program's run \
+          (a socket-storage allocation freed by RCU at close, LRU bookkeeping): judge \
+          changes by the connection rate, with this as the second view.\n\n";
+    for note in &r.cost_notes {
+        s += &format!("- {note}\n");
+    }
+    for t in &r.costs {
+        s += &format!(
+            "\n**{}**, per {} ({:.0} {}s):\n\n| hook | program | runs | ns per run | runs per {} | \
+             ns per {} |\n|---|---|---|---|---|---|\n",
+            t.path, t.unit, t.units, t.unit, t.unit, t.unit
+        );
+        for c in &t.rows {
+            s += &format!(
+                "| {} | {} | {} | {:.0} | {:.2} | {:.0} |\n",
+                c.prog.hook,
+                c.prog.name,
+                c.runs,
+                c.ns_per_run,
+                c.runs_per_unit,
+                c.ns_per_unit()
+            );
+        }
+        s += &format!("| **sum** | | | | | **{:.0}** |\n", t.total_ns());
+    }
 
     s += "\n## Setup time\n\nFrom the start of the path's setup command to the first \
-          request that reaches the server through it (ms, median (min–max)).\n\n";
+          request that reaches the server through it (ms, median (trimmed min–max)).\n\n";
     s += "| path | setup |\n|---|---|\n";
     for p in r.paths.iter().filter(|p| !p.is_direct) {
         if let Some(v) = r.setup_ms.get(p.name) {
@@ -329,19 +592,20 @@ pub fn markdown(r: &Results) -> String {
         }
     }
 
-    s += "\n## Changing mappings\n\n";
-    if !r.add_mapping_us.is_empty() {
-        let p50: Vec<f64> = r.add_mapping_us.iter().map(|(a, _)| *a).collect();
-        let p99: Vec<f64> = r.add_mapping_us.iter().map(|(_, b)| *b).collect();
+    s += "\n## Control plane\n\nTimings of changing what is redirected, µs, median \
+          (trimmed min–max) over the rounds that ran them (see \"Adding a control-plane \
+          workload\" in docs/BENCHMARKS.md).\n\n| workload | µs |\n|---|---|\n";
+    for (name, v) in &r.control {
+        let st = Stat::of(v);
         s += &format!(
-            "Adding one mapping to a live redirector (`Redirector::insert`, 200 inserts per \
-             repetition): p50 {:.1} µs, p99 {:.1} µs (medians over repetitions).\n\n",
-            Stat::of(&p50).median,
-            Stat::of(&p99).median
+            "| {name} | {} ({}–{}) |\n",
+            num(st.median),
+            num(st.min),
+            num(st.max)
         );
     }
-    s += "Connection rate through redirect with N mappings installed (ratio to 1 mapping, \
-          same repetition):\n\n| mappings | conn/s | ratio to 1 |\n|---|---|---|\n";
+    s += "\nConnection rate through redirect with N mappings installed (ratio to 1 mapping, \
+          same round):\n\n| mappings | conn/s | ratio to 1 |\n|---|---|---|\n";
     for (count, v) in &r.scale {
         let ratio = r
             .scale_ratios
@@ -350,15 +614,13 @@ pub fn markdown(r: &Results) -> String {
         s += &format!("| {count} | {} | {ratio} |\n", num(Stat::of(v).median));
     }
 
-    s += "\n## Targets\n\n";
+    s += "\n## Targets\n\nA target whose margin is within the A/A control's noise band \
+          (how far the control's trimmed ratios reach from 1.000) is reported as too noisy \
+          to judge rather than passed or failed.\n\n";
     for t in targets(r) {
-        s += &format!(
-            "- **{}** {}\n",
-            if t.pass { "PASS" } else { "FALL SHORT" },
-            t.text
-        );
+        s += &format!("- **{}** {}\n", t.verdict.label(), t.text);
     }
-    s += "\nThe chart (`ratios.png`) shows the median ratios with min–max bars.\n";
+    s += "\nThe chart (`ratios.png`) shows the median ratios with trimmed min–max bars.\n";
     s
 }
 
@@ -389,5 +651,20 @@ mod tests {
         let s = Stat::of(&[3.0, 1.0, 2.0]);
         assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
         assert_eq!(Stat::of(&[1.0, 2.0, 3.0, 4.0]).median, 2.5);
+    }
+
+    #[test]
+    fn range_is_trimmed_from_five_samples() {
+        let s = Stat::of(&[0.5, 1.0, 1.01, 0.99, 2.0]);
+        assert_eq!((s.median, s.min, s.max), (1.0, 0.99, 1.01));
+        assert!((s.spread() - 0.02).abs() < 1e-9);
+    }
+
+    #[test]
+    fn verdict_within_noise_is_too_noisy() {
+        assert_eq!(judge(0.97, 0.98, true, Some(0.02)), Verdict::TooNoisy);
+        assert_eq!(judge(0.93, 0.98, true, Some(0.02)), Verdict::FallShort);
+        assert_eq!(judge(0.995, 0.98, true, Some(0.01)), Verdict::Pass);
+        assert_eq!(judge(250.0, 300.0, false, None), Verdict::Pass);
     }
 }

@@ -1,0 +1,67 @@
+//! The kernel version redirect needs, checked before anything is attached.
+//!
+//! aya 0.14 attaches cgroup programs with a `bpf_link` only when it can
+//! read a kernel version of at least 5.7 (`KernelVersion::at_least`); when
+//! it cannot read one (an unusual `uname -r`, such as `6.18-rc1` with no
+//! patch level), it silently falls back to legacy `BPF_PROG_ATTACH`, whose
+//! attachment lives as long as the cgroup, not the process: a crash would
+//! leave the redirect in place. So the version aya will read is required to
+//! be readable and at least [`MINIMUM`] (the documented minimum, for the
+//! getpeername hooks) before anything is attached.
+
+use aya::util::KernelVersion;
+
+use crate::{Error, Result};
+
+/// The oldest kernel redirect runs on: getpeername4/6 hooks (5.8), and
+/// cgroup `bpf_link`s (5.7).
+pub const MINIMUM: (u8, u8) = (5, 8);
+
+/// Fails unless the kernel's version is readable (as aya reads it) and at
+/// least [`MINIMUM`]. The error names `uname -r` and the minimum.
+pub fn check_version() -> Result<()> {
+    let release = rustix::system::uname()
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    check(
+        &release,
+        KernelVersion::current().map_err(|e| e.to_string()),
+    )
+}
+
+fn check(release: &str, version: std::result::Result<KernelVersion, String>) -> Result<()> {
+    let reason = match version {
+        Ok(v) if v >= KernelVersion::new(MINIMUM.0, MINIMUM.1, 0) => return Ok(()),
+        Ok(v) => format!("version {v} is too old"),
+        Err(e) => format!("its version cannot be read ({e})"),
+    };
+    Err(Error::KernelVersion {
+        release: crate::error::clip(release),
+        reason,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_kernel_passes() {
+        check_version().expect("the test machine runs Linux >= 5.8");
+    }
+
+    #[test]
+    fn an_old_or_unreadable_version_is_refused_naming_the_minimum() {
+        let old = check("5.4.0-150-generic", Ok(KernelVersion::new(5, 4, 0))).unwrap_err();
+        let text = old.to_string();
+        assert!(text.contains("5.4.0-150-generic"), "{text}");
+        assert!(text.contains("Linux >= 5.8"), "{text}");
+        let unreadable = check("6.18-rc1", Err("ParseError".into())).unwrap_err();
+        assert!(
+            unreadable.to_string().contains("cannot be read"),
+            "{unreadable}"
+        );
+        assert!(check("5.8.0", Ok(KernelVersion::new(5, 8, 0))).is_ok());
+    }
+}

@@ -1,0 +1,379 @@
+//! `redirect daemon`: pinned state that survives SIGKILL and restarts with
+//! zero failed connections, one link per hook per scope, scopes that map
+//! one port differently, reload by difference, a root-only control socket,
+//! metrics that match the traffic, and `reset` leaving nothing behind.
+
+use std::{
+    collections::HashMap,
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use redirect_tests::{
+    NOBODY, Pair, Spawn, TcpServer, attached, binary, daemon::TestDaemon, parse_probe, privileged,
+    probe, redirect::ebpf::attached_programs, redirect_output, test_cgroup, wait_detached,
+};
+
+fn scope(name: &str, cgroup: &std::path::Path, maps: &[String]) -> String {
+    let maps: Vec<String> = maps.iter().map(|m| format!("{m:?}")).collect();
+    format!(
+        "[[scope]]\nname = {name:?}\ncgroup = {:?}\nmaps = [{}]\n",
+        cgroup.display().to_string(),
+        maps.join(", ")
+    )
+}
+
+/// Runs `probe loop ADDR SECS` in `cgroup` as nobody, in the background.
+fn start_loop(
+    cgroup: &redirect::cgroup::ChildCgroup,
+    addr: std::net::SocketAddr,
+    secs: f64,
+) -> std::process::Child {
+    let mut cmd = Command::new(binary("probe"));
+    cmd.args(["loop", &addr.to_string(), &secs.to_string()])
+        .stdout(Stdio::piped());
+    Spawn {
+        cgroup: Some(cgroup),
+        unprivileged: true,
+    }
+    .apply(&mut cmd);
+    cmd.spawn().expect("start the probe loop")
+}
+
+use redirect_tests::redirect;
+
+/// Every hook attached to `cgroup`, with how many times.
+fn hook_counts(cgroup: &std::path::Path) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for name in attached(cgroup) {
+        *counts.entry(name).or_insert(0) += 1;
+    }
+    counts
+}
+
+#[test]
+fn sigkill_and_restart_five_times_without_a_failed_connection() {
+    if !privileged("sigkill_and_restart_five_times_without_a_failed_connection") {
+        return;
+    }
+    let cg = test_cgroup("daemon-kill");
+    let pair = Pair::tcp("127.0.0.1");
+    let mut daemon = TestDaemon::start("kill", "", &scope("web", cg.path(), &[pair.mapping()]));
+    let before = hook_counts(cg.path());
+    assert_eq!(
+        before.len(),
+        redirect::ebpf::HOOKS.len(),
+        "every hook attached once: {before:?}"
+    );
+    let client = start_loop(&cg, pair.decoy.addr, 6.0);
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(400));
+        daemon.kill();
+        std::thread::sleep(Duration::from_millis(200));
+        daemon.restart();
+    }
+    let out = client.wait_with_output().expect("probe loop");
+    let report = parse_probe(&out);
+    let ok: u64 = report.get("ok").parse().unwrap();
+    let failed: u64 = report.get("failed").parse().unwrap();
+    eprintln!(
+        "probe loop: {ok} connections in 6 s ({} per second), {failed} failed",
+        ok / 6
+    );
+    assert_eq!(failed, 0, "no connection may fail: {report:?}");
+    assert!(ok > 0);
+    assert!(pair.decoy.peers().is_empty(), "nothing leaked to FROM");
+    // Exactly one link per hook for the scope, as before.
+    assert_eq!(hook_counts(cg.path()), before);
+}
+
+#[test]
+fn a_restart_replaces_the_programs_behind_the_same_links() {
+    if !privileged("a_restart_replaces_the_programs_behind_the_same_links") {
+        return;
+    }
+    let cg = test_cgroup("daemon-upgrade");
+    let pair = Pair::tcp("127.0.0.1");
+    let mut daemon = TestDaemon::start("upgrade", "", &scope("web", cg.path(), &[pair.mapping()]));
+    let links = |d: &TestDaemon| d.status()["scopes"][0]["links"].clone();
+    let programs = || -> Vec<u32> {
+        let mut ids: Vec<u32> = attached_programs(cg.path())
+            .unwrap()
+            .iter()
+            .map(|p| p.id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    };
+    let (links_before, progs_before) = (links(&daemon), programs());
+    let client = start_loop(&cg, pair.decoy.addr, 2.0);
+    std::thread::sleep(Duration::from_millis(500));
+    daemon.kill();
+    daemon.restart();
+    let report = parse_probe(&client.wait_with_output().unwrap());
+    assert_eq!(report.get("failed"), "0", "{report:?}");
+    assert_eq!(links(&daemon), links_before, "the same links");
+    let progs_after = programs();
+    assert_eq!(progs_after.len(), progs_before.len());
+    assert!(
+        progs_after.iter().all(|id| !progs_before.contains(id)),
+        "every program replaced in place: {progs_before:?} -> {progs_after:?}"
+    );
+    let r = probe(Some(&cg), "tcp", pair.decoy.addr);
+    assert!(r.reply().starts_with("to:"), "{r:?}");
+}
+
+#[test]
+fn two_scopes_send_one_port_to_different_targets() {
+    if !privileged("two_scopes_send_one_port_to_different_targets") {
+        return;
+    }
+    let (cg_a, cg_b) = (test_cgroup("daemon-a"), test_cgroup("daemon-b"));
+    let decoy = TcpServer::start("127.0.0.1:0", "decoy");
+    let a = TcpServer::start("127.0.0.1:0", "a");
+    let b = TcpServer::start("127.0.0.1:0", "b");
+    let from = decoy.addr.port();
+    let scopes = scope("a", cg_a.path(), &[format!("{from}:{}", a.addr.port())])
+        + &scope("b", cg_b.path(), &[format!("{from}:{}", b.addr.port())]);
+    let daemon = TestDaemon::start("two", "", &scopes);
+    assert!(
+        probe(Some(&cg_a), "tcp", decoy.addr)
+            .reply()
+            .starts_with("a:")
+    );
+    assert!(
+        probe(Some(&cg_b), "tcp", decoy.addr)
+            .reply()
+            .starts_with("b:")
+    );
+    let (code, _, err) = daemon.ctl(&["remove", "a", &format!("{from}:{}", a.addr.port())]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        probe(Some(&cg_a), "tcp", decoy.addr)
+            .reply()
+            .starts_with("decoy:")
+    );
+    assert!(
+        probe(Some(&cg_b), "tcp", decoy.addr)
+            .reply()
+            .starts_with("b:"),
+        "b untouched"
+    );
+    // A third scope nested in one of them is refused, naming the other.
+    let nested = cg_b.path().join("inner");
+    std::fs::create_dir(&nested).unwrap();
+    let req = redirect::control::Request::AddScope {
+        scope: redirect::control::ScopeSpec {
+            name: Some("inner".into()),
+            cgroup: nested.clone(),
+            maps: vec!["1:2".into()],
+            ..Default::default()
+        },
+    };
+    let err = redirect::control::Client::new(&daemon.control)
+        .request(&req)
+        .unwrap_err();
+    assert_eq!(
+        err.kind(),
+        Some(redirect::control::ErrorKind::Conflict),
+        "{err}"
+    );
+    assert!(err.to_string().contains("scope b"), "{err}");
+    std::fs::remove_dir(&nested).unwrap();
+}
+
+#[test]
+fn reload_applies_only_the_difference_and_a_bad_file_changes_nothing() {
+    if !privileged("reload_applies_only_the_difference_and_a_bad_file_changes_nothing") {
+        return;
+    }
+    let cg = test_cgroup("daemon-reload");
+    let (kept, removed, added) = (
+        Pair::tcp("127.0.0.1"),
+        Pair::tcp("127.0.0.1"),
+        Pair::tcp("127.0.0.1"),
+    );
+    let daemon = TestDaemon::start(
+        "reload",
+        "",
+        &scope("web", cg.path(), &[kept.mapping(), removed.mapping()]),
+    );
+    for _ in 0..3 {
+        assert!(
+            probe(Some(&cg), "tcp", kept.decoy.addr)
+                .reply()
+                .starts_with("to:")
+        );
+    }
+    daemon.write_config(
+        "",
+        &scope("web", cg.path(), &[kept.mapping(), added.mapping()]),
+    );
+    let (code, out, err) = daemon.ctl(&["reload"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        probe(Some(&cg), "tcp", added.decoy.addr)
+            .reply()
+            .starts_with("to:"),
+        "added works"
+    );
+    assert!(
+        probe(Some(&cg), "tcp", removed.decoy.addr)
+            .reply()
+            .starts_with("decoy:"),
+        "removed stops"
+    );
+    let status = daemon.status();
+    let kept_status = status["scopes"][0]["mappings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mapping"] == kept.mapping().as_str())
+        .cloned()
+        .expect("kept mapping");
+    assert_eq!(
+        kept_status["connects"], 3,
+        "untouched mapping kept its counters"
+    );
+
+    daemon.write_config("", "[[scope]]\nname = \"web\"\ncgroup = \"relative\"\n");
+    let (code, _, err) = daemon.ctl(&["reload"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("redirect.toml:4:1:"),
+        "the error names its line: {err}"
+    );
+    assert!(
+        probe(Some(&cg), "tcp", kept.decoy.addr)
+            .reply()
+            .starts_with("to:"),
+        "state kept"
+    );
+}
+
+#[test]
+fn the_control_socket_refuses_non_root_peers() {
+    if !privileged("the_control_socket_refuses_non_root_peers") {
+        return;
+    }
+    let cg = test_cgroup("daemon-perm");
+    let pair = Pair::tcp("127.0.0.1");
+    let daemon = TestDaemon::start("perm", "", &scope("web", cg.path(), &[]));
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&daemon.control)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    // Even with the socket opened up, the peer's credentials are checked.
+    std::fs::set_permissions(&daemon.control, std::fs::Permissions::from_mode(0o666)).unwrap();
+    std::fs::set_permissions(daemon.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let control = daemon.control.display().to_string();
+    let out = redirect_output(["add", "web", &pair.mapping(), "--control", &control], true);
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("only root"), "{err}");
+    assert!(
+        probe(Some(&cg), "tcp", pair.decoy.addr)
+            .reply()
+            .starts_with("decoy:")
+    );
+    let _ = NOBODY;
+}
+
+#[test]
+fn metrics_match_the_traffic() {
+    if !privileged("metrics_match_the_traffic") {
+        return;
+    }
+    let cg = test_cgroup("daemon-metrics");
+    let pair = Pair::tcp("127.0.0.1");
+    // A free port, picked by the kernel.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let daemon = TestDaemon::start(
+        "metrics",
+        &format!("metrics = \"127.0.0.1:{port}\""),
+        &scope("web", cg.path(), &[pair.mapping()]),
+    );
+    for _ in 0..4 {
+        probe(Some(&cg), "tcp", pair.decoy.addr);
+    }
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let body = text.split("\r\n\r\n").nth(1).unwrap();
+    // Exposition format: comments, then `name{labels} value` lines.
+    for line in body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (series, value) = line.rsplit_once(' ').expect("name and value");
+        value
+            .parse::<f64>()
+            .unwrap_or_else(|_| panic!("value of {line}"));
+        assert!(series.starts_with("redirect_"), "{line}");
+    }
+    let wanted = format!(
+        "redirect_connections_redirected_total{{scope=\"web\",mapping=\"{}\"}} 4",
+        pair.mapping()
+    );
+    assert!(body.lines().any(|l| l == wanted), "{wanted} in\n{body}");
+    assert!(body.contains("redirect_scopes 1"), "{body}");
+    drop(daemon);
+}
+
+#[test]
+fn reset_leaves_nothing_attached_or_pinned() {
+    if !privileged("reset_leaves_nothing_attached_or_pinned") {
+        return;
+    }
+    let cg = test_cgroup("daemon-reset");
+    let pair = Pair::tcp("127.0.0.1");
+    let mut daemon = TestDaemon::start("reset", "", &scope("web", cg.path(), &[pair.mapping()]));
+    let pin = daemon.pin_dir.display().to_string();
+    let control = daemon.control.display().to_string();
+    let out = redirect_output(["reset", "--pin-dir", &pin, "--control", &control], false);
+    assert_eq!(out.status.code(), Some(1), "refused while the daemon runs");
+    daemon.kill();
+    assert!(
+        probe(Some(&cg), "tcp", pair.decoy.addr)
+            .reply()
+            .starts_with("to:"),
+        "pinned state in force"
+    );
+    // Without a daemon, status (as root) reads the pins.
+    let out = redirect_output(
+        ["status", "--json", "--pin-dir", &pin, "--control", &control],
+        false,
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        status["daemon"]["scopes"][0]["mappings"][0]["mapping"],
+        pair.mapping().as_str()
+    );
+    let out = redirect_output(["reset", "--pin-dir", &pin, "--control", &control], false);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(wait_detached(cg.path()), Vec::<String>::new());
+    assert!(!daemon.pin_dir.exists(), "pin directory removed");
+    assert!(
+        probe(Some(&cg), "tcp", pair.decoy.addr)
+            .reply()
+            .starts_with("decoy:")
+    );
+}

@@ -1,0 +1,173 @@
+//! Who gets registered for inbound steering: only listeners that may serve
+//! the mapping. The attacker is `nobody` inside the scope; every namespace
+//! is the test's own.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    process::{Child, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use redirect_tests::{
+    NetnsPair, RedirectProcess, Spawn, binary, parse_probe, privileged,
+    redirect::cgroup::ChildCgroup, test_cgroup,
+};
+
+const FROM: u16 = 443;
+const TO: u16 = 8443;
+
+/// `probe MODE ADDR` in the server namespace inside `scope`; returns the
+/// child, its stdin and its output lines.
+fn start(
+    pair: &NetnsPair,
+    scope: &ChildCgroup,
+    mode: &str,
+    addr: &str,
+    unprivileged: bool,
+) -> (Child, mpsc::Receiver<String>) {
+    let probe = binary("probe").display().to_string();
+    // `ip netns exec` needs root, so the drop to nobody happens after it.
+    let as_nobody = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ];
+    let mut args: Vec<&str> = if unprivileged {
+        as_nobody.to_vec()
+    } else {
+        Vec::new()
+    };
+    args.extend([probe.as_str(), mode, addr]);
+    let mut cmd = NetnsPair::command(&pair.server, &args);
+    cmd.stdout(Stdio::piped()).stdin(Stdio::piped());
+    Spawn {
+        cgroup: Some(scope),
+        unprivileged: false,
+    }
+    .apply(&mut cmd);
+    let mut child = cmd.spawn().expect("start probe");
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
+}
+
+fn next(rx: &mpsc::Receiver<String>) -> String {
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("a line from the probe")
+}
+
+fn client(pair: &NetnsPair) -> redirect_tests::ProbeReport {
+    let probe = binary("probe").display().to_string();
+    let addr = format!("{}:{FROM}", NetnsPair::SERVER_IP);
+    parse_probe(
+        &NetnsPair::command(&pair.client, &[&probe, "tcp", &addr, "hello"])
+            .output()
+            .expect("run client"),
+    )
+}
+
+fn run(pair: &NetnsPair, scope: &ChildCgroup, map: &str, extra: &[&str]) -> RedirectProcess {
+    let mut args = vec![
+        "run".to_owned(),
+        "--map".into(),
+        map.into(),
+        "--cgroup".into(),
+        scope.path().display().to_string(),
+        "--netns".into(),
+        pair.server_path().display().to_string(),
+    ];
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    let mut r = RedirectProcess::start(args);
+    r.wait_ready();
+    r
+}
+
+#[test]
+fn a_socket_a_non_owner_bound_before_the_mapping_is_never_registered() {
+    if !privileged("a_socket_a_non_owner_bound_before_the_mapping_is_never_registered") {
+        return;
+    }
+    let pair = NetnsPair::new("bindlisten");
+    let scope = test_cgroup("bindlisten");
+    // The attacker binds TO before redirect starts (no guard yet)...
+    let (mut attacker, lines) = start(&pair, &scope, "bindlisten", &format!("0.0.0.0:{TO}"), true);
+    assert_eq!(next(&lines), "bound");
+    // ...redirect starts with root as the owner...
+    let _run = run(&pair, &scope, &format!("{FROM}:{TO}"), &["--owner", "root"]);
+    // ...and the attacker listens only now.
+    attacker.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    assert_eq!(next(&lines), "listening");
+    let report = client(&pair);
+    assert!(
+        !report.ok,
+        "the squatter must not receive FROM's traffic: {report:?}"
+    );
+    let _ = attacker.kill();
+    let _ = attacker.wait();
+}
+
+#[test]
+fn a_loopback_only_listener_is_not_exposed_through_a_wildcard_mapping() {
+    if !privileged("a_loopback_only_listener_is_not_exposed_through_a_wildcard_mapping") {
+        return;
+    }
+    let pair = NetnsPair::new("loopback");
+    let scope = test_cgroup("loopback");
+    let _run = run(&pair, &scope, &format!("{FROM}:{TO}"), &[]);
+    let (mut server, lines) = start(&pair, &scope, "serve", &format!("127.0.0.1:{TO}"), false);
+    assert_eq!(next(&lines), "listening");
+    let report = client(&pair);
+    assert!(
+        !report.ok,
+        "a 127.0.0.1-only server stays local: {report:?}"
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+#[test]
+fn a_second_listener_never_displaces_the_first_and_a_restart_is_picked_up() {
+    if !privileged("a_second_listener_never_displaces_the_first_and_a_restart_is_picked_up") {
+        return;
+    }
+    let pair = NetnsPair::new("displace");
+    let scope = test_cgroup("displace");
+    let map = format!("{}:{FROM}:{TO}", NetnsPair::SERVER_IP);
+    let _run = run(&pair, &scope, &map, &[]);
+    let legit = format!("{}:{TO}", NetnsPair::SERVER_IP);
+    let (mut first, lines) = start(&pair, &scope, "serve", &legit, false);
+    assert_eq!(next(&lines), "listening");
+    // Another user of the scope listens on TO on another address.
+    let (mut squatter, squatter_lines) = start(
+        &pair,
+        &scope,
+        "bindlisten",
+        &format!("127.0.0.1:{TO}"),
+        true,
+    );
+    assert_eq!(next(&squatter_lines), "bound");
+    squatter.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    assert_eq!(next(&squatter_lines), "listening");
+    let report = client(&pair);
+    assert_eq!(
+        report.reply(),
+        "to:hello",
+        "the first listener keeps the traffic"
+    );
+    let _ = first.wait();
+    // The legitimate server restarts: it is registered again.
+    let (mut again, lines) = start(&pair, &scope, "serve", &legit, false);
+    assert_eq!(next(&lines), "listening");
+    let report = client(&pair);
+    assert_eq!(report.reply(), "to:hello", "{report:?}");
+    let _ = again.wait();
+    let _ = squatter.kill();
+    let _ = squatter.wait();
+}
