@@ -218,6 +218,8 @@ impl Error {
         )
     }
 
+    // Only the Linux modules (cgroup, ebpf) build these.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
         Error::Io {
             op,

@@ -4,25 +4,32 @@
 //! input (nothing is attached), 1 for an environment problem (privileges,
 //! kernel, cgroup), 126/127 when `exec` cannot start its command.
 
+// Without the eBPF backend (macOS, Windows, `--no-default-features`), only
+// `run` (as the proxy) and `doctor` exist; the items marked
+// `cfg(with_ebpf)` below are the eBPF backend's.
+#![cfg_attr(not(with_ebpf), allow(dead_code))]
+
+use std::{ffi::OsString, path::PathBuf, process::ExitCode};
+#[cfg(with_ebpf)]
 use std::{
-    ffi::OsString,
     io::{self, Write as _},
     os::fd::AsRawFd as _,
-    path::PathBuf,
-    process::ExitCode,
 };
 
 use crate::cmd::proxy::BackendArgs;
+#[cfg(with_ebpf)]
 use anyhow::Context as _;
 use clap::{ArgAction, Args, Parser, Subcommand};
+use redirect::{MappingError, MappingSet, mapping::parse_grant};
+#[cfg(with_ebpf)]
 use redirect::{
-    MappingError, MappingSet, Options, PortOwner, Redirector,
+    Options, PortOwner, Redirector,
     cgroup::{cgroup2_root, create_exec_cgroup, own_cgroup},
     ebpf::{Logger, check_privileges},
-    mapping::parse_grant,
     status::{self, InstanceStatus, Report, ServiceLimits, StatusService},
     user::User,
 };
+#[cfg(with_ebpf)]
 use tokio::{
     io::{Interest, unix::AsyncFd},
     net::UnixStream,
@@ -83,6 +90,7 @@ enum Command {
     /// CMD exits, whatever it left running in the cgroup is killed and the
     /// cgroup removed.
     #[command(after_help = EXAMPLES)]
+    #[cfg(with_ebpf)]
     Exec(ExecArgs),
     /// Check what works on this host (kernel, capabilities, every eBPF
     /// hook tried for real, ports) and say what to do about the rest.
@@ -91,23 +99,30 @@ enum Command {
     Doctor(cmd::doctor::DoctorArgs),
     /// Show every live redirector on this host: the daemon's scopes (or,
     /// with no daemon, what is pinned), and each `run`/`exec` instance.
+    #[cfg(with_ebpf)]
     Status(StatusArgs),
     /// Run the node daemon: keep the scopes of a config file attached, with
     /// pinned state that outlives restarts and upgrades.
+    #[cfg(with_ebpf)]
     Daemon(cmd::daemon::DaemonArgs),
     /// Add a mapping to a scope of the running daemon (lost on reload
     /// unless written to the config file).
+    #[cfg(with_ebpf)]
     Add(cmd::daemon::EditArgs),
     /// Remove a mapping from a scope of the running daemon.
+    #[cfg(with_ebpf)]
     Remove(cmd::daemon::EditArgs),
     /// Make the running daemon re-read its config file and apply the
     /// difference (as SIGHUP does).
+    #[cfg(with_ebpf)]
     Reload(cmd::daemon::ControlArgs),
     /// Remove everything pinned under the daemon's pin directory (every
     /// scope it attached), leaving the host as it found it.
+    #[cfg(with_ebpf)]
     Reset(cmd::daemon::ResetArgs),
     /// OCI runtime hook (createRuntime, poststop): asks the daemon for a
     /// scope per container annotated io.redirect.map (docs/CONTAINERS.md).
+    #[cfg(with_ebpf)]
     OciHook(cmd::oci_hook::OciHookArgs),
 }
 
@@ -220,16 +235,24 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    #[cfg(with_ebpf)]
     let options = Options {
         ebpf_debug_log: cli.verbose > 0,
         ..Options::default()
     };
     let result = runtime.block_on(async {
         match cli.command {
+            #[cfg(with_ebpf)]
             Command::Run(args) => run(args, &options).await,
+            #[cfg(not(with_ebpf))]
+            Command::Run(args) => run_without_ebpf(args).await,
+            #[cfg(with_ebpf)]
             Command::Exec(args) => exec(args, &options).await,
+            #[cfg(with_ebpf)]
             Command::Status(args) => show_status(&args),
+            #[cfg(with_ebpf)]
             Command::Daemon(args) => cmd::daemon::daemon(args).await,
+            #[cfg(with_ebpf)]
             Command::Add(a) => cmd::daemon::request(
                 &a.control.control,
                 redirect::control::Request::Add {
@@ -237,6 +260,7 @@ fn main() -> ExitCode {
                     mapping: a.mapping,
                 },
             ),
+            #[cfg(with_ebpf)]
             Command::Remove(a) => cmd::daemon::request(
                 &a.control.control,
                 redirect::control::Request::Remove {
@@ -244,11 +268,14 @@ fn main() -> ExitCode {
                     mapping: a.mapping,
                 },
             ),
+            #[cfg(with_ebpf)]
             Command::Reload(a) => {
                 cmd::daemon::request(&a.control, redirect::control::Request::Reload)
             }
+            #[cfg(with_ebpf)]
             Command::Reset(a) => cmd::daemon::reset(a),
             Command::Doctor(args) => cmd::doctor::run(&args),
+            #[cfg(with_ebpf)]
             Command::OciHook(args) => Ok(cmd::oci_hook::run(&args)),
         }
     });
@@ -284,11 +311,21 @@ fn is_bad_input(e: &anyhow::Error) -> bool {
         c.downcast_ref::<redirect::Error>()
             .is_some_and(redirect::Error::is_bad_input)
             || c.downcast_ref::<MappingError>().is_some()
-            || c.downcast_ref::<redirect::daemon::DaemonError>()
-                .is_some_and(redirect::daemon::DaemonError::is_bad_input)
-            || c.downcast_ref::<redirect::daemon::config::ConfigError>()
-                .is_some()
+            || daemon_bad_input(c)
     })
+}
+
+#[cfg(with_ebpf)]
+fn daemon_bad_input(c: &(dyn std::error::Error + 'static)) -> bool {
+    c.downcast_ref::<redirect::daemon::DaemonError>()
+        .is_some_and(redirect::daemon::DaemonError::is_bad_input)
+        || c.downcast_ref::<redirect::daemon::config::ConfigError>()
+            .is_some()
+}
+
+#[cfg(not(with_ebpf))]
+fn daemon_bad_input(_: &(dyn std::error::Error + 'static)) -> bool {
+    false
 }
 
 /// Quiet by default (warnings and errors); `-v` adds redirect's debug log,
@@ -304,11 +341,26 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
+/// `run` in a build without the eBPF backend: the proxy, or an error
+/// saying that eBPF is not in this build.
+#[cfg(not(with_ebpf))]
+async fn run_without_ebpf(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let (mappings, grants) = args.map.validated()?;
+    if mappings.is_empty() {
+        return Err(MappingError::Empty.into());
+    }
+    let scoped =
+        args.cgroup.is_some() || args.owner.is_some() || args.netns.is_some() || !grants.is_empty();
+    cmd::proxy::run_without_ebpf(&mappings, &args.backend, scoped).await
+}
+
+#[cfg(with_ebpf)]
 /// `--owner`: a cgroup directory (an absolute path), else a user or uid.
 fn parse_owner(text: &str) -> Result<PortOwner, MappingError> {
     PortOwner::parse(text)
 }
 
+#[cfg(with_ebpf)]
 /// Attaches to `cgroup` with `mappings`, then grants `grants`.
 fn attach(
     cgroup: &std::path::Path,
@@ -323,6 +375,7 @@ fn attach(
     Ok(redirector)
 }
 
+#[cfg(with_ebpf)]
 async fn run(args: RunArgs, options: &Options) -> anyhow::Result<ExitCode> {
     let (mappings, grants) = args.map.validated()?;
     if mappings.is_empty() && grants.is_empty() {
@@ -385,6 +438,7 @@ async fn run(args: RunArgs, options: &Options) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+#[cfg(with_ebpf)]
 async fn exec(args: ExecArgs, options: &Options) -> anyhow::Result<ExitCode> {
     // An exec with neither is allowed: CMD still runs in a scope of its
     // own (and as --user), which is how "without --grant" is compared.
@@ -468,6 +522,7 @@ async fn exec(args: ExecArgs, options: &Options) -> anyhow::Result<ExitCode> {
     Ok(exit_code(status))
 }
 
+#[cfg(with_ebpf)]
 /// Removes the cgroups that SIGKILLed `redirect exec`s left behind (when
 /// root), and says so.
 fn clean_stale_exec_cgroups() {
@@ -479,6 +534,7 @@ fn clean_stale_exec_cgroups() {
     }
 }
 
+#[cfg(with_ebpf)]
 /// `redirect status`: asks every live instance, prints a table or JSON.
 fn show_status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
     clean_stale_exec_cgroups();
@@ -511,6 +567,7 @@ fn show_status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+#[cfg(with_ebpf)]
 fn print_instance(out: &mut impl io::Write, i: &InstanceStatus) -> io::Result<()> {
     let gone = if i.scope_gone {
         " (the cgroup is gone: nothing is redirected; stop this instance)"
@@ -561,6 +618,7 @@ fn print_instance(out: &mut impl io::Write, i: &InstanceStatus) -> io::Result<()
     writeln!(out, "  counters: {}", counters.join(" "))
 }
 
+#[cfg(with_ebpf)]
 /// Serves this instance's status socket, if it could be bound (it needs
 /// write access to /run; without it `status` cannot see this instance,
 /// which is worth a warning, not a failure). Bounded whatever clients do:
@@ -571,6 +629,7 @@ struct StatusServer {
     started_unix: u64,
 }
 
+#[cfg(with_ebpf)]
 impl StatusServer {
     fn start(kind: &'static str) -> Self {
         let started_unix = std::time::SystemTime::now()
@@ -613,6 +672,7 @@ impl StatusServer {
     }
 }
 
+#[cfg(with_ebpf)]
 /// "redirecting 443->8443; granting port 80 for cgroup …".
 fn describe(redirector: &Redirector) -> String {
     let mut what = Vec::new();
@@ -630,6 +690,7 @@ fn describe(redirector: &Redirector) -> String {
     )
 }
 
+#[cfg(with_ebpf)]
 /// Prints the `ready` line, which scripts and tests wait for; `backend`
 /// says which backend runs and why (empty for `exec`).
 fn ready(redirector: &Redirector, backend: &str) -> anyhow::Result<()> {
@@ -639,6 +700,7 @@ fn ready(redirector: &Redirector, backend: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[cfg(with_ebpf)]
 /// Forwards `signal` to the command; SIGINT is left alone because the
 /// terminal already sent it to the whole foreground process group.
 fn forward(signal: &'static str, pid: Option<u32>) {
@@ -653,6 +715,7 @@ fn forward(signal: &'static str, pid: Option<u32>) {
     }
 }
 
+#[cfg(with_ebpf)]
 fn exit_code(status: std::process::ExitStatus) -> ExitCode {
     use std::os::unix::process::ExitStatusExt as _;
     match (status.code(), status.signal()) {
@@ -662,6 +725,7 @@ fn exit_code(status: std::process::ExitStatus) -> ExitCode {
     }
 }
 
+#[cfg(with_ebpf)]
 /// The shell's conventions: 127 for a command not found, 126 otherwise.
 fn spawn_failure_code(e: &io::Error) -> u8 {
     if e.kind() == io::ErrorKind::NotFound {
@@ -671,6 +735,7 @@ fn spawn_failure_code(e: &io::Error) -> u8 {
     }
 }
 
+#[cfg(with_ebpf)]
 /// The signals that end `run` (and that `exec` forwards).
 struct Shutdown {
     int: Signal,
@@ -678,6 +743,7 @@ struct Shutdown {
     hup: Signal,
 }
 
+#[cfg(with_ebpf)]
 impl Shutdown {
     fn new() -> anyhow::Result<Self> {
         let install = |kind| signal(kind).context("installing a signal handler");
@@ -697,6 +763,7 @@ impl Shutdown {
     }
 }
 
+#[cfg(with_ebpf)]
 /// Forwards eBPF log records to `log` for as long as the program runs;
 /// never returns without a logger.
 async fn pump_logger(logger: Option<Logger>) -> anyhow::Result<()> {

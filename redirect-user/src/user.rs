@@ -89,7 +89,7 @@ impl User {
     pub fn become_user(&self) -> std::io::Result<()> {
         // SAFETY: plain syscalls with a valid pointer and length.
         unsafe {
-            if libc::setgroups(self.groups.len(), self.groups.as_ptr()) != 0
+            if libc::setgroups(self.groups.len() as _, self.groups.as_ptr()) != 0
                 || libc::setgid(self.gid) != 0
                 || libc::setuid(self.uid) != 0
             {
@@ -108,7 +108,10 @@ fn supplementary_groups(name: &str, gid: u32) -> Vec<u32> {
     loop {
         let mut n = groups.len() as libc::c_int;
         // SAFETY: valid pointers; n is the buffer's length.
-        let rc = unsafe { libc::getgrouplist(cname.as_ptr(), gid, groups.as_mut_ptr(), &mut n) };
+        // `as _` and `cast`: macOS declares the gids as c_int, Linux as gid_t.
+        let rc = unsafe {
+            libc::getgrouplist(cname.as_ptr(), gid as _, groups.as_mut_ptr().cast(), &mut n)
+        };
         if rc >= 0 {
             groups.truncate(n as usize);
             return groups;

@@ -7,6 +7,7 @@
 
 mod bench;
 mod lint;
+mod portable;
 mod run;
 mod test;
 mod toolchain;
@@ -32,6 +33,9 @@ enum Command {
     Test(test::Options),
     /// rustfmt check and clippy (-D warnings) for userspace and eBPF.
     Lint,
+    /// What macOS and Windows get: check the userspace crates for their
+    /// targets, and run the proxy and doctor tests without the eBPF backend.
+    Portable(portable::Options),
     /// Measure every path (direct, redirect, iptables, socat, HAProxy…)
     /// side by side; writes target/bench/report.md and ratios.png.
     Bench(bench::Options),
@@ -42,6 +46,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run(opts) => run::run(opts),
         Command::Test(opts) => test::run(opts),
         Command::Lint => lint::run(),
+        Command::Portable(opts) => portable::run(opts),
         Command::Bench(opts) => bench::run(opts),
     }
 }

@@ -90,7 +90,7 @@ fn ensure_llvm() -> anyhow::Result<()> {
 /// provides each. The container tests run `runc` and copy the static
 /// busybox into their rootfs (Debian's `busybox` package is dynamic and
 /// would not run there).
-const TEST_TOOLS: [(&str, &str); 8] = [
+const TEST_TOOLS: [(&str, &str); 10] = [
     ("ip", "iproute2"),
     ("dig", "bind9-dnsutils"),
     ("dnsmasq", "dnsmasq-base"),
@@ -99,6 +99,10 @@ const TEST_TOOLS: [(&str, &str); 8] = [
     ("setpriv", "util-linux"),
     ("runc", "runc"),
     ("busybox", "busybox-static"),
+    // Real PROXY protocol peers for the proxy tests (each test starts its
+    // own instance with its own config, on a port it picked).
+    ("nginx", "nginx"),
+    ("haproxy", "haproxy"),
 ];
 
 /// Installs the programs the tests need (the `dnsmasq-base` package ships

@@ -193,3 +193,30 @@ pub async fn fall_back(
     let why = format!("auto, because eBPF is unavailable: {cause}");
     run(mappings, args, &why).await
 }
+
+/// `run` in a build without the eBPF backend (macOS, Windows, or Linux
+/// built with `--no-default-features`): the proxy for `auto` and `proxy`;
+/// `--backend ebpf` and the options only eBPF has are errors.
+#[cfg(not(with_ebpf))]
+pub async fn run_without_ebpf(
+    mappings: &MappingSet,
+    args: &BackendArgs,
+    scoped: bool,
+) -> anyhow::Result<ExitCode> {
+    let missing = if cfg!(target_os = "linux") {
+        "this build has no eBPF backend (built without the `ebpf` feature)"
+    } else {
+        "eBPF redirection exists only on Linux"
+    };
+    if args.backend == Backend::Ebpf || scoped {
+        anyhow::bail!(
+            "{missing}: --backend ebpf, --cgroup, --netns, --owner and --grant are not \
+             available; use --backend proxy (or auto) without them"
+        );
+    }
+    let why = match args.backend {
+        Backend::Proxy => "chosen with --backend proxy".to_owned(),
+        _ => format!("auto, because {missing}"),
+    };
+    run(mappings, args, &why).await
+}
