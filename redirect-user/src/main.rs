@@ -4,18 +4,17 @@
 //! input (nothing is attached), 1 for an environment problem (privileges,
 //! kernel, cgroup), 126/127 when `exec` cannot start its command.
 
-
 // Without the eBPF backend (macOS, Windows, `--no-default-features`), only
 // `run` (as the proxy) and `doctor` exist; the items marked
 // `cfg(with_ebpf)` below are the eBPF backend's.
 #![cfg_attr(not(with_ebpf), allow(dead_code))]
 
+use std::{ffi::OsString, path::PathBuf, process::ExitCode};
 #[cfg(with_ebpf)]
 use std::{
     io::{self, Write as _},
     os::fd::AsRawFd as _,
 };
-use std::{ffi::OsString, path::PathBuf, process::ExitCode};
 
 use crate::cmd::proxy::BackendArgs;
 #[cfg(with_ebpf)]

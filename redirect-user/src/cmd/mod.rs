@@ -4,6 +4,6 @@
 #[cfg(with_ebpf)]
 pub mod daemon;
 pub mod doctor;
-pub mod proxy;
 #[cfg(with_ebpf)]
 pub mod oci_hook;
+pub mod proxy;
