@@ -62,7 +62,8 @@ pub mod doctor;
 #[cfg(with_ebpf)]
 pub mod ebpf;
 pub mod error;
-#[cfg(target_os = "linux")]
+// Uses aya's kernel version parsing: only with the eBPF backend.
+#[cfg(with_ebpf)]
 pub mod kernel;
 pub mod mapping;
 #[cfg(target_os = "linux")]
