@@ -63,6 +63,7 @@ pub mod doctor;
 #[cfg(with_ebpf)]
 pub mod ebpf;
 pub mod error;
+// Uses aya's kernel version parsing: only with the eBPF backend.
 #[cfg(with_ebpf)]
 pub mod kernel;
 pub mod mapping;

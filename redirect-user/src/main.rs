@@ -126,6 +126,7 @@ enum Command {
     OciHook(cmd::oci_hook::OciHookArgs),
 }
 
+#[cfg(with_ebpf)]
 #[derive(Args, Debug)]
 struct StatusArgs {
     /// Print one JSON object with `mappings` and `instances` arrays (and

@@ -74,6 +74,18 @@ fn doctor_reports_every_hook_working_here() {
         14,
         "every program of the object is tried: {report:#}"
     );
+    // Every program of the object is tried; the core ones by name.
+    for core in [
+        "hook connect4",
+        "hook getpeername4",
+        "hook sendmsg4",
+        "hook steer",
+    ] {
+        assert!(
+            hooks.iter().any(|h| h["name"] == core),
+            "{core} tried: {report:#}"
+        );
+    }
     for h in &hooks {
         assert_eq!(h["status"], "ok", "{h:#}");
     }
