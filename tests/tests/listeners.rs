@@ -200,3 +200,93 @@ fn a_steering_scope_takes_several_mappings() {
     assert_eq!(client(&pair).reply(), "to:hello");
     let _ = server.wait();
 }
+
+#[test]
+fn a_socket_autobound_to_to_is_never_registered_for_an_owner() {
+    if !privileged("a_socket_autobound_to_to_is_never_registered_for_an_owner") {
+        return;
+    }
+    let pair = NetnsPair::new("autobind");
+    let scope = test_cgroup("autobind");
+    // Autobind can only pick TO in the server namespace (a per-namespace
+    // setting, in a namespace of the test's own).
+    let out = NetnsPair::command(
+        &pair.server,
+        &[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.ip_local_port_range={TO} {TO}"),
+        ],
+    )
+    .output()
+    .expect("sysctl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _run = run(&pair, &scope, &format!("{FROM}:{TO}"), &["--owner", "root"]);
+    let (mut squatter, lines) = start(&pair, &scope, "autolisten", "0.0.0.0:0", true);
+    assert_eq!(
+        next(&lines),
+        format!("listening port={TO}"),
+        "autobind took TO"
+    );
+    let report = client(&pair);
+    assert!(!report.ok, "an autobound squatter gets nothing: {report:?}");
+    let _ = squatter.kill();
+    let _ = squatter.wait();
+}
+
+#[test]
+fn the_udp_bind_rewrite_never_widens_a_bind() {
+    if !privileged("the_udp_bind_rewrite_never_widens_a_bind") {
+        return;
+    }
+    let pair = NetnsPair::new("udpwide");
+    let scope = test_cgroup("udpwide");
+    let _run = run(&pair, &scope, &format!("127.0.0.1:{FROM}:{TO}/udp"), &[]);
+    // The wildcard bind of TO is not the mapping's address: it stays TO.
+    let (mut wide, lines) = start(&pair, &scope, "udp-serve", &format!("0.0.0.0:{TO}"), false);
+    assert_eq!(next(&lines), format!("listening local=0.0.0.0:{TO}"));
+    let _ = wide.kill();
+    let _ = wide.wait();
+    // A bind of the mapping's own address is moved to FROM.
+    let (mut exact, lines) = start(
+        &pair,
+        &scope,
+        "udp-serve",
+        &format!("127.0.0.1:{TO}"),
+        false,
+    );
+    assert_eq!(next(&lines), format!("listening local=127.0.0.1:{FROM}"));
+    let _ = exact.kill();
+    let _ = exact.wait();
+}
+
+#[test]
+fn with_an_owner_only_the_owner_s_udp_bind_is_moved_to_from() {
+    if !privileged("with_an_owner_only_the_owner_s_udp_bind_is_moved_to_from") {
+        return;
+    }
+    let pair = NetnsPair::new("udpowner");
+    let scope = test_cgroup("udpowner");
+    let _run = run(
+        &pair,
+        &scope,
+        &format!("{FROM}:{TO}/udp"),
+        &["--owner", "root"],
+    );
+    let (mut other, lines) = start(&pair, &scope, "udp-serve", &format!("0.0.0.0:{TO}"), true);
+    // Its bind fails (EACCES): it exits without ever listening.
+    let status = other.wait().expect("wait");
+    assert!(!status.success(), "a non-owner's bind of TO is refused");
+    assert!(
+        lines.try_iter().all(|l| !l.starts_with("listening")),
+        "the non-owner never got a socket"
+    );
+    let (mut owner, lines) = start(&pair, &scope, "udp-serve", &format!("0.0.0.0:{TO}"), false);
+    assert_eq!(next(&lines), format!("listening local=0.0.0.0:{FROM}"));
+    let _ = owner.kill();
+    let _ = owner.wait();
+}

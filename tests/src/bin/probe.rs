@@ -18,6 +18,9 @@
 //! probe bindlisten ADDR   bind (IPv4) and print `bound`; on a line on
 //!                         stdin, listen, print `listening`, then serve as
 //!                         `serve` does
+//! probe autolisten ADDR   listen() without bind() (the kernel picks the
+//!                         port: autobind), print `listening port=P`, then
+//!                         answer one connection with `squatter:LINE`
 //! probe loop ADDR SECS    TCP connect, send, read the reply, close, over
 //!                         and over for SECS seconds; print `ok=N`,
 //!                         `failed=N` and the first `error=`
@@ -61,6 +64,7 @@ fn main() {
         "udp-serve" => return udp_serve(addr),
         "loop" => return connect_loop(addr, arg().parse().expect("SECS")),
         "bindlisten" => return bind_then_listen(addr),
+        "autolisten" => return auto_listen(),
         _ => usage(),
     };
     match result {
@@ -229,6 +233,30 @@ fn bind_then_listen(addr: SocketAddr) {
     println!("listening");
     // SAFETY: the fd is a listening TCP socket we own.
     let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    let (stream, _) = listener.accept().expect("accept");
+    let mut line = String::new();
+    let _ = BufReader::new(&stream).read_line(&mut line);
+    let _ = (&stream).write_all(format!("squatter:{}\n", line.trim_end()).as_bytes());
+}
+
+/// listen() on a socket never bound: the kernel autobinds it to a port of
+/// `ip_local_port_range`, and no bind hook runs.
+fn auto_listen() {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: plain syscalls; the fd is owned by the listener built below.
+    let fd = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0, "socket");
+        if libc::listen(fd, 16) != 0 {
+            println!("error={}", std::io::Error::last_os_error());
+            std::process::exit(1);
+        }
+        fd
+    };
+    // SAFETY: a listening TCP socket we own.
+    let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    let port = listener.local_addr().expect("local_addr").port();
+    println!("listening port={port}");
     let (stream, _) = listener.accept().expect("accept");
     let mut line = String::new();
     let _ = BufReader::new(&stream).read_line(&mut line);
