@@ -106,6 +106,10 @@ pub mod programs {
 
 /// Names of the globals the loader sets before loading.
 pub mod globals {
+    /// `u64`: the cookie (`SO_NETNS_COOKIE`) of the network namespace a
+    /// steering instance serves; its listeners elsewhere are not
+    /// registered.
+    pub const STEER_NETNS: &str = "STEER_NETNS";
     /// `u8`: 1 when the running kernel lets sock_addr programs call
     /// `bpf_set_retval` (Linux 6.1), so bind4/6 refuse with EACCES rather
     /// than EPERM; 0 keeps the call away from an older verifier.

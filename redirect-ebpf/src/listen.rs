@@ -18,16 +18,21 @@
 //!   TO by autobind (`listen()` without `bind()`, which runs no bind hook),
 //!   carries no mark and is never registered.
 //!
-//! Minimum kernel version: 5.9 (sk_lookup), 6.1 verified for the
+//! - Only sockets of the steered network namespace are registered
+//!   (`STEER_NETNS`, compared with `bpf_get_netns_cookie`, sock_ops 5.15).
+//!
+//! Minimum kernel version: 5.9 (sk_lookup), 5.15 (netns cookie in
+//! sock_ops), 6.1 verified for the
 //! owner-bound mark (sk_storage and the current task's uid/cgroup in
 //! `cgroup/post_bind`).
 
 use core::ptr::{self, addr_of, read_volatile};
 
 use aya_ebpf::{
+    Global,
     bindings::{BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE},
     btf_maps::SkStorage,
-    helpers::generated::bpf_sk_storage_get,
+    helpers::generated::{bpf_get_netns_cookie, bpf_sk_storage_get},
     macros::{btf_map, cgroup_sock, sock_ops},
     programs::{SockContext, SockOpsContext},
 };
@@ -47,6 +52,13 @@ const SOCK_OPS_OK: u32 = 1;
 const TCP_LISTEN_CB: u32 = 11;
 /// `EEXIST`.
 const EEXIST: i32 = 17;
+
+/// The cookie of the network namespace the instance steers (set by the
+/// loader): a listener of the scope in any other namespace (a private
+/// namespace one of its processes made) is never registered, since the
+/// sockhash would hand that namespace's socket connections of this one.
+#[unsafe(no_mangle)]
+pub static STEER_NETNS: Global<u64> = Global::new(0);
 
 /// 1 on a TCP socket that the scope's owner bound to a TO port.
 #[btf_map]
@@ -71,6 +83,11 @@ fn try_register(ctx: &SockOpsContext) -> Result<Counter, Counter> {
     let target = unsafe { TARGETS.get(ScopePort::new(scope, port)) }
         .copied()
         .ok_or(Counter::ListenerIneligible)?;
+    let netns = STEER_NETNS.load();
+    // SAFETY: the helper reads the context's socket's namespace.
+    if netns != 0 && unsafe { bpf_get_netns_cookie(ctx.ops.cast()) } != netns {
+        return Err(Counter::ListenerIneligible);
+    }
     let family = ctx.family();
     // Read both before choosing (see steer.rs on merged context loads).
     let (ip4, ip6) = (ctx.local_ip4(), ctx.local_ip6());

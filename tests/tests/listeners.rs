@@ -290,3 +290,40 @@ fn with_an_owner_only_the_owner_s_udp_bind_is_moved_to_from() {
     let _ = owner.kill();
     let _ = owner.wait();
 }
+
+#[test]
+fn a_listener_in_a_private_namespace_of_the_scope_is_never_registered() {
+    if !privileged("a_listener_in_a_private_namespace_of_the_scope_is_never_registered") {
+        return;
+    }
+    let pair = NetnsPair::new("privns");
+    let scope = test_cgroup("privns");
+    let _run = run(&pair, &scope, &format!("{FROM}:{TO}"), &[]);
+    // A process of the scope listens on TO inside a namespace of its own.
+    let probe = binary("probe").display().to_string();
+    let addr = format!("0.0.0.0:{TO}");
+    let mut cmd = NetnsPair::command(&pair.server, &["unshare", "-n", &probe, "serve", &addr]);
+    cmd.stdout(Stdio::piped());
+    Spawn {
+        cgroup: Some(&scope),
+        unprivileged: false,
+    }
+    .apply(&mut cmd);
+    let mut private = cmd.spawn().expect("start the private listener");
+    let mut out = BufReader::new(private.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "listening");
+    let report = client(&pair);
+    assert!(
+        !report.ok,
+        "never handed a connection of another namespace: {report:?}"
+    );
+    let _ = private.kill();
+    let _ = private.wait();
+    // The namespace's own listener still is.
+    let (mut server, lines) = start(&pair, &scope, "serve", &addr, false);
+    assert_eq!(next(&lines), "listening");
+    assert_eq!(client(&pair).reply(), "to:hello");
+    let _ = server.wait();
+}

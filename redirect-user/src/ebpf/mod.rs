@@ -378,6 +378,61 @@ impl Redirector {
     }
 }
 
+/// The cookie of the network namespace at `path` (`SO_NETNS_COOKIE`,
+/// Linux 5.14), read from a socket made in it by a short-lived thread: a
+/// thread's `setns` does not touch the rest of the process.
+fn netns_cookie(path: &Path) -> Result<u64> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let file = std::fs::File::open(path).map_err(|e| Error::NetnsPath {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    let read = std::thread::scope(|s| {
+        s.spawn(|| -> std::io::Result<u64> {
+            // SAFETY: plain syscalls on fds we own; the thread ends after.
+            unsafe {
+                if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let socket = OwnedFd::from_raw_fd(fd);
+                let mut cookie = 0u64;
+                let mut len = size_of::<u64>() as libc::socklen_t;
+                // SO_NETNS_COOKIE: not in every libc's constants yet.
+                const SO_NETNS_COOKIE: libc::c_int = 71;
+                if libc::getsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    SO_NETNS_COOKIE,
+                    (&raw mut cookie).cast(),
+                    &mut len,
+                ) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(cookie)
+            }
+        })
+        .join()
+    });
+    match read {
+        Ok(Ok(cookie)) => Ok(cookie),
+        Ok(Err(e)) => Err(Error::io(
+            "reading the cookie of network namespace",
+            path,
+            e,
+        )),
+        Err(_) => Err(Error::io(
+            "reading the cookie of network namespace",
+            path,
+            std::io::Error::other("the thread panicked"),
+        )),
+    }
+}
+
 fn attach_error(program: &'static str, path: &Path, e: aya::programs::ProgramError) -> Error {
     let hint = attach_hint(&e);
     Error::Attach {

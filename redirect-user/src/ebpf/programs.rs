@@ -709,6 +709,11 @@ impl Shared {
         }
         self.loader
             .override_global(globals::STEER_SCOPE, &SCOPE_IDS[id as usize], true);
+        // aya's loader keeps a reference to the value for its lifetime
+        // (the program set's); 8 bytes per steering instance loaded.
+        let cookie: &'static u64 = Box::leak(Box::new(super::netns_cookie(netns)?));
+        self.loader
+            .override_global(globals::STEER_NETNS, cookie, true);
         // Pinned maps of a steering instance live in its own directory;
         // the shared instance's paths must not leak into it.
         let mut names: Vec<&'static str> = SHARED_MAPS.to_vec();
