@@ -71,6 +71,33 @@ fn failure(e: Error) -> Failure {
     (kind, e.to_string())
 }
 
+/// A runtime scope's netns saved as `/proc/PID/ns/net` (the OCI hook's)
+/// still names the scope's namespace only while PID lives in the scope's
+/// cgroup: after a restart the pid may have been reused.
+fn netns_still_names_the_scope(spec: &ScopeSpec) -> bool {
+    let Some(pid) = spec.netns.as_ref().and_then(|p| {
+        p.strip_prefix("/proc")
+            .ok()?
+            .components()
+            .next()?
+            .as_os_str()
+            .to_str()?
+            .parse::<u32>()
+            .ok()
+    }) else {
+        return true; // not a /proc path: stable by name
+    };
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        return false;
+    };
+    let Some(rel) = text.lines().find_map(|l| l.strip_prefix("0::")) else {
+        return false;
+    };
+    crate::cgroup::cgroup2_root()
+        .map(|root| root.join(rel.trim_start_matches('/')))
+        .is_ok_and(|dir| dir.starts_with(&spec.cgroup))
+}
+
 impl Core {
     /// Loads (or adopts) the pinned program set and makes the scopes match
     /// the config plus the runtime scopes saved at `state_path`; pinned
@@ -96,6 +123,13 @@ impl Core {
             if !spec.cgroup.exists() {
                 log::info!(
                     "runtime scope {}: its cgroup is gone, dropping it",
+                    spec.name()
+                );
+                continue;
+            }
+            if !netns_still_names_the_scope(&spec) {
+                log::info!(
+                    "runtime scope {}: its namespace path names another process now, dropping it",
                     spec.name()
                 );
                 continue;

@@ -13,8 +13,7 @@ use redirect_common::programs;
 
 use crate::cgroup::{ChildCgroup, cgroup2_root};
 
-/// The embedded eBPF object (the same bytes as the loader's).
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect"));
+use crate::ebpf::OBJECT;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {

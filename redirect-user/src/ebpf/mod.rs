@@ -22,6 +22,7 @@ mod listeners;
 pub mod pin;
 mod privileges;
 mod programs;
+pub(crate) use programs::OBJECT;
 mod scope;
 
 use std::path::{Path, PathBuf};
@@ -77,6 +78,11 @@ impl PortOwner {
     pub fn parse(text: &str) -> std::result::Result<Self, crate::MappingError> {
         if text.starts_with('/') {
             return Ok(PortOwner::Cgroup(PathBuf::from(text)));
+        }
+        // A uid is taken as is: a container's uid (mapped to the host by
+        // the OCI hook) need not have a passwd entry on the host.
+        if let Ok(uid) = text.parse::<u32>() {
+            return Ok(PortOwner::Uid(uid));
         }
         Ok(PortOwner::Uid(
             crate::user::User::lookup_for(text, "--owner")?.uid,

@@ -53,7 +53,7 @@ use super::{
 use crate::{Error, Mapping, MappingSet, Proto, Result, cgroup::CgroupDir};
 
 /// The eBPF object built by build.rs from the `redirect-ebpf` crate.
-pub(super) static OBJECT: &[u8] =
+pub(crate) static OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect"));
 
 /// The cgroup sock_addr programs, in attach order: bind (independent of the
