@@ -1540,28 +1540,21 @@ fn link_or_adopt(
     // other programs (as BPF_F_ALLOW_MULTI would), and the kernel rejects
     // any flag on BPF_LINK_CREATE for cgroups with EINVAL.
     let mode = CgroupAttachMode::Single;
+    // The three cgroup program types attach alike, through inherent
+    // methods of each type (aya has no trait for them).
+    macro_rules! cgroup_link {
+        ($p:expr, $dir:expr) => {{
+            let id = $p
+                .attach($dir.as_fd(), mode)
+                .map_err(|e| attach_error(name, $dir.path(), e))?;
+            let link = $p.take_link(id).map_err(load_error(name))?;
+            link.try_into().map_err(|e| link_error(name, e))?
+        }};
+    }
     let link: FdLink = match (program, target) {
-        (Program::CgroupSockAddr(p), AttachTo::Cgroup(dir)) => {
-            let id = p
-                .attach(dir.as_fd(), mode)
-                .map_err(|e| attach_error(name, dir.path(), e))?;
-            let link = p.take_link(id).map_err(load_error(name))?;
-            link.try_into().map_err(|e| link_error(name, e))?
-        }
-        (Program::SockOps(p), AttachTo::Cgroup(dir)) => {
-            let id = p
-                .attach(dir.as_fd(), mode)
-                .map_err(|e| attach_error(name, dir.path(), e))?;
-            let link = p.take_link(id).map_err(load_error(name))?;
-            link.try_into().map_err(|e| link_error(name, e))?
-        }
-        (Program::CgroupSock(p), AttachTo::Cgroup(dir)) => {
-            let id = p
-                .attach(dir.as_fd(), mode)
-                .map_err(|e| attach_error(name, dir.path(), e))?;
-            let link = p.take_link(id).map_err(load_error(name))?;
-            link.try_into().map_err(|e| link_error(name, e))?
-        }
+        (Program::CgroupSockAddr(p), AttachTo::Cgroup(dir)) => cgroup_link!(p, dir),
+        (Program::SockOps(p), AttachTo::Cgroup(dir)) => cgroup_link!(p, dir),
+        (Program::CgroupSock(p), AttachTo::Cgroup(dir)) => cgroup_link!(p, dir),
         (Program::SkLookup(p), AttachTo::Netns(path)) => {
             let netns = std::fs::File::open(path).map_err(|e| Error::NetnsPath {
                 path: path.to_path_buf(),
