@@ -52,6 +52,20 @@ pub enum Error {
         reason: String,
     },
 
+    /// A feature asked for needs a newer kernel; nothing was attached.
+    #[error(
+        "{feature} needs Linux >= {minimum}, and this kernel is {running}: upgrade the kernel, \
+         or do without it (docs/KERNELS.md lists what each feature needs)"
+    )]
+    KernelFeature {
+        /// What was asked for, such as "--grant".
+        feature: &'static str,
+        /// The first kernel that has it.
+        minimum: String,
+        /// The running kernel's version.
+        running: String,
+    },
+
     /// The directory given as scope is not a cgroup v2 directory.
     #[error(
         "{path} is not a cgroup v2 directory ({reason}); pass --cgroup with a directory of the \

@@ -17,6 +17,40 @@ use crate::{Error, Result};
 /// cgroup `bpf_link`s (5.7).
 pub const MINIMUM: (u8, u8) = (5, 8);
 
+/// Overrides the running kernel's version for [`require`]
+/// (`REDIRECT_KERNEL_VERSION=5.10.0`): how the tests show what an older
+/// kernel is told, on a machine that runs a newer one. Never raises what
+/// the kernel really has: a feature it lacks still fails to load.
+pub const VERSION_OVERRIDE: &str = "REDIRECT_KERNEL_VERSION";
+
+/// The running kernel's version, or the override.
+fn running() -> Option<KernelVersion> {
+    if let Ok(text) = std::env::var(VERSION_OVERRIDE) {
+        let mut parts = text.split('.').map(|p| p.parse::<u16>().ok());
+        let (Some(Some(a)), Some(Some(b))) = (parts.next(), parts.next()) else {
+            return None;
+        };
+        let c = parts.next().flatten().unwrap_or(0);
+        return Some(KernelVersion::new(a as u8, b as u8, c));
+    }
+    KernelVersion::current().ok()
+}
+
+/// Fails with [`Error::KernelFeature`] when the running kernel is older
+/// than `min`, naming `feature` and the minimum: checked before anything
+/// of a scope is attached, so an older kernel gets a sentence, not a
+/// verifier log.
+pub fn require(feature: &'static str, min: (u8, u8)) -> Result<()> {
+    match running() {
+        Some(v) if v < KernelVersion::new(min.0, min.1, 0) => Err(Error::KernelFeature {
+            feature,
+            minimum: format!("{}.{}", min.0, min.1),
+            running: v.to_string(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Fails unless the kernel's version is readable (as aya reads it) and at
 /// least [`MINIMUM`]. The error names `uname -r` and the minimum.
 pub fn check_version() -> Result<()> {

@@ -65,7 +65,7 @@ fn failure(e: Error) -> Failure {
         Error::ScopeConflict(_) => ErrorKind::Conflict,
         Error::ScopeNotFound { .. } => ErrorKind::NotFound,
         Error::Privileges { .. } => ErrorKind::Permission,
-        Error::KernelUnsupported { .. } => ErrorKind::Kernel,
+        Error::KernelUnsupported { .. } | Error::KernelFeature { .. } => ErrorKind::Kernel,
         _ => ErrorKind::Internal,
     };
     (kind, e.to_string())

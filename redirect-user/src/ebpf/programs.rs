@@ -506,6 +506,23 @@ impl Shared {
             }
             None => None,
         };
+        // What this kernel cannot do is said before anything is attached.
+        if req.netns.is_some() {
+            crate::kernel::require("inbound steering (sk_lookup, --netns)", (5, 9))?;
+            crate::kernel::require(
+                "inbound steering's listener check (the netns cookie in sock_ops)",
+                (5, 15),
+            )?;
+        }
+        if !req.grants.is_empty() {
+            crate::kernel::require("--grant (a bind program returning 3)", (5, 12))?;
+        }
+        if req.owner.is_some() {
+            crate::kernel::require("--owner (a bind program returning 3)", (5, 12))?;
+        }
+        if req.netns.is_some() && req.mappings.iter().any(|m| m.proto != Proto::Tcp) {
+            crate::kernel::require("inbound UDP (the service's bind moved to FROM)", (5, 12))?;
+        }
         for other in self.scopes.values() {
             if other.name == req.name {
                 return Err(Error::ScopeConflict(format!(
@@ -1054,6 +1071,7 @@ impl Shared {
     /// Lets the scope bind `port` without CAP_NET_BIND_SERVICE.
     pub(super) fn grant(&mut self, scope: &mut ScopeState, port: u16) -> Result<()> {
         crate::mapping::parse_grant(&port.to_string())?;
+        crate::kernel::require("--grant (a bind program returning 3)", (5, 12))?;
         if scope.grants.contains(&port) {
             return Ok(());
         }
