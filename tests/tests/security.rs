@@ -94,7 +94,7 @@ fn idle_status_clients_cannot_exhaust_an_instance() {
     );
     let fastest = times.iter().min().unwrap();
     assert!(
-        *fastest < Duration::from_secs(1),
+        *fastest < redirect_tests::patience(Duration::from_secs(1)),
         "status took {times:?} under attack"
     );
     assert!(
@@ -173,8 +173,10 @@ fn a_killed_exec_kills_its_command_and_its_cgroup_is_cleaned_up() {
         eventually(5, || dead(sleeper)),
         "the command (pid {sleeper}) outlived its SIGKILLed exec"
     );
-    assert!(scope.exists(), "a SIGKILLed exec cannot remove its cgroup");
-
+    // A SIGKILLed exec cannot remove its cgroup itself; the next `run`,
+    // `exec` or `status` does. Another test of this file running at the
+    // same time may be that next one, so the cgroup may be gone already:
+    // what matters is that it is gone once `status` has run.
     let out = redirect_tests::redirect_output(["status"], false);
     assert!(out.status.success());
     assert!(
@@ -238,7 +240,8 @@ fn bad_input_is_named_and_never_echoed_whole() {
             &["--netns", "/bogus"],
             "network namespace /bogus: No such file",
         ),
-        (&["--netns", "/etc/hostname"], "not a namespace file"),
+        // A file every system has, the emulated test guest included.
+        (&["--netns", "/proc/self/status"], "not a namespace file"),
         (&["--netns", "/proc/self/ns/mnt"], "not a network namespace"),
         (&["--netns", &huge_netns], "network namespace /x/x"),
         (&["--map", &huge_map], "invalid port"),
