@@ -116,7 +116,9 @@ fn dead(pid: i32) -> bool {
 
 /// Polls `done` for up to `secs` seconds.
 fn eventually(secs: u64, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(secs);
+    // Scaled like every wait on a redirect process (the TCG guest is
+    // several times slower to load the programs).
+    let deadline = Instant::now() + redirect_tests::patience(Duration::from_secs(secs));
     while Instant::now() < deadline {
         if done() {
             return true;
