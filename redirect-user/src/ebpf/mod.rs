@@ -31,7 +31,7 @@ pub use attached::{AttachedProgram, HOOKS, STEER_HOOKS, attached_programs, netns
 use aya::programs::ProgramType;
 use aya_log::EbpfLogger;
 pub use privileges::check_privileges;
-pub use programs::{BASE_PROGRAMS, BIND_PROGRAMS, LoadOptions, Programs, SOCK_ADDR_PROGRAMS};
+pub use programs::{BASE_PROGRAMS, BIND_PROGRAMS, LoadOptions, Programs};
 use redirect_common::{Counter, programs as names};
 pub use scope::{Scope, ScopeBuilder, ScopeStats};
 

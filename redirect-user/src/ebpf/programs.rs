@@ -56,24 +56,9 @@ use crate::{Error, Mapping, MappingSet, Proto, Result, cgroup::CgroupDir};
 pub(crate) static OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect"));
 
-/// The cgroup sock_addr programs, in attach order: bind (independent of the
-/// rest) first, then the reverse paths (getpeername, recvmsg) before the
-/// forward ones (connect, sendmsg), so that nothing is ever rewritten while
-/// its reverse cannot be restored yet.
-pub const SOCK_ADDR_PROGRAMS: [&str; 10] = [
-    programs::BIND4,
-    programs::BIND6,
-    programs::GETPEERNAME4,
-    programs::GETPEERNAME6,
-    programs::RECVMSG4,
-    programs::RECVMSG6,
-    programs::CONNECT4,
-    programs::CONNECT6,
-    programs::SENDMSG4,
-    programs::SENDMSG6,
-];
-
-/// The programs every scope links: the connect path and its reverses.
+/// The programs every scope links, in attach order: the reverse paths
+/// (getpeername, recvmsg) before the forward ones (connect, sendmsg), so
+/// that nothing is ever rewritten while its reverse cannot be restored yet.
 /// bind4/6 ([`BIND_PROGRAMS`]) are loaded and linked only for a scope that
 /// needs them (grants, an owner, inbound UDP): they return 3 (Linux 5.12),
 /// which an older verifier refuses, and nothing else needs them.
@@ -437,8 +422,9 @@ impl Programs {
     /// The kernel's ids of the loaded cgroup programs, by name.
     pub fn program_ids(&self) -> Vec<(&'static str, u32)> {
         let shared = self.lock();
-        SOCK_ADDR_PROGRAMS
+        BIND_PROGRAMS
             .iter()
+            .chain(&BASE_PROGRAMS)
             .filter_map(|&name| {
                 let info = shared.ebpf.program(name)?.info().ok()?;
                 Some((name, info.id()))
@@ -1768,7 +1754,7 @@ mod tests {
     #[test]
     fn embedded_object_has_every_shared_name() {
         let obj = aya_obj::Object::parse(OBJECT).expect("parse embedded object");
-        for name in SOCK_ADDR_PROGRAMS.iter().chain(&[
+        for name in BIND_PROGRAMS.iter().chain(&BASE_PROGRAMS).chain(&[
             programs::STEER,
             programs::SOCK_LISTEN,
             programs::POST_BIND4,
