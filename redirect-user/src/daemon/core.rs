@@ -106,6 +106,9 @@ impl Core {
         let programs = Programs::load(&LoadOptions {
             pin_dir: Some(config.pin_dir.clone()),
             ebpf_debug_log: false,
+            // Containers come and go with inbound mappings: keep two
+            // steering instances loaded (a burst beyond that loads inline).
+            steer_pool: 2,
         })?;
         let mut core = Core {
             programs,

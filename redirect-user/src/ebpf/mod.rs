@@ -19,11 +19,13 @@
 mod attached;
 mod established;
 mod listeners;
+mod loader;
 pub mod pin;
 mod privileges;
 mod programs;
 pub(crate) use programs::OBJECT;
 mod scope;
+mod steering;
 
 use std::path::{Path, PathBuf};
 
@@ -236,6 +238,7 @@ impl Redirector {
         let programs = Programs::load(&LoadOptions {
             pin_dir: None,
             ebpf_debug_log: options.ebpf_debug_log,
+            steer_pool: 0,
         })?;
         let mut builder = programs.scope(dir.path()).mappings(mappings);
         if let Some(netns) = &options.netns {

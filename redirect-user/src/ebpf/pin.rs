@@ -32,7 +32,7 @@ use std::{
 
 use redirect_common::{
     LAYOUT_VERSION, MappingKey, MappingStats, MappingValue, Owner, RevNatKey, RevNatValue, Reverse,
-    ScopePort, Target, UdpBind, maps,
+    ScopePort, SteerConfig, Target, UdpBind, maps,
 };
 
 use crate::{Error, Result};
@@ -143,6 +143,7 @@ pub fn expected_sizes(name: &str) -> Option<(u32, u32)> {
         maps::STATS => s(size_of::<u32>(), size_of::<MappingStats>()),
         maps::COUNTERS => s(size_of::<u32>(), size_of::<u64>()),
         maps::LISTENERS => s(size_of::<u32>(), size_of::<u64>()),
+        maps::STEER => s(size_of::<u32>(), size_of::<SteerConfig>()),
         _ => None,
     }
 }
