@@ -173,7 +173,13 @@ impl Core {
         for port in &spec.grant {
             builder = builder.grant(*port);
         }
+        let started = std::time::Instant::now();
         let scope = builder.attach()?;
+        log::info!(
+            "scope {name} attached to {} in {} µs",
+            spec.cgroup.display(),
+            started.elapsed().as_micros()
+        );
         self.scopes.insert(
             name,
             Managed {

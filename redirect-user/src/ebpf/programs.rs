@@ -75,7 +75,7 @@ pub const BASE_PROGRAMS: [&str; 8] = [
 pub const BIND_PROGRAMS: [&str; 2] = [programs::BIND4, programs::BIND6];
 
 /// The maps of the shared instance that are pinned and reused.
-pub(super) const SHARED_MAPS: [&str; 14] = [
+const SHARED_MAPS: [&str; 14] = [
     maps::SCOPES,
     maps::REVERSE,
     maps::GLOBAL,
@@ -268,6 +268,10 @@ pub(super) struct Shared {
     logger: Option<Logger>,
     /// Possible CPUs (the per-CPU values' count), read once.
     cpus: usize,
+    /// Scope ids in use: this process's scopes and those pinned (read once
+    /// at load, then kept up to date, so that a new scope's id is found
+    /// without walking the SCOPES map).
+    taken: HashSet<u32>,
 }
 
 impl Programs {
@@ -329,8 +333,22 @@ impl Programs {
         let used = used_slots(&ebpf)?;
         let cpus =
             aya::util::nr_cpus().map_err(|(path, source)| Error::io("reading", path, source))?;
+        let mut taken: HashSet<u32> = map::<HashMap<_, u64, u32>>(&ebpf, maps::SCOPES)?
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(_, s)| s)
+            .collect();
+        if let Some(dir) = &options.pin_dir
+            && let Ok(entries) = std::fs::read_dir(pin::layout_dir(dir).join("scopes"))
+        {
+            taken.extend(
+                entries
+                    .flatten()
+                    .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok()),
+            );
+        }
         let steer_pool = SteerPool::new(options.steer_pool, options.ebpf_debug_log, set_retval);
-        steer_pool.fill();
+        steer_pool.fill(std::time::Duration::ZERO);
         Ok(Programs {
             shared: Arc::new(Mutex::new(Shared {
                 ebpf,
@@ -342,6 +360,7 @@ impl Programs {
                 udp_seen: false,
                 logger,
                 cpus,
+                taken,
             })),
         })
     }
@@ -565,6 +584,9 @@ impl Shared {
         let result = self.build_scope(&mut scope, &dir, &req, adopted.is_some());
         match result {
             Ok(()) => {
+                if scope.steer.is_some() {
+                    self.steer_pool.refill();
+                }
                 self.scopes.insert(id, scope);
                 Ok(id)
             }
@@ -1077,6 +1099,7 @@ impl Shared {
         if let Some(dir) = &self.pin_dir {
             let _ = pin::reset(&pin::scope_dir(dir, id));
         }
+        self.taken.remove(&id);
         Ok(())
     }
 
@@ -1119,7 +1142,9 @@ impl Shared {
         purge!(maps::TARGETS, ScopePort, Target, |k: &ScopePort| k.scope);
         purge!(maps::GRANTS, ScopePort, u8, |k: &ScopePort| k.scope);
         purge!(maps::UDP_BINDS, ScopePort, UdpBind, |k: &ScopePort| k.scope);
+        purge!(maps::REVERSE, ScopePort, Reverse, |k: &ScopePort| k.scope);
         purge!(maps::OWNERS, u32, Owner, |k: &u32| *k);
+        self.taken.remove(&id);
         self.recompute_levels()?;
         Ok(())
     }
@@ -1180,26 +1205,14 @@ impl Shared {
         }
     }
 
-    fn free_scope_id(&self) -> Result<u32> {
-        let scopes = map::<HashMap<_, u64, u32>>(&self.ebpf, maps::SCOPES)?;
-        let mut taken: HashSet<u32> = scopes
-            .iter()
-            .filter_map(|r| r.ok())
-            .map(|(_, s)| s)
-            .collect();
-        taken.extend(self.scopes.keys());
-        if let Some(dir) = &self.pin_dir
-            && let Ok(entries) = std::fs::read_dir(pin::layout_dir(dir).join("scopes"))
-        {
-            taken.extend(
-                entries
-                    .flatten()
-                    .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok()),
-            );
-        }
-        (1..MAX_SCOPES).find(|i| !taken.contains(i)).ok_or_else(|| {
-            Error::ScopeConflict(format!("at most {} scopes are supported", MAX_SCOPES - 1))
-        })
+    fn free_scope_id(&mut self) -> Result<u32> {
+        let id = (1..MAX_SCOPES)
+            .find(|i| !self.taken.contains(i) && !self.scopes.contains_key(i))
+            .ok_or_else(|| {
+                Error::ScopeConflict(format!("at most {} scopes are supported", MAX_SCOPES - 1))
+            })?;
+        self.taken.insert(id);
+        Ok(id)
     }
 
     fn pinned_mappings(&self, id: u32) -> Result<Vec<(MappingKey, MappingValue)>> {

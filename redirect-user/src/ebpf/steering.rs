@@ -32,9 +32,12 @@ use redirect_common::{Owner, SteerConfig, globals, maps, programs};
 
 use super::{
     map_error, pin,
-    programs::{LOG_DEBUG, LOG_OFF, OBJECT, ONE, SHARED_MAPS, load_error, map_mut, program},
+    programs::{LOG_DEBUG, LOG_OFF, OBJECT, ONE, load_error, map_mut, program},
 };
 use crate::{Error, Result};
+
+/// How long a refill waits before loading (see [`SteerPool::fill`]).
+const REFILL_DELAY: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// The maps a steering instance really uses, and the size of each there.
 const STEER_MAPS: [(&str, u32); 6] = [
@@ -58,11 +61,14 @@ const STEER_UNUSED: [&str; 5] = [
 ];
 
 /// The maps of a steering instance that are pinned (in its scope's
-/// `steer/maps` directory) and adopted on a restart.
+/// `steer/maps` directory) and adopted on a restart: those its programs
+/// read or userspace writes. The others (the object's maps steering never
+/// uses, sized 1) are made afresh by every load.
 fn pinned_names() -> impl Iterator<Item = &'static str> {
-    SHARED_MAPS
+    STEER_MAPS
         .into_iter()
-        .chain([maps::LISTENERS, maps::STEER])
+        .map(|(name, _)| name)
+        .chain([maps::STEER])
 }
 
 /// Loads steering instances, and keeps up to `target` of them loaded
@@ -89,9 +95,11 @@ impl SteerPool {
     }
 
     /// Starts loading instances on a thread of its own until `target` are
-    /// ready; returns at once. A failure is logged and ends the refill:
+    /// ready, after `delay` (a refill waits a little, so that it does not
+    /// compete for the CPU with the reply to the request that emptied the
+    /// pool); returns at once. A failure is logged and ends the refill:
     /// scopes then load their instance themselves and report the error.
-    pub(super) fn fill(self: &Arc<Self>) {
+    pub(super) fn fill(self: &Arc<Self>, delay: std::time::Duration) {
         if self.target == 0 || self.filling.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -99,6 +107,7 @@ impl SteerPool {
         let spawned = std::thread::Builder::new()
             .name("redirect-steer-pool".into())
             .spawn(move || {
+                std::thread::sleep(delay);
                 while pool.ready.lock().map(|r| r.len()).unwrap_or(usize::MAX) < pool.target {
                     match pool.load(None) {
                         Ok(instance) => match pool.ready.lock() {
@@ -118,6 +127,11 @@ impl SteerPool {
         }
     }
 
+    /// Refills the pool after a scope took an instance.
+    pub(super) fn refill(self: &Arc<Self>) {
+        self.fill(REFILL_DELAY);
+    }
+
     /// A loaded (not attached) instance for scope `scope`, steering the
     /// namespace whose cookie is `netns`, with `owner` written. With
     /// `pins` (the scope's `steer/maps` directory): maps pinned there are
@@ -135,7 +149,6 @@ impl SteerPool {
         } else {
             self.ready.lock().ok().and_then(|mut r| r.pop())
         };
-        self.fill();
         let mut steer = match pooled {
             Some(instance) => instance,
             None => self.load(if adopting { pins } else { None })?,
