@@ -23,7 +23,8 @@ mod loader;
 pub mod pin;
 mod privileges;
 mod programs;
-pub(crate) use programs::OBJECT;
+pub use programs::OBJECT_ENV;
+pub(crate) use programs::object;
 mod scope;
 mod steering;
 

@@ -51,8 +51,52 @@ use super::{
 use crate::{Error, Mapping, MappingSet, Proto, Result, cgroup::CgroupDir};
 
 /// The eBPF object built by build.rs from the `redirect-ebpf` crate.
-pub(crate) static OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect"));
+static EMBEDDED: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect"));
+
+/// The environment variable naming an eBPF object file to load instead of
+/// the embedded one: how the upgrade test runs the daemon on another
+/// build of the programs (tests/tests/upgrade.rs). The object must be a
+/// build of this version's `redirect-ebpf` (same maps and layout); a root
+/// process's environment is its own to set, so this grants nothing.
+pub const OBJECT_ENV: &str = "REDIRECT_EBPF_OBJECT";
+
+/// The object to load: the file [`OBJECT_ENV`] names, read once, or the
+/// embedded one (also when the file cannot be read, with a warning).
+pub(crate) fn object() -> &'static [u8] {
+    static OBJECT: std::sync::OnceLock<&'static [u8]> = std::sync::OnceLock::new();
+    OBJECT.get_or_init(|| {
+        let Some(path) = std::env::var_os(OBJECT_ENV) else {
+            return EMBEDDED;
+        };
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                log::info!(
+                    "loading the eBPF object {} ({OBJECT_ENV})",
+                    Path::new(&path).display()
+                );
+                // 8-byte aligned, as the ELF parser wants (a Vec<u8> is
+                // only guaranteed 1).
+                let mut words = vec![0u64; bytes.len().div_ceil(8)];
+                // SAFETY: u64 has no invalid bit patterns; the byte view
+                // covers exactly the words' memory.
+                let view = unsafe {
+                    std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8)
+                };
+                view[..bytes.len()].copy_from_slice(&bytes);
+                let words: &'static [u64] = Vec::leak(words);
+                // SAFETY: as above, read-only from now on.
+                unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), bytes.len()) }
+            }
+            Err(e) => {
+                log::warn!(
+                    "{OBJECT_ENV}={}: {e}; loading the embedded object",
+                    Path::new(&path).display()
+                );
+                EMBEDDED
+            }
+        }
+    })
+}
 
 /// The programs every scope links, in attach order: the reverse paths
 /// (getpeername, recvmsg) before the forward ones (connect, sendmsg), so
@@ -313,7 +357,9 @@ impl Programs {
             }
         }
         log::debug!("loading the eBPF object");
-        let mut ebpf = loader.load(OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
+        let mut ebpf = loader
+            .load(object())
+            .map_err(|e| Error::Load(Box::new(e)))?;
         let logger = if options.ebpf_debug_log {
             match EbpfLogger::init(&mut ebpf) {
                 Ok(logger) => Some(logger),
@@ -1719,7 +1765,7 @@ mod tests {
 
     #[test]
     fn embedded_object_has_every_shared_name() {
-        let obj = aya_obj::Object::parse(OBJECT).expect("parse embedded object");
+        let obj = aya_obj::Object::parse(EMBEDDED).expect("parse embedded object");
         for name in BIND_PROGRAMS.iter().chain(&BASE_PROGRAMS).chain(&[
             programs::STEER,
             programs::SOCK_LISTEN,

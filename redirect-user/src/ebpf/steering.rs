@@ -32,7 +32,7 @@ use redirect_common::{Owner, SteerConfig, globals, maps, programs};
 
 use super::{
     map_error, pin,
-    programs::{LOG_DEBUG, LOG_OFF, OBJECT, ONE, load_error, map_mut, program},
+    programs::{LOG_DEBUG, LOG_OFF, ONE, load_error, map_mut, object, program},
 };
 use crate::{Error, Result};
 
@@ -227,7 +227,9 @@ fn pin_maps(steer: &Ebpf, dir: &Path) -> Result<()> {
 
 /// Loads the object with `loader` and its four steering programs.
 fn load_programs(loader: &mut EbpfLoader<'_>) -> Result<Ebpf> {
-    let mut steer = loader.load(OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
+    let mut steer = loader
+        .load(object())
+        .map_err(|e| Error::Load(Box::new(e)))?;
     program::<SkLookup>(&mut steer, programs::STEER)?
         .load()
         .map_err(load_error(programs::STEER))?;
