@@ -61,6 +61,11 @@ pub struct ScopeSpec {
     /// CAP_NET_BIND_SERVICE.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub grant: Vec<u16>,
+    /// With an owner, attach even when a process that is not the owner
+    /// already holds a TO port in a namespace the scope serves (refused
+    /// otherwise); the daemon's status names it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_held_target: bool,
 }
 
 impl ScopeSpec {
@@ -286,6 +291,7 @@ mod tests {
                 maps: vec!["443:8443".into(), "53:5353/udp".into()],
                 owner: None,
                 grant: vec![80],
+                allow_held_target: false,
             },
         };
         let text = serde_json::to_string(&req).unwrap();

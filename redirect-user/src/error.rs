@@ -200,6 +200,22 @@ pub enum Error {
         found: String,
     },
 
+    /// A process that is not the owner already holds a TO port (listens
+    /// on it, or has it bound) in a network namespace the scope serves:
+    /// it would receive the scope's redirected connections, and keep the
+    /// owner from binding. Nothing was left attached.
+    #[error(
+        "{holders}, and it is not the owner ({owner}): it would receive the connections \
+         redirected to that port; stop it (or have the owner serve the port), or pass \
+         --allow-held-target to start anyway (the ready line and `redirect status` then name it)"
+    )]
+    TargetHeld {
+        /// Each holder: pid, command, user, port and namespace.
+        holders: String,
+        /// The owner, as given.
+        owner: String,
+    },
+
     /// No scope has this name.
     #[error("no scope named {name}; `redirect status` lists them")]
     ScopeNotFound {
@@ -229,6 +245,7 @@ impl Error {
                 | Error::ScopeConflict(_)
                 | Error::NetnsPath { .. }
                 | Error::Stacking { .. }
+                | Error::TargetHeld { .. }
         )
     }
 

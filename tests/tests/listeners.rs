@@ -99,8 +99,15 @@ fn a_socket_a_non_owner_bound_before_the_mapping_is_never_registered() {
     // The attacker binds TO before redirect starts (no guard yet)...
     let (mut attacker, lines) = start(&pair, &scope, "bindlisten", &format!("0.0.0.0:{TO}"), true);
     assert_eq!(next(&lines), "bound");
-    // ...redirect starts with root as the owner...
-    let _run = run(&pair, &scope, &format!("{FROM}:{TO}"), &["--owner", "root"]);
+    // ...redirect starts with root as the owner (told to start although
+    // TO is held: security::a_target_held_by_a_non_owner_refuses_run_unless_allowed
+    // shows that it refuses otherwise)...
+    let _run = run(
+        &pair,
+        &scope,
+        &format!("{FROM}:{TO}"),
+        &["--owner", "root", "--allow-held-target"],
+    );
     // ...and the attacker listens only now.
     attacker.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
     assert_eq!(next(&lines), "listening");

@@ -421,3 +421,118 @@ fn two_runs_steering_one_namespace_are_refused() {
     );
     assert_eq!(redirect_tests::attached(b.path()), Vec::<String>::new());
 }
+
+/// `probe MODE ADDR` as `nobody` (or root) in network namespace `ns`,
+/// outside any test cgroup, with its first output line.
+fn hold_in(ns: &str, mode: &str, addr: &str, unprivileged: bool) -> (std::process::Child, String) {
+    use std::io::BufRead as _;
+    let probe = redirect_tests::binary("probe").display().to_string();
+    // `ip netns exec` needs root: the drop to nobody comes after it.
+    let mut args = if unprivileged {
+        vec![
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ]
+    } else {
+        Vec::new()
+    };
+    args.extend([probe.as_str(), mode, addr]);
+    let mut child = redirect_tests::NetnsPair::command(ns, &args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start probe");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .expect("a line from the probe");
+    (child, line.trim().to_owned())
+}
+
+fn stop(mut child: std::process::Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Start-up check: with `--owner`, a TO port already held by another user
+/// in the namespace the scope serves (bound only, listening, or a bound
+/// UDP socket; from outside the scope's cgroup) makes `run` refuse with
+/// exit code 2, naming the pid, the command and the user, and attach
+/// nothing. With `--allow-held-target` it starts and the ready line and
+/// `status` name the holder. The owner's own listener is no reason to
+/// refuse.
+#[test]
+fn a_target_held_by_a_non_owner_refuses_run_unless_allowed() {
+    if !privileged("security-held-target") {
+        return;
+    }
+    let pair = redirect_tests::NetnsPair::new("secheld");
+    let netns = pair.server_path().display().to_string();
+    let scope = test_cgroup("sec-held");
+    let owner = ["--netns", netns.as_str(), "--owner", "root"];
+    let cases = [
+        ("bindlisten", "1443:18443/tcp", "0.0.0.0:18443", "bound"),
+        ("serve", "1443:18443", "[::]:18443", "listening"),
+        (
+            "udp-serve",
+            "1053:15353/udp",
+            "127.0.0.1:15353",
+            "listening local=127.0.0.1:15353",
+        ),
+    ];
+    for (mode, map, addr, first) in cases {
+        let (holder, line) = hold_in(&pair.server, mode, addr, true);
+        assert_eq!(line, first, "{mode}");
+        let (code, stderr) = refused(&run_args(map, scope.path(), &owner));
+        assert_eq!(code, Some(2), "{mode}: {stderr}");
+        let named = format!("pid {} (probe, user nobody)", holder.id());
+        assert!(stderr.contains(&named), "{mode}: {named}: {stderr}");
+        assert!(stderr.contains("--allow-held-target"), "{stderr}");
+        assert!(stderr.contains(&netns), "{stderr}");
+        assert_eq!(
+            redirect_tests::attached(scope.path()),
+            Vec::<String>::new(),
+            "{mode}: attached although refused"
+        );
+        stop(holder);
+    }
+
+    // Allowed: it starts, and says so.
+    let (holder, _) = hold_in(&pair.server, "bindlisten", "0.0.0.0:18443", true);
+    let named = format!("pid {} (probe, user nobody)", holder.id());
+    let mut allowed = RedirectProcess::start(run_args(
+        "1443:18443/tcp",
+        scope.path(),
+        &[&owner[..], &["--allow-held-target"]].concat(),
+    ));
+    let ready = allowed.wait_ready();
+    assert!(
+        ready.contains("TARGET HELD") && ready.contains(&named),
+        "{ready}"
+    );
+    let status = status_json();
+    let instance = status["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["pid"] == allowed.child.id())
+        .expect("instance listed")
+        .clone();
+    assert!(
+        instance["held_targets"].to_string().contains(&named),
+        "{instance}"
+    );
+    drop(allowed);
+    stop(holder);
+
+    // The owner's own server holding TO is what an owner is for.
+    let (server, line) = hold_in(&pair.server, "serve", "0.0.0.0:18443", false);
+    assert_eq!(line, "listening");
+    let mut run = RedirectProcess::start(run_args("1443:18443/tcp", scope.path(), &owner));
+    let ready = run.wait_ready();
+    assert!(!ready.contains("TARGET HELD"), "{ready}");
+    drop(run);
+    stop(server);
+}

@@ -13,6 +13,7 @@
 //! maps = ["443:8443", "53:5353/udp"]
 //! owner = "www-data"                  # optional
 //! grant = [80]                        # optional
+//! allow_held_target = false           # optional: start even if a non-owner holds TO
 //! ```
 
 use std::{

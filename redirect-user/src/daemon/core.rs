@@ -62,7 +62,7 @@ fn failure(e: Error) -> Failure {
         Error::Mapping(_) | Error::NetnsPath { .. } | Error::NotCgroup2 { .. } => {
             ErrorKind::Invalid
         }
-        Error::ScopeConflict(_) => ErrorKind::Conflict,
+        Error::ScopeConflict(_) | Error::TargetHeld { .. } => ErrorKind::Conflict,
         Error::ScopeNotFound { .. } => ErrorKind::NotFound,
         Error::Privileges { .. } => ErrorKind::Permission,
         Error::KernelUnsupported { .. } | Error::KernelFeature { .. } => ErrorKind::Kernel,
@@ -170,7 +170,7 @@ impl Core {
         for port in &spec.grant {
             builder = builder.grant(*port);
         }
-        let scope = builder.attach()?;
+        let scope = builder.allow_held_target(spec.allow_held_target).attach()?;
         self.scopes.insert(
             name,
             Managed {
@@ -388,6 +388,7 @@ impl Core {
                     "netns": m.spec.netns,
                     "owner": m.spec.owner,
                     "grants": m.scope.grants(),
+                    "held_targets": m.scope.held_targets(),
                     "id": m.scope.id(),
                     "links": stats.as_ref().map(|s| s.link_ids.clone()).unwrap_or_default(),
                     "mappings": mappings,

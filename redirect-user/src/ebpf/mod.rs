@@ -18,6 +18,7 @@
 
 mod attached;
 mod established;
+pub mod holders;
 mod listeners;
 pub mod pin;
 mod privileges;
@@ -61,6 +62,11 @@ pub struct Options {
     /// parent or child of it, or the namespace (see [`crate::stacking`]);
     /// by default that is refused with [`Error::Stacking`].
     pub allow_stacking: bool,
+    /// With an owner, attach even when another process already holds a
+    /// TO port in a namespace the scope serves (see
+    /// [`ScopeBuilder::allow_held_target`]); by default that is refused
+    /// with [`Error::TargetHeld`].
+    pub allow_held_target: bool,
 }
 
 /// Who may bind the TO ports (`--owner`).
@@ -139,6 +145,21 @@ impl PortOwner {
                     .find_map(|l| l.strip_prefix("0::"))
                     .is_some_and(|rel| root.join(rel.trim_start_matches('/')).starts_with(path))
             }
+        }
+    }
+}
+
+impl std::fmt::Display for PortOwner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PortOwner::Uid(uid) => {
+                let name = crate::user::User::lookup(&uid.to_string()).map(|u| u.name);
+                match name {
+                    Ok(name) => write!(f, "user {name}"),
+                    Err(_) => write!(f, "uid {uid}"),
+                }
+            }
+            PortOwner::Cgroup(path) => write!(f, "cgroup {}", path.display()),
         }
     }
 }
@@ -244,7 +265,9 @@ impl Redirector {
         if let Some(owner) = &options.owner {
             builder = builder.owner(owner.clone());
         }
-        let scope = builder.attach()?;
+        let scope = builder
+            .allow_held_target(options.allow_held_target)
+            .attach()?;
         log::debug!("attached to {}", dir.path().display());
         Ok(Redirector {
             scope,
@@ -257,6 +280,12 @@ impl Redirector {
             }),
             stacked,
         })
+    }
+
+    /// The processes other than the owner that held a TO port when it
+    /// attached ([`Options::allow_held_target`]).
+    pub fn held_targets(&self) -> &[String] {
+        self.scope.held_targets()
     }
 
     /// The cgroup the programs are attached to.
@@ -359,6 +388,7 @@ impl Redirector {
             scope_gone,
             netns_inode: self.netns_inode,
             stacked_with: self.stacked.clone(),
+            held_targets: self.held_targets().to_vec(),
             started_unix,
             programs,
             mappings,

@@ -1202,7 +1202,7 @@ impl Shared {
             .collect()
     }
 
-    fn pinned_scope_id(&self, cgroup_id: u64) -> Result<Option<u32>> {
+    pub(super) fn pinned_scope_id(&self, cgroup_id: u64) -> Result<Option<u32>> {
         if self.pin_dir.is_none() {
             return Ok(None);
         }
