@@ -66,6 +66,12 @@ pub struct ScopeSpec {
     /// otherwise); the daemon's status names it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_held_target: bool,
+    /// With an owner, a cgroup v2 directory above the scope (for a whole
+    /// host, the root) on which guard programs keep the TO ports for the
+    /// owner against processes outside the scope, in the namespace the
+    /// scope serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guard_cgroup: Option<PathBuf>,
 }
 
 impl ScopeSpec {
@@ -291,7 +297,7 @@ mod tests {
                 maps: vec!["443:8443".into(), "53:5353/udp".into()],
                 owner: None,
                 grant: vec![80],
-                allow_held_target: false,
+                ..ScopeSpec::default()
             },
         };
         let text = serde_json::to_string(&req).unwrap();

@@ -214,6 +214,14 @@ struct RunArgs {
     #[arg(long, requires = "owner")]
     allow_held_target: bool,
 
+    /// With --owner, keep the TO ports for the owner against processes
+    /// outside the scope too: guard programs on DIR (a cgroup v2 directory
+    /// holding them; the root for the whole host) refuse anyone else's
+    /// bind of TO with EACCES, in the namespace served (--netns, else this
+    /// one). Other namespaces are not affected.
+    #[arg(long, value_name = "DIR", requires = "owner")]
+    guard_cgroup: Option<PathBuf>,
+
     #[command(flatten)]
     backend: BackendArgs,
 }
@@ -424,6 +432,7 @@ async fn run(args: RunArgs, options: &Options) -> anyhow::Result<ExitCode> {
         owner,
         allow_stacking: args.map.allow_stacking,
         allow_held_target: args.allow_held_target,
+        guard_cgroup: args.guard_cgroup.clone(),
         ..options.clone()
     };
     let mut redirector = match attach(&cgroup, mappings.clone(), &grants, &options) {

@@ -291,7 +291,7 @@ fn scope_spec(state: &State, pid: u32, host: &HookInput) -> Result<ScopeSpec, Oc
         maps,
         owner,
         grant,
-        allow_held_target: false,
+        ..ScopeSpec::default()
     })
 }
 

@@ -536,3 +536,104 @@ fn a_target_held_by_a_non_owner_refuses_run_unless_allowed() {
     drop(run);
     stop(server);
 }
+
+/// `probe bind ADDR` in namespace `ns` and cgroup `cgroup`, as `nobody`
+/// or root: its output (`bound=…` or `error=…`).
+fn bind_in(ns: &str, cgroup: &redirect::cgroup::ChildCgroup, addr: &str, nobody: bool) -> String {
+    let probe = redirect_tests::binary("probe").display().to_string();
+    let mut args = if nobody {
+        vec![
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ]
+    } else {
+        Vec::new()
+    };
+    args.extend([probe.as_str(), "bind", addr]);
+    let mut cmd = redirect_tests::NetnsPair::command(ns, &args);
+    redirect_tests::Spawn {
+        cgroup: Some(cgroup),
+        unprivileged: false,
+    }
+    .apply(&mut cmd);
+    let out = cmd.output().expect("run probe bind");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The namespace-wide guard: with `--owner` and `--guard-cgroup P`, a
+/// process outside the scope (P/s) but under P (in P/o), in the namespace
+/// the scope serves, gets EACCES binding TO, on either family; another
+/// port is untouched, the owner may still bind TO from outside the scope,
+/// and a process of another namespace (in P/o too) binds the same port
+/// freely. Without the option the outsider binds TO (the documented
+/// limit), and the guard ends with `run`.
+#[test]
+fn a_guard_cgroup_keeps_to_for_the_owner_in_the_whole_namespace() {
+    if !privileged("security-guard-cgroup") {
+        return;
+    }
+    let pair = redirect_tests::NetnsPair::new("secguard");
+    let netns = pair.server_path().display().to_string();
+    let parent = test_cgroup("sec-guard");
+    let scope = redirect::cgroup::ChildCgroup::create(parent.path(), "s").unwrap();
+    let outside = redirect::cgroup::ChildCgroup::create(parent.path(), "o").unwrap();
+    let guard = parent.path().display().to_string();
+    let owner = ["--netns", netns.as_str(), "--owner", "root"];
+    let (server, client) = (pair.server.as_str(), pair.client.as_str());
+
+    // Without the guard: the outsider takes TO (docs/SECURITY.md).
+    let run = RedirectProcess::start(run_args("1443:18443", scope.path(), &owner));
+    let mut run = run;
+    run.wait_ready();
+    assert_eq!(
+        bind_in(server, &outside, "0.0.0.0:18443", true),
+        "bound=0.0.0.0:18443"
+    );
+    drop(run);
+
+    let mut run = RedirectProcess::start(run_args(
+        "1443:18443",
+        scope.path(),
+        &[&owner[..], &["--guard-cgroup", &guard]].concat(),
+    ));
+    run.wait_ready();
+    for addr in ["0.0.0.0:18443", "127.0.0.1:18443", "[::]:18443"] {
+        let out = bind_in(server, &outside, addr, true);
+        assert!(out.contains("Permission denied"), "{addr}: {out}");
+    }
+    assert_eq!(
+        bind_in(server, &outside, "0.0.0.0:18444", true),
+        "bound=0.0.0.0:18444",
+        "another port"
+    );
+    assert_eq!(
+        bind_in(server, &outside, "0.0.0.0:18443", false),
+        "bound=0.0.0.0:18443",
+        "the owner, outside the scope"
+    );
+    assert_eq!(
+        bind_in(client, &outside, "0.0.0.0:18443", true),
+        "bound=0.0.0.0:18443",
+        "another namespace"
+    );
+    // Inside the scope, the scope's own guard still refuses.
+    let inside = bind_in(server, &scope, "0.0.0.0:18443", true);
+    assert!(inside.contains("Permission denied"), "{inside}");
+
+    run.signal(libc::SIGTERM);
+    assert!(run.wait_exit().success(), "{}", run.stderr());
+    assert_eq!(
+        bind_in(server, &outside, "0.0.0.0:18443", true),
+        "bound=0.0.0.0:18443",
+        "the guard ends with run"
+    );
+    assert_eq!(
+        redirect_tests::attached(parent.path()),
+        Vec::<String>::new(),
+        "nothing left on the guard cgroup"
+    );
+    drop(scope);
+    drop(outside);
+}

@@ -170,6 +170,9 @@ impl Core {
         for port in &spec.grant {
             builder = builder.grant(*port);
         }
+        if let Some(guard) = &spec.guard_cgroup {
+            builder = builder.guard_cgroup(guard);
+        }
         let scope = builder.allow_held_target(spec.allow_held_target).attach()?;
         self.scopes.insert(
             name,
@@ -297,7 +300,8 @@ impl Core {
             };
             let same_place = current.spec.cgroup == spec.cgroup
                 && current.spec.netns == spec.netns
-                && current.spec.owner == spec.owner;
+                && current.spec.owner == spec.owner
+                && current.spec.guard_cgroup == spec.guard_cgroup;
             if !same_place {
                 self.detach(&name).map_err(failure)?;
                 self.attach(spec, Origin::Config).map_err(failure)?;
@@ -387,6 +391,7 @@ impl Core {
                     "cgroup": m.spec.cgroup,
                     "netns": m.spec.netns,
                     "owner": m.spec.owner,
+                    "guard_cgroup": m.spec.guard_cgroup,
                     "grants": m.scope.grants(),
                     "held_targets": m.scope.held_targets(),
                     "id": m.scope.id(),

@@ -32,7 +32,7 @@ pub use attached::{AttachedProgram, HOOKS, STEER_HOOKS, attached_programs, netns
 use aya::programs::ProgramType;
 use aya_log::EbpfLogger;
 pub use privileges::check_privileges;
-pub use programs::{BASE_PROGRAMS, BIND_PROGRAMS, LoadOptions, Programs};
+pub use programs::{BASE_PROGRAMS, BIND_PROGRAMS, GUARD_PROGRAMS, LoadOptions, Programs};
 use redirect_common::{Counter, programs as names};
 pub use scope::{Scope, ScopeBuilder, ScopeStats};
 
@@ -67,6 +67,10 @@ pub struct Options {
     /// [`ScopeBuilder::allow_held_target`]); by default that is refused
     /// with [`Error::TargetHeld`].
     pub allow_held_target: bool,
+    /// With an owner, keep the TO ports for it against processes outside
+    /// the scope too, with guard programs on this cgroup (see
+    /// [`ScopeBuilder::guard_cgroup`]).
+    pub guard_cgroup: Option<PathBuf>,
 }
 
 /// Who may bind the TO ports (`--owner`).
@@ -264,6 +268,9 @@ impl Redirector {
         }
         if let Some(owner) = &options.owner {
             builder = builder.owner(owner.clone());
+        }
+        if let Some(guard) = &options.guard_cgroup {
+            builder = builder.guard_cgroup(guard);
         }
         let scope = builder
             .allow_held_target(options.allow_held_target)

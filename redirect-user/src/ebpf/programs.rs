@@ -40,10 +40,10 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use redirect_common::{
-    ADDR_ANY, Addr, Counter, FLAG_SHARED_TO, FLAG_UDP_BIND, GLOBAL_UDP, MAX_LEVEL, MAX_MAPPINGS,
-    MAX_SCOPES, MappingKey, MappingStats, MappingValue, Owner, PROTO_ANY, PROTO_TCP, PROTO_UDP,
-    REVERSE_SHARED, Reverse, SHAPE_TARGET, ScopePort, Target, UdpBind, globals, listener_key, maps,
-    programs, shape,
+    ADDR_ANY, Addr, Counter, FLAG_SHARED_TO, FLAG_UDP_BIND, GLOBAL_UDP, GuardKey, MAX_LEVEL,
+    MAX_MAPPINGS, MAX_SCOPES, MappingKey, MappingStats, MappingValue, Owner, PROTO_ANY, PROTO_TCP,
+    PROTO_UDP, REVERSE_SHARED, Reverse, SHAPE_TARGET, ScopePort, Target, UdpBind, globals,
+    listener_key, maps, programs, shape,
 };
 
 use super::{
@@ -76,8 +76,12 @@ pub const BASE_PROGRAMS: [&str; 8] = [
 /// bind4/6: grants, owners, inbound UDP.
 pub const BIND_PROGRAMS: [&str; 2] = [programs::BIND4, programs::BIND6];
 
+/// guard4/6: the owner's TO for a whole namespace, linked above the scope
+/// (`--guard-cgroup`).
+pub const GUARD_PROGRAMS: [&str; 2] = [programs::GUARD4, programs::GUARD6];
+
 /// The maps of the shared instance that are pinned and reused.
-const SHARED_MAPS: [&str; 14] = [
+const SHARED_MAPS: [&str; 15] = [
     maps::SCOPES,
     maps::REVERSE,
     maps::GLOBAL,
@@ -92,6 +96,7 @@ const SHARED_MAPS: [&str; 14] = [
     maps::STATS,
     maps::COUNTERS,
     maps::ORIG_DST,
+    maps::GUARDS,
 ];
 
 /// The maps a steering instance really uses, and the size of each there.
@@ -107,7 +112,8 @@ const STEER_MAPS: [(&str, u32); 6] = [
 
 /// Maps a steering instance has (it is the same object) but never uses:
 /// made as small as the kernel allows.
-const STEER_UNUSED: [&str; 5] = [
+const STEER_UNUSED: [&str; 6] = [
+    maps::GUARDS,
     maps::SCOPES,
     maps::GRANTS,
     maps::UDP_BINDS,
@@ -170,6 +176,9 @@ pub(super) struct ScopeState {
     bind_linked: bool,
     links: Vec<ScopeLink>,
     steer: Option<Ebpf>,
+    /// With `--guard-cgroup`: the cookie of the namespace whose TO ports
+    /// are guarded (see [`Shared::attach_guard`]).
+    pub(super) guard: Option<u64>,
 }
 
 /// The scope's mappings by FROM and by TO port, so that writing the tables
@@ -452,6 +461,7 @@ pub(super) struct ScopeRequest {
     pub(super) owner: Option<PortOwner>,
     pub(super) mappings: MappingSet,
     pub(super) grants: Vec<u16>,
+    pub(super) guard_cgroup: Option<PathBuf>,
 }
 
 impl Shared {
@@ -563,6 +573,7 @@ impl Shared {
             bind_linked: false,
             links: Vec::new(),
             steer: None,
+            guard: None,
         };
         let result = self.build_scope(&mut scope, &dir, &req, adopted.is_some());
         match result {
@@ -677,6 +688,10 @@ impl Shared {
         }
         if scope.netns.is_some() {
             self.attach_steer(scope, dir)?;
+        }
+        match &req.guard_cgroup {
+            Some(guard) => self.attach_guard(scope, guard)?,
+            None => self.forget_guard(id)?,
         }
         log::debug!(
             "scope {} (id {id}) attached to {}",
@@ -934,6 +949,7 @@ impl Shared {
         if scope.netns.is_some() && !scope.links.is_empty() {
             self.register_existing(scope, &[m.to].into())?;
         }
+        self.guard_port(scope, m.to)?;
         Ok(())
     }
 
@@ -1051,6 +1067,7 @@ impl Shared {
             self.slots.give_back(slot);
         }
         self.refresh_values(scope, existing.to)?;
+        self.guard_port(scope, existing.to)?;
         Ok(Some(existing))
     }
 
@@ -1154,6 +1171,7 @@ impl Shared {
         purge!(maps::GRANTS, ScopePort, u8, |k: &ScopePort| k.scope);
         purge!(maps::UDP_BINDS, ScopePort, UdpBind, |k: &ScopePort| k.scope);
         purge!(maps::OWNERS, u32, Owner, |k: &u32| *k);
+        self.forget_guard(id)?;
         self.recompute_levels()?;
         Ok(())
     }
@@ -1516,6 +1534,99 @@ enum AttachTo<'a> {
 /// Links program `name` of `ebpf` to `target`, or, when a link is pinned at
 /// `pin_path` already, adopts it and replaces its program in place. A new
 /// link is pinned at `pin_path` when given.
+/// The namespace-wide guard (`--guard-cgroup`, `redirect-ebpf/src/guard.rs`).
+impl Shared {
+    /// Loads guard4/6 (once per program set), links them to the cgroup
+    /// `guard` (or adopts their pinned links), and writes a `GUARDS` entry
+    /// for each TO port of the scope in the namespace it serves (the one
+    /// it steers, else this process's).
+    fn attach_guard(&mut self, scope: &mut ScopeState, guard: &Path) -> Result<()> {
+        if scope.owner.is_none() {
+            return Err(Error::ScopeConflict(format!(
+                "scope {}: a guard cgroup keeps TO for the owner, and the scope has none: \
+                 pass --owner too",
+                scope.name
+            )));
+        }
+        let netns = scope
+            .netns
+            .as_ref()
+            .map_or_else(|| PathBuf::from("/proc/self/ns/net"), |(p, _)| p.clone());
+        scope.guard = Some(super::netns_cookie(&netns)?);
+        let ports: HashSet<u16> = scope.mappings.iter().map(|m| m.to).collect();
+        for port in ports {
+            self.guard_port(scope, port)?;
+        }
+        let dir = CgroupDir::open(guard)?;
+        for name in GUARD_PROGRAMS {
+            let p = program::<CgroupSockAddr>(&mut self.ebpf, name)?;
+            if p.fd().is_err() {
+                p.load().map_err(load_error(name))?;
+            }
+        }
+        for name in GUARD_PROGRAMS {
+            let link = self.link_cgroup(scope.id, name, &dir)?;
+            scope.links.push(link);
+        }
+        log::debug!(
+            "scope {}: TO ports guarded in {} for binds in {}",
+            scope.name,
+            netns.display(),
+            dir.path().display()
+        );
+        Ok(())
+    }
+
+    /// Writes or removes the `GUARDS` entry of `port` after a mapping to
+    /// it came or went (nothing without a guard). Two scopes cannot guard
+    /// one port of one namespace.
+    fn guard_port(&mut self, scope: &ScopeState, port: u16) -> Result<()> {
+        let Some(netns) = scope.guard else {
+            return Ok(());
+        };
+        let key = GuardKey::new(netns, port);
+        let mut guards = map_mut::<HashMap<_, GuardKey, u32>>(&mut self.ebpf, maps::GUARDS)?;
+        if scope.index.to(port).is_empty() {
+            if guards.get(&key, 0).is_ok_and(|id| id == scope.id) {
+                remove_key(&mut guards, &key, maps::GUARDS)?;
+            }
+            return Ok(());
+        }
+        match guards.get(&key, 0) {
+            Ok(id) if id == scope.id => Ok(()),
+            Ok(id) => Err(Error::ScopeConflict(format!(
+                "scope {}: port {port} of its namespace is guarded by scope #{id} already; one \
+                 scope guards a port of a namespace",
+                scope.name
+            ))),
+            Err(_) => guards
+                .insert(key, scope.id, 0)
+                .map_err(|e| map_error("writing", maps::GUARDS, e)),
+        }
+    }
+
+    /// Removes scope `id`'s `GUARDS` entries and pinned guard links (a
+    /// scope attached, or adopted, without a guard).
+    fn forget_guard(&mut self, id: u32) -> Result<()> {
+        let mut guards = map_mut::<HashMap<_, GuardKey, u32>>(&mut self.ebpf, maps::GUARDS)?;
+        let keys: Vec<GuardKey> = guards
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, s)| *s == id)
+            .map(|(k, _)| k)
+            .collect();
+        for k in keys {
+            remove_key(&mut guards, &k, maps::GUARDS)?;
+        }
+        if let Some(dir) = &self.pin_dir {
+            for name in GUARD_PROGRAMS {
+                let _ = std::fs::remove_file(pin::scope_dir(dir, id).join("links").join(name));
+            }
+        }
+        Ok(())
+    }
+}
+
 fn link_or_adopt(
     ebpf: &mut Ebpf,
     name: &'static str,
@@ -1754,12 +1865,17 @@ mod tests {
     #[test]
     fn embedded_object_has_every_shared_name() {
         let obj = aya_obj::Object::parse(OBJECT).expect("parse embedded object");
-        for name in BIND_PROGRAMS.iter().chain(&BASE_PROGRAMS).chain(&[
-            programs::STEER,
-            programs::SOCK_LISTEN,
-            programs::POST_BIND4,
-            programs::POST_BIND6,
-        ]) {
+        for name in BIND_PROGRAMS
+            .iter()
+            .chain(&BASE_PROGRAMS)
+            .chain(&GUARD_PROGRAMS)
+            .chain(&[
+                programs::STEER,
+                programs::SOCK_LISTEN,
+                programs::POST_BIND4,
+                programs::POST_BIND6,
+            ])
+        {
             assert!(obj.programs.contains_key(*name), "program {name} missing");
         }
         for name in SHARED_MAPS.iter().chain(&[maps::LISTENERS]) {

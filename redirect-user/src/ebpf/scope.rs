@@ -27,6 +27,7 @@ pub struct ScopeBuilder {
     mappings: MappingSet,
     grants: Vec<u16>,
     allow_held_target: bool,
+    guard_cgroup: Option<PathBuf>,
 }
 
 impl ScopeBuilder {
@@ -40,6 +41,7 @@ impl ScopeBuilder {
             mappings: MappingSet::default(),
             grants: Vec::new(),
             allow_held_target: false,
+            guard_cgroup: None,
         }
     }
 
@@ -72,6 +74,17 @@ impl ScopeBuilder {
     /// then names it.
     pub fn allow_held_target(mut self, allow: bool) -> Self {
         self.allow_held_target = allow;
+        self
+    }
+
+    /// With an owner, also keeps the TO ports for it against processes
+    /// outside the scope: guard programs on the cgroup v2 directory
+    /// `cgroup` (an ancestor holding them; for a whole host the root)
+    /// refuse a bind of a TO port, in the namespace the scope serves (the
+    /// one it steers, else this process's), to anyone but the owner
+    /// (EACCES). Processes of other namespaces are not affected.
+    pub fn guard_cgroup(mut self, cgroup: impl Into<PathBuf>) -> Self {
+        self.guard_cgroup = Some(cgroup.into());
         self
     }
 
@@ -118,6 +131,7 @@ impl ScopeBuilder {
             owner: self.owner.clone(),
             mappings: self.mappings.clone(),
             grants: self.grants.clone(),
+            guard_cgroup: self.guard_cgroup.clone(),
         };
         let id = self.programs.lock().attach_scope(request)?;
         let pinned = self.programs.pin_dir().is_some();
