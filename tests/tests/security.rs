@@ -637,3 +637,110 @@ fn a_guard_cgroup_keeps_to_for_the_owner_in_the_whole_namespace() {
     drop(scope);
     drop(outside);
 }
+
+/// `probe ARGS…` in namespace `ns`, in `cgroup` when given, as root; its
+/// parsed report.
+fn probe_in(
+    ns: &str,
+    cgroup: Option<&redirect::cgroup::ChildCgroup>,
+    args: &[&str],
+) -> redirect_tests::ProbeReport {
+    let probe = redirect_tests::binary("probe").display().to_string();
+    let mut all = vec![probe.as_str()];
+    all.extend(args);
+    let mut cmd = redirect_tests::NetnsPair::command(ns, &all);
+    redirect_tests::Spawn {
+        cgroup,
+        unprivileged: false,
+    }
+    .apply(&mut cmd);
+    redirect_tests::parse_probe(&cmd.output().expect("run probe"))
+}
+
+/// Local rewrite, with and without `--owner`: a process of the scope that
+/// lives in another network namespace is rewritten there (cgroup programs
+/// follow the cgroup), and a remote client dialling FROM meets whatever
+/// listens on FROM, untouched.
+#[test]
+fn a_scope_process_elsewhere_is_rewritten_there_and_remote_clients_are_untouched() {
+    if !privileged("security-local-other-netns") {
+        return;
+    }
+    for extra in [&[][..], &["--owner", "root"][..]] {
+        let pair = redirect_tests::NetnsPair::new("seclocal");
+        let scope = test_cgroup("sec-local");
+        let mut run = RedirectProcess::start(run_args("1443:18443", scope.path(), extra));
+        run.wait_ready();
+        let (target, line) = hold_in(&pair.server, "serve", "127.0.0.1:18443", false);
+        assert_eq!(line, "listening");
+        let report = probe_in(&pair.server, Some(&scope), &["tcp", "127.0.0.1:1443", "hi"]);
+        assert_eq!(report.reply(), "to:hi", "{extra:?}: {report:?}");
+        assert_eq!(report.peer().port(), 1443, "getpeername says FROM");
+        stop(target);
+
+        let (from, line) = hold_in(&pair.server, "serve", "0.0.0.0:1443", false);
+        assert_eq!(line, "listening");
+        let remote = format!("{}:1443", redirect_tests::NetnsPair::SERVER_IP);
+        let report = probe_in(&pair.client, None, &["tcp", &remote, "hi"]);
+        assert_eq!(report.reply(), "to:hi", "{extra:?}: {report:?}");
+        let out = from.wait_with_output().expect("FROM's server");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(&format!("local={remote}")), "{text}");
+        drop(run);
+    }
+}
+
+/// UDP in inbound mode: a process outside the scope, in the steered
+/// namespace, that binds TO gets TO: the bind rewrite is the scope's only.
+#[test]
+fn an_outsider_s_udp_bind_of_to_stays_to() {
+    if !privileged("security-udp-outsider") {
+        return;
+    }
+    let pair = redirect_tests::NetnsPair::new("secudp");
+    let scope = test_cgroup("sec-udp");
+    let netns = pair.server_path().display().to_string();
+    let mut run = RedirectProcess::start(run_args(
+        "1053:15353/udp",
+        scope.path(),
+        &["--netns", &netns],
+    ));
+    run.wait_ready();
+    let (outsider, line) = hold_in(&pair.server, "udp-serve", "0.0.0.0:15353", true);
+    assert_eq!(line, "listening local=0.0.0.0:15353");
+    stop(outsider);
+    drop(run);
+}
+
+/// Status sockets: any user may read them, none may plant one: the
+/// directory belongs to root and only root writes there.
+#[test]
+fn no_user_can_plant_a_status_socket() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    if !privileged("security-status-dir") {
+        return;
+    }
+    let cgroup = test_cgroup("sec-statusdir");
+    let _run = RedirectProcess::run("1443:18443", cgroup.path());
+    let dir = Path::new(redirect::status::RUNTIME_DIR);
+    let meta = std::fs::metadata(dir).expect("the status directory exists");
+    assert_eq!(meta.uid(), 0, "{}", dir.display());
+    assert_eq!(
+        meta.permissions().mode() & 0o022,
+        0,
+        "{} is writable by others: {:o}",
+        dir.display(),
+        meta.permissions().mode()
+    );
+    let planted = dir.join("999999999.sock");
+    let mut touch = std::process::Command::new("touch");
+    touch.arg(&planted);
+    redirect_tests::Spawn {
+        cgroup: None,
+        unprivileged: true,
+    }
+    .apply(&mut touch);
+    let status = touch.status().expect("run touch");
+    assert!(!status.success(), "nobody created {}", planted.display());
+    assert!(!planted.exists());
+}
