@@ -216,6 +216,21 @@ pub enum Error {
         owner: String,
     },
 
+    /// A TO port of a scope with an owner is inside `ip_local_port_range`
+    /// of a namespace it serves: any process's autobind (`listen()` or
+    /// `connect()` without `bind()`, which no bind hook sees) may take it.
+    /// Nothing was left attached.
+    #[error(
+        "{ports}: any process's listen() or connect() without bind() may be given it, and the \
+         owner's reservation cannot stop that; pick a TO outside the range, or reserve it \
+         (`sysctl -w net.ipv4.ip_local_reserved_ports=PORT` in that namespace), or pass \
+         --allow-held-target to start anyway"
+    )]
+    TargetAutobindable {
+        /// Each port, its range and its namespace.
+        ports: String,
+    },
+
     /// No scope has this name.
     #[error("no scope named {name}; `redirect status` lists them")]
     ScopeNotFound {
@@ -246,6 +261,7 @@ impl Error {
                 | Error::NetnsPath { .. }
                 | Error::Stacking { .. }
                 | Error::TargetHeld { .. }
+                | Error::TargetAutobindable { .. }
         )
     }
 

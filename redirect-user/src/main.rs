@@ -203,14 +203,16 @@ struct RunArgs {
     /// directory): within the scope only it may bind them, others get
     /// EACCES, and only its listeners are registered for inbound steering.
     /// Refused (exit code 2) when another process already holds a TO port
-    /// in a namespace the scope serves, naming it.
+    /// in a namespace the scope serves, naming it, or when a TO port is
+    /// inside that namespace's ip_local_port_range.
     #[arg(long, value_name = "OWNER")]
     owner: Option<String>,
 
     /// With --owner, start even when a process that is not the owner
-    /// already holds a TO port (listening or bound): it keeps the port and
-    /// receives the connections redirected to it. The ready line and
-    /// `redirect status` name it.
+    /// already holds a TO port (listening or bound), or a TO port is inside
+    /// ip_local_port_range (any process's autobind may take it): such a
+    /// process keeps the port and receives the connections redirected to
+    /// it. The ready line and `redirect status` name it.
     #[arg(long, requires = "owner")]
     allow_held_target: bool,
 

@@ -744,3 +744,56 @@ fn no_user_can_plant_a_status_socket() {
     assert!(!status.success(), "nobody created {}", planted.display());
     assert!(!planted.exists());
 }
+
+/// `sysctl -qw SETTING` in namespace `ns` (the test's own).
+fn sysctl_in(ns: &str, setting: &str) {
+    let out = redirect_tests::NetnsPair::command(ns, &["sysctl", "-qw", setting])
+        .output()
+        .expect("sysctl");
+    assert!(
+        out.status.success(),
+        "{setting}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Start-up check: with `--owner`, a TO inside the served namespace's
+/// `ip_local_port_range` (which any process's autobind may be given, and
+/// no bind hook sees) is refused with exit code 2 and the fixes; once TO
+/// is in `ip_local_reserved_ports` it starts, and `--allow-held-target`
+/// starts anyway, saying so.
+#[test]
+fn an_owner_s_to_that_autobind_may_take_is_refused_unless_reserved() {
+    if !privileged("security-autobind-range") {
+        return;
+    }
+    let pair = redirect_tests::NetnsPair::new("secauto");
+    let netns = pair.server_path().display().to_string();
+    let scope = test_cgroup("sec-auto");
+    sysctl_in(&pair.server, "net.ipv4.ip_local_port_range=40000 40100");
+    let owner = ["--netns", netns.as_str(), "--owner", "root"];
+    let (code, stderr) = refused(&run_args("1443:40001", scope.path(), &owner));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("port 40001 is inside ip_local_port_range 40000-40100"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("ip_local_reserved_ports"), "{stderr}");
+    assert!(stderr.contains("--allow-held-target"), "{stderr}");
+    // Outside the range: no question.
+    let mut run = RedirectProcess::start(run_args("1443:18443", scope.path(), &owner));
+    run.wait_ready();
+    drop(run);
+    let mut run = RedirectProcess::start(run_args(
+        "1443:40001",
+        scope.path(),
+        &[&owner[..], &["--allow-held-target"]].concat(),
+    ));
+    let ready = run.wait_ready();
+    assert!(ready.contains("ip_local_port_range"), "{ready}");
+    drop(run);
+    sysctl_in(&pair.server, "net.ipv4.ip_local_reserved_ports=40001");
+    let mut run = RedirectProcess::start(run_args("1443:40001", scope.path(), &owner));
+    let ready = run.wait_ready();
+    assert!(!ready.contains("TARGET HELD"), "{ready}");
+}

@@ -62,7 +62,9 @@ fn failure(e: Error) -> Failure {
         Error::Mapping(_) | Error::NetnsPath { .. } | Error::NotCgroup2 { .. } => {
             ErrorKind::Invalid
         }
-        Error::ScopeConflict(_) | Error::TargetHeld { .. } => ErrorKind::Conflict,
+        Error::ScopeConflict(_) | Error::TargetHeld { .. } | Error::TargetAutobindable { .. } => {
+            ErrorKind::Conflict
+        }
         Error::ScopeNotFound { .. } => ErrorKind::NotFound,
         Error::Privileges { .. } => ErrorKind::Permission,
         Error::KernelUnsupported { .. } | Error::KernelFeature { .. } => ErrorKind::Kernel,

@@ -11,6 +11,11 @@
 //! (their fds, by socket inode) and described with its pid, command and
 //! user.
 //!
+//! A TO port inside the namespace's `ip_local_port_range` (and not in
+//! `ip_local_reserved_ports`) is reported too: any process's `listen()`,
+//! `connect()` or `sendto()` without `bind()` may be given it, and no bind
+//! hook sees that.
+//!
 //! The common case costs a few syscalls per namespace: a bind of TO on
 //! the wildcard address (no `SO_REUSEADDR`) that succeeds proves nothing
 //! holds it. Only when it fails are `/proc/net/{tcp,udp}{,6}` read (for
@@ -83,24 +88,64 @@ impl fmt::Display for Holder {
     }
 }
 
+/// A TO port that the kernel may hand to any process's autobind
+/// (`listen()`, `connect()` or `sendto()` without `bind()`, which no bind
+/// hook sees): inside `ip_local_port_range` and not in
+/// `ip_local_reserved_ports` of a namespace the scope serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Autobind {
+    /// The port.
+    pub port: u16,
+    /// The namespace's `ip_local_port_range`.
+    pub range: (u16, u16),
+    /// The namespace.
+    pub netns: PathBuf,
+}
+
+impl fmt::Display for Autobind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "port {} is inside ip_local_port_range {}-{} of network namespace {}",
+            self.port,
+            self.range.0,
+            self.range.1,
+            self.netns.display()
+        )
+    }
+}
+
+/// What [`find`] found in the namespaces a scope serves.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Findings {
+    /// Sockets on a TO port, with who holds them.
+    pub holders: Vec<Holder>,
+    /// TO ports any process's autobind may take.
+    pub autobind: Vec<Autobind>,
+}
+
 /// The sockets on the TO ports of `mappings` held in the network
 /// namespaces the scope serves: `netns` if given, and those of the
-/// processes of `cgroup` (with neither, this process's own). A namespace
-/// that cannot be entered is skipped with a warning.
-pub fn find(cgroup: &Path, netns: Option<&Path>, mappings: &MappingSet) -> Vec<Holder> {
+/// processes of `cgroup` (with neither, this process's own); and the TO
+/// ports autobind may hand out there. A namespace that cannot be entered
+/// is skipped with a warning.
+pub fn find(cgroup: &Path, netns: Option<&Path>, mappings: &MappingSet) -> Findings {
     let mut targets: BTreeMap<u16, (bool, bool)> = BTreeMap::new();
     for m in mappings.iter() {
         let (tcp, udp) = targets.entry(m.to).or_default();
         *tcp |= m.proto != Proto::Udp;
         *udp |= m.proto != Proto::Tcp;
     }
+    let mut found = Findings::default();
     if targets.is_empty() {
-        return Vec::new();
+        return found;
     }
-    let mut found = Vec::new();
     for (ino, path) in served_namespaces(cgroup, netns) {
         match in_namespace(&path, ino, &targets) {
-            Ok(holders) => found.extend(holders),
+            Ok((holders, autobind)) => {
+                found.holders.extend(holders);
+                found.autobind.extend(autobind);
+            }
             Err(e) => log::warn!(
                 "checking who holds the target ports in network namespace {}: {e}",
                 path.display()
@@ -147,13 +192,15 @@ struct Tables {
     /// Every socket inode `/proc/net` lists (any port, tcp/udp/unix/
     /// netlink): these need no closer look.
     known: HashSet<u64>,
+    /// TO ports autobind may pick, with `ip_local_port_range`.
+    autobind: Vec<(u16, (u16, u16))>,
 }
 
 fn in_namespace(
     path: &Path,
     ino: u64,
     targets: &BTreeMap<u16, (bool, bool)>,
-) -> io::Result<Vec<Holder>> {
+) -> io::Result<(Vec<Holder>, Vec<Autobind>)> {
     let file = File::open(path)?;
     let tables = std::thread::scope(|s| {
         s.spawn(|| -> io::Result<Tables> {
@@ -167,8 +214,17 @@ fn in_namespace(
         .join()
         .unwrap_or_else(|_| Err(io::Error::other("the thread panicked")))
     })?;
+    let autobind: Vec<Autobind> = tables
+        .autobind
+        .iter()
+        .map(|&(port, range)| Autobind {
+            port,
+            range,
+            netns: path.to_path_buf(),
+        })
+        .collect();
     if tables.taken.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), autobind));
     }
     let taken: HashSet<(u16, &'static str)> = tables.taken.iter().copied().collect();
     let mut holders = Vec::new();
@@ -223,13 +279,27 @@ fn in_namespace(
             path.display()
         );
     }
-    Ok(holders)
+    Ok((holders, autobind))
 }
 
 /// Run inside the namespace: which TO ports are taken, and what
 /// `/proc/net` says about them.
 fn look_inside(targets: &BTreeMap<u16, (bool, bool)>) -> Tables {
     let mut tables = Tables::default();
+    // Per-namespace sysctls: read from inside it.
+    let range = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| parse_range(&t));
+    let reserved = fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports")
+        .map(|t| parse_port_list(&t))
+        .unwrap_or_default();
+    if let Some((lo, hi)) = range {
+        tables.autobind = targets
+            .keys()
+            .filter(|&&p| (lo..=hi).contains(&p) && !reserved.contains(&p))
+            .map(|&p| (p, (lo, hi)))
+            .collect();
+    }
     for (&port, &(tcp, udp)) in targets {
         if tcp && taken(Type::STREAM, Protocol::TCP, port) {
             tables.taken.push((port, "tcp"));
@@ -331,6 +401,24 @@ fn bound_only(pid: i32, fd: i32) -> Option<(u16, &'static str, bool)> {
     }
 }
 
+/// `ip_local_port_range`: "32768\t60999".
+fn parse_range(text: &str) -> Option<(u16, u16)> {
+    let mut it = text.split_whitespace().map(str::parse::<u16>);
+    Some((it.next()?.ok()?, it.next()?.ok()?))
+}
+
+/// `ip_local_reserved_ports`: "8080,9000-9100" (or empty).
+fn parse_port_list(text: &str) -> HashSet<u16> {
+    let mut out = HashSet::new();
+    for part in text.trim().split(',').filter(|p| !p.is_empty()) {
+        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+        if let (Ok(lo), Ok(hi)) = (lo.trim().parse::<u16>(), hi.trim().parse::<u16>()) {
+            out.extend(lo..=hi);
+        }
+    }
+    out
+}
+
 /// `(inode, local port, state)` of each line of `/proc/net/{tcp,udp}{,6}`:
 /// `sl local_address rem_address st … uid timeout inode`.
 fn parse_inet_table(text: &str) -> Vec<(u64, u16, u8)> {
@@ -384,5 +472,10 @@ mod tests {
         assert_eq!(parse_inode_column(netlink), vec![15871]);
         assert_eq!(socket_inode("socket:[4242]"), Some(4242));
         assert_eq!(socket_inode("pipe:[4242]"), None);
+        assert_eq!(parse_range("32768\t60999\n"), Some((32768, 60999)));
+        let reserved = parse_port_list("8080,9000-9002\n");
+        assert_eq!(reserved.len(), 4);
+        assert!(reserved.contains(&9001) && !reserved.contains(&9003));
+        assert!(parse_port_list("\n").is_empty());
     }
 }

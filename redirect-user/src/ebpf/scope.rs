@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{MappingCounts, PortOwner, Programs, programs::ScopeRequest};
+use super::{MappingCounts, PortOwner, Programs, holders::Findings, programs::ScopeRequest};
 use crate::{Error, Mapping, MappingSet, Result};
 
 /// Describes a scope before it is attached.
@@ -70,8 +70,9 @@ impl ScopeBuilder {
 
     /// With an owner, attach even when a process that is not the owner
     /// already holds a TO port in a namespace the scope serves (refused
-    /// by default with [`Error::TargetHeld`]); [`Scope::held_targets`]
-    /// then names it.
+    /// by default with [`Error::TargetHeld`]), or a TO port is inside its
+    /// `ip_local_port_range` ([`Error::TargetAutobindable`]);
+    /// [`Scope::held_targets`] then names them.
     pub fn allow_held_target(mut self, allow: bool) -> Self {
         self.allow_held_target = allow;
         self
@@ -116,9 +117,9 @@ impl ScopeBuilder {
             .name
             .clone()
             .unwrap_or_else(|| self.cgroup.display().to_string());
-        // The start-up check: with an owner, who else holds a TO port. A
-        // pinned scope being adopted has been guarded all along: not
-        // checked again.
+        // The start-up check: with an owner, who else holds a TO port, and
+        // whether autobind may hand one out. A pinned scope being adopted
+        // has been guarded all along: not checked again.
         let check_holders = self.owner.is_some() && !self.adopts_pinned_scope()?;
         let holders = || self.non_owner_holders();
         if check_holders && !self.allow_held_target {
@@ -152,13 +153,25 @@ impl ScopeBuilder {
                 scope.detach()?;
                 return Err(e);
             }
-            for h in &held {
+            for h in &held.holders {
                 log::warn!(
                     "{h}, and it is not the owner: it receives the connections redirected to \
                      that port (--allow-held-target)"
                 );
             }
-            scope.held_targets = held.iter().map(ToString::to_string).collect();
+            for a in &held.autobind {
+                log::warn!("{a}: any process's autobind may take it (--allow-held-target)");
+            }
+            scope.held_targets = held
+                .holders
+                .iter()
+                .map(ToString::to_string)
+                .chain(
+                    held.autobind
+                        .iter()
+                        .map(|a| format!("{a} (any process's autobind may take it)")),
+                )
+                .collect();
         }
         Ok(scope)
     }
@@ -177,28 +190,34 @@ impl ScopeBuilder {
     }
 
     /// The holders of TO ports in the served namespaces that are not the
-    /// owner.
-    fn non_owner_holders(&self) -> Vec<super::holders::Holder> {
+    /// owner, and the TO ports autobind may take there.
+    fn non_owner_holders(&self) -> Findings {
         let Some(owner) = &self.owner else {
-            return Vec::new();
+            return Findings::default();
         };
-        super::holders::find(&self.cgroup, self.netns.as_deref(), &self.mappings)
-            .into_iter()
-            .filter(|h| !owner.owns(h.pid))
-            .collect()
+        let mut found = super::holders::find(&self.cgroup, self.netns.as_deref(), &self.mappings);
+        found.holders.retain(|h| !owner.owns(h.pid));
+        found
     }
 }
 
-/// [`Error::TargetHeld`] when `held` is not empty.
-fn refuse_held(held: &[super::holders::Holder], owner: Option<&PortOwner>) -> Result<()> {
-    if held.is_empty() {
-        return Ok(());
+/// [`Error::TargetHeld`] when a non-owner holds a TO port, else
+/// [`Error::TargetAutobindable`] when autobind may take one.
+fn refuse_held(found: &Findings, owner: Option<&PortOwner>) -> Result<()> {
+    if !found.holders.is_empty() {
+        let holders: Vec<String> = found.holders.iter().map(ToString::to_string).collect();
+        return Err(Error::TargetHeld {
+            holders: holders.join("; "),
+            owner: owner.map(ToString::to_string).unwrap_or_default(),
+        });
     }
-    let holders: Vec<String> = held.iter().map(ToString::to_string).collect();
-    Err(Error::TargetHeld {
-        holders: holders.join("; "),
-        owner: owner.map(ToString::to_string).unwrap_or_default(),
-    })
+    if !found.autobind.is_empty() {
+        let ports: Vec<String> = found.autobind.iter().map(ToString::to_string).collect();
+        return Err(Error::TargetAutobindable {
+            ports: ports.join("; "),
+        });
+    }
+    Ok(())
 }
 
 /// An attached scope. Dropping it detaches the scope unless its state is
