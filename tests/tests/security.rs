@@ -797,3 +797,81 @@ fn an_owner_s_to_that_autobind_may_take_is_refused_unless_reserved() {
     let ready = run.wait_ready();
     assert!(!ready.contains("TARGET HELD"), "{ready}");
 }
+
+/// The daemon: adding a scope with an owner while another user holds TO
+/// is refused (kind `conflict`, naming the pid); once the holder is gone
+/// the scope attaches with `guard_cgroup`, which keeps TO from outsiders
+/// of the same namespace across a daemon restart (the pinned guard is
+/// adopted), until the scope is removed.
+#[test]
+fn the_daemon_checks_held_targets_and_keeps_its_guard_across_a_restart() {
+    use redirect::control::{Client, ErrorKind, Request, ScopeSpec};
+    if !privileged("security-daemon-guard") {
+        return;
+    }
+    let pair = redirect_tests::NetnsPair::new("secdmn");
+    let parent = test_cgroup("sec-dmn");
+    let scope = redirect::cgroup::ChildCgroup::create(parent.path(), "s").unwrap();
+    let outside = redirect::cgroup::ChildCgroup::create(parent.path(), "o").unwrap();
+    let server = pair.server.as_str();
+    let mut daemon = redirect_tests::daemon::TestDaemon::start("secdmn", "", "");
+    let spec = ScopeSpec {
+        name: Some("guarded".into()),
+        cgroup: scope.path().to_path_buf(),
+        netns: Some(pair.server_path()),
+        maps: vec!["1443:18443".into()],
+        owner: Some("root".into()),
+        guard_cgroup: Some(parent.path().to_path_buf()),
+        ..ScopeSpec::default()
+    };
+    let add = Request::AddScope {
+        scope: spec.clone(),
+    };
+
+    let (holder, line) = hold_in(server, "bindlisten", "0.0.0.0:18443", true);
+    assert_eq!(line, "bound");
+    let err = Client::new(&daemon.control).request(&add).unwrap_err();
+    assert_eq!(err.kind(), Some(ErrorKind::Conflict), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("pid {} (probe, user nobody)", holder.id())),
+        "{err}"
+    );
+    stop(holder);
+
+    Client::new(&daemon.control)
+        .request(&add)
+        .expect("attached once TO is free");
+    let refused = |what: &str| {
+        let out = bind_in(server, &outside, "0.0.0.0:18443", true);
+        assert!(out.contains("Permission denied"), "{what}: {out}");
+    };
+    refused("guarded");
+    daemon.kill();
+    refused("while the daemon is down: the guard is pinned");
+    daemon.restart();
+    refused("after a restart");
+    assert_eq!(
+        daemon.status()["scopes"][0]["guard_cgroup"],
+        parent.path().display().to_string()
+    );
+    Client::new(&daemon.control)
+        .request(&Request::RemoveScope {
+            name: "guarded".into(),
+        })
+        .expect("remove the scope");
+    // An unpinned link is detached a moment later, not at once.
+    let mut last = String::new();
+    assert!(
+        eventually(3, || {
+            last = bind_in(server, &outside, "0.0.0.0:18443", true);
+            last == "bound=0.0.0.0:18443"
+        }),
+        "the guard goes with the scope: {last}"
+    );
+    drop(daemon);
+    assert_eq!(
+        redirect_tests::wait_detached(parent.path()),
+        Vec::<String>::new()
+    );
+}
