@@ -72,6 +72,11 @@ pub mod maps {
     /// [`UdpBind`](crate::UdpBind) of a UDP mapping in inbound mode: a UDP
     /// bind of TO in the scope is rewritten to a bind of FROM.
     pub const UDP_BINDS: &str = "UDP_BINDS";
+    /// Hash from a [`GuardKey`](crate::GuardKey) (a network namespace
+    /// cookie and a TO port) to the id (`u32`) of the scope whose owner
+    /// alone may bind that port there: the namespace-wide guard read by
+    /// [`programs::GUARD4`](crate::programs::GUARD4)/`GUARD6`.
+    pub const GUARDS: &str = "GUARDS";
 }
 
 /// Names of the eBPF programs, as the loader looks them up in the object.
@@ -107,6 +112,11 @@ pub mod programs {
     pub const POST_BIND4: &str = "post_bind4";
     /// `cgroup/post_bind6`: as [`POST_BIND4`] for IPv6.
     pub const POST_BIND6: &str = "post_bind6";
+    /// `cgroup/bind4` attached above a scope (`--guard-cgroup`): refuses a
+    /// bind of a guarded TO port in its namespace to all but the owner.
+    pub const GUARD4: &str = "guard4";
+    /// `cgroup/bind6`: as [`GUARD4`] for IPv6.
+    pub const GUARD6: &str = "guard6";
 }
 
 /// Names of the globals the loader sets before loading.
@@ -156,6 +166,30 @@ impl ScopePort {
             scope,
             port,
             _pad: 0,
+        }
+    }
+}
+
+/// A network namespace and a port: the key of [`maps::GUARDS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GuardKey {
+    /// The namespace's cookie (`SO_NETNS_COOKIE`, `bpf_get_netns_cookie`).
+    pub netns: u64,
+    /// A port, host byte order.
+    pub port: u16,
+    /// Always zero.
+    pub _pad: [u16; 3],
+}
+
+impl GuardKey {
+    /// The key for `port` (host order) in the namespace with `netns` as
+    /// cookie.
+    pub const fn new(netns: u64, port: u16) -> Self {
+        Self {
+            netns,
+            port,
+            _pad: [0; 3],
         }
     }
 }
@@ -596,4 +630,5 @@ mod pod {
     unsafe impl aya::Pod for super::Target {}
     unsafe impl aya::Pod for super::Reverse {}
     unsafe impl aya::Pod for super::SteerConfig {}
+    unsafe impl aya::Pod for super::GuardKey {}
 }

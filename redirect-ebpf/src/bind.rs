@@ -45,9 +45,9 @@ use crate::{
 pub static HAS_SET_RETVAL: Global<u8> = Global::new(0);
 
 /// Fail the syscall.
-const REJECT: i32 = 0;
+pub const REJECT: i32 = 0;
 /// `EACCES`, what an unprivileged bind of a low port gets too.
-const EACCES: i32 = 13;
+pub const EACCES: i32 = 13;
 
 /// Allow (bit 0) and skip the CAP_NET_BIND_SERVICE check (bit 1).
 const ALLOW_WITHOUT_CAP: i32 = 3;

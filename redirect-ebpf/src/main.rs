@@ -6,6 +6,8 @@
 //! - `listen.rs`: registers a scope's listeners for steering (sock_ops,
 //!   and post_bind marks proving the owner bound them);
 //! - `bind.rs`: bind4/6 let granted ports be bound without privilege;
+//! - `guard.rs`: guard4/6, attached above a scope, keep TO for its owner
+//!   in the whole namespace;
 //! - `steer.rs`: sk_lookup hands inbound connections for FROM to the
 //!   listener registered for TO.
 //!
@@ -23,6 +25,7 @@ mod bind;
 mod connect;
 mod ctx;
 mod getpeername;
+mod guard;
 mod listen;
 mod maps;
 mod steer;

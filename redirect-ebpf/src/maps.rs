@@ -12,9 +12,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
 };
 use redirect_common::{
-    ADDR_ANY, Addr, Counter, MAX_GRANTS, MAX_LISTENERS, MAX_MAPPINGS, MAX_SCOPE_DEPTHS, MAX_SCOPES,
-    MappingKey, MappingStats, MappingValue, OrigDst, Owner, PROTO_ANY, PROTO_TCP, PROTO_UDP,
-    REV_NAT_ENTRIES, RevNatKey, RevNatValue, Reverse, SHAPE_ADDR_ANY, SHAPE_ADDR_TCP,
+    ADDR_ANY, Addr, Counter, GuardKey, MAX_GRANTS, MAX_LISTENERS, MAX_MAPPINGS, MAX_SCOPE_DEPTHS,
+    MAX_SCOPES, MappingKey, MappingStats, MappingValue, OrigDst, Owner, PROTO_ANY, PROTO_TCP,
+    PROTO_UDP, REV_NAT_ENTRIES, RevNatKey, RevNatValue, Reverse, SHAPE_ADDR_ANY, SHAPE_ADDR_TCP,
     SHAPE_ADDR_UDP, SHAPE_ANY_ANY, SHAPE_ANY_TCP, SHAPE_ANY_UDP, ScopePort, SteerConfig, Target,
     UdpBind,
 };
@@ -61,6 +61,12 @@ pub static TARGETS: HashMap<ScopePort, Target> = HashMap::with_max_entries(MAX_M
 /// Who may bind a scope's TO ports (`--owner`); no entry: anyone.
 #[map]
 pub static OWNERS: HashMap<u32, Owner> = HashMap::with_max_entries(MAX_SCOPES, 0);
+
+/// (namespace cookie, TO port) → the scope whose owner alone may bind it
+/// there, for binds outside the scope (`guard.rs`). Allocated per entry.
+#[map]
+pub static GUARDS: HashMap<GuardKey, u32> =
+    HashMap::with_max_entries(MAX_MAPPINGS, BPF_F_NO_PREALLOC);
 
 /// TO → FROM of UDP mappings in inbound mode (see `bind.rs`).
 #[map]

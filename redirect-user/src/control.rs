@@ -61,6 +61,17 @@ pub struct ScopeSpec {
     /// CAP_NET_BIND_SERVICE.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub grant: Vec<u16>,
+    /// With an owner, attach even when a process that is not the owner
+    /// already holds a TO port in a namespace the scope serves (refused
+    /// otherwise); the daemon's status names it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_held_target: bool,
+    /// With an owner, a cgroup v2 directory above the scope (for a whole
+    /// host, the root) on which guard programs keep the TO ports for the
+    /// owner against processes outside the scope, in the namespace the
+    /// scope serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guard_cgroup: Option<PathBuf>,
 }
 
 impl ScopeSpec {
@@ -286,6 +297,7 @@ mod tests {
                 maps: vec!["443:8443".into(), "53:5353/udp".into()],
                 owner: None,
                 grant: vec![80],
+                ..ScopeSpec::default()
             },
         };
         let text = serde_json::to_string(&req).unwrap();

@@ -200,6 +200,37 @@ pub enum Error {
         found: String,
     },
 
+    /// A process that is not the owner already holds a TO port (listens
+    /// on it, or has it bound) in a network namespace the scope serves:
+    /// it would receive the scope's redirected connections, and keep the
+    /// owner from binding. Nothing was left attached.
+    #[error(
+        "{holders}, and it is not the owner ({owner}): it would receive the connections \
+         redirected to that port; stop it (or have the owner serve the port), or pass \
+         --allow-held-target to start anyway (the ready line and `redirect status` then name it)"
+    )]
+    TargetHeld {
+        /// Each holder: pid, command, user, port and namespace.
+        holders: String,
+        /// The owner, as given.
+        owner: String,
+    },
+
+    /// A TO port of a scope with an owner is inside `ip_local_port_range`
+    /// of a namespace it serves: any process's autobind (`listen()` or
+    /// `connect()` without `bind()`, which no bind hook sees) may take it.
+    /// Nothing was left attached.
+    #[error(
+        "{ports}: any process's listen() or connect() without bind() may be given it, and the \
+         owner's reservation cannot stop that; pick a TO outside the range, or reserve it \
+         (`sysctl -w net.ipv4.ip_local_reserved_ports=PORT` in that namespace), or pass \
+         --allow-held-target to start anyway"
+    )]
+    TargetAutobindable {
+        /// Each port, its range and its namespace.
+        ports: String,
+    },
+
     /// No scope has this name.
     #[error("no scope named {name}; `redirect status` lists them")]
     ScopeNotFound {
@@ -229,6 +260,8 @@ impl Error {
                 | Error::ScopeConflict(_)
                 | Error::NetnsPath { .. }
                 | Error::Stacking { .. }
+                | Error::TargetHeld { .. }
+                | Error::TargetAutobindable { .. }
         )
     }
 

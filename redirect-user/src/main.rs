@@ -202,8 +202,27 @@ struct RunArgs {
     /// Reserve the TO ports for OWNER (a user name, a uid, or a cgroup v2
     /// directory): within the scope only it may bind them, others get
     /// EACCES, and only its listeners are registered for inbound steering.
+    /// Refused (exit code 2) when another process already holds a TO port
+    /// in a namespace the scope serves, naming it, or when a TO port is
+    /// inside that namespace's ip_local_port_range.
     #[arg(long, value_name = "OWNER")]
     owner: Option<String>,
+
+    /// With --owner, start even when a process that is not the owner
+    /// already holds a TO port (listening or bound), or a TO port is inside
+    /// ip_local_port_range (any process's autobind may take it): such a
+    /// process keeps the port and receives the connections redirected to
+    /// it. The ready line and `redirect status` name it.
+    #[arg(long, requires = "owner")]
+    allow_held_target: bool,
+
+    /// With --owner, keep the TO ports for the owner against processes
+    /// outside the scope too: guard programs on DIR (a cgroup v2 directory
+    /// holding them; the root for the whole host) refuse anyone else's
+    /// bind of TO with EACCES, in the namespace served (--netns, else this
+    /// one). Other namespaces are not affected.
+    #[arg(long, value_name = "DIR", requires = "owner")]
+    guard_cgroup: Option<PathBuf>,
 
     #[command(flatten)]
     backend: BackendArgs,
@@ -419,10 +438,15 @@ async fn run(args: RunArgs, options: &Options) -> anyhow::Result<ExitCode> {
         netns,
         owner,
         allow_stacking: args.map.allow_stacking,
+        allow_held_target: args.allow_held_target,
+        guard_cgroup: args.guard_cgroup.clone(),
         ..options.clone()
     };
     let mut redirector = match attach(&cgroup, mappings.clone(), &grants, &options) {
         Ok(redirector) => redirector,
+        // Bad input (stacking, a held target) is said as it is: the proxy
+        // would not fix it.
+        Err(e) if is_bad_input(&e) => return Err(e),
         Err(e) => return cmd::proxy::fall_back(&mappings, &args.backend, scoped, e).await,
     };
     let status = StatusServer::start("run");
@@ -602,6 +626,12 @@ fn print_instance(out: &mut impl io::Write, i: &InstanceStatus) -> io::Result<()
     for other in &i.stacked_with {
         writeln!(out, "  STACKED with {other} (--allow-stacking)")?;
     }
+    for held in &i.held_targets {
+        writeln!(
+            out,
+            "  TARGET HELD: {held}, not the owner (--allow-held-target)"
+        )?;
+    }
     if !i.grants.is_empty() {
         let ports: Vec<String> = i.grants.iter().map(u16::to_string).collect();
         writeln!(out, "  granted ports: {}", ports.join(", "))?;
@@ -701,7 +731,13 @@ fn describe(redirector: &Redirector) -> String {
 /// says which backend runs and why (empty for `exec`).
 fn ready(redirector: &Redirector, backend: &str) -> anyhow::Result<()> {
     let mut out = io::stdout().lock();
-    writeln!(out, "ready: {}{backend}", describe(redirector))?;
+    let mut held = String::new();
+    for h in redirector.held_targets() {
+        held.push_str(&format!(
+            "; TARGET HELD: {h}, not the owner (--allow-held-target)"
+        ));
+    }
+    writeln!(out, "ready: {}{backend}{held}", describe(redirector))?;
     out.flush()?;
     Ok(())
 }

@@ -61,6 +61,10 @@ pub struct InstanceStatus {
     /// as found when it attached.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stacked_with: Vec<String>,
+    /// Processes other than the owner that held a TO port when it
+    /// started (`--allow-held-target`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held_targets: Vec<String>,
     /// When it started, in seconds since the Unix epoch.
     pub started_unix: u64,
     /// Its eBPF programs.

@@ -169,7 +169,9 @@ fn only_the_owner_s_listeners_are_registered() {
     let pair = NetnsPair::new("in-owner");
     let scope = test_cgroup("in-owner");
     let (mut root_listener, _lines) = start_server(&pair, Some(&scope));
-    let run = run_steering_with(&pair, &scope, &["--owner", "nobody"]);
+    // Without --allow-held-target, run would refuse to start at all
+    // (security::a_target_held_by_a_non_owner_refuses_run_unless_allowed).
+    let run = run_steering_with(&pair, &scope, &["--owner", "nobody", "--allow-held-target"]);
     let report = connect_from_client(&pair);
     assert!(!report.ok, "{report:?}");
     assert!(report.get("error").contains("refused"), "{report:?}");

@@ -99,8 +99,15 @@ fn a_socket_a_non_owner_bound_before_the_mapping_is_never_registered() {
     // The attacker binds TO before redirect starts (no guard yet)...
     let (mut attacker, lines) = start(&pair, &scope, "bindlisten", &format!("0.0.0.0:{TO}"), true);
     assert_eq!(next(&lines), "bound");
-    // ...redirect starts with root as the owner...
-    let _run = run(&pair, &scope, &format!("{FROM}:{TO}"), &["--owner", "root"]);
+    // ...redirect starts with root as the owner (told to start although
+    // TO is held: security::a_target_held_by_a_non_owner_refuses_run_unless_allowed
+    // shows that it refuses otherwise)...
+    let _run = run(
+        &pair,
+        &scope,
+        &format!("{FROM}:{TO}"),
+        &["--owner", "root", "--allow-held-target"],
+    );
     // ...and the attacker listens only now.
     attacker.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
     assert_eq!(next(&lines), "listening");
@@ -225,7 +232,14 @@ fn a_socket_autobound_to_to_is_never_registered_for_an_owner() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let _run = run(&pair, &scope, &format!("{FROM}:{TO}"), &["--owner", "root"]);
+    // Told to start although autobind may take TO (refused otherwise:
+    // security::an_owner_s_to_that_autobind_may_take_is_refused_unless_reserved).
+    let _run = run(
+        &pair,
+        &scope,
+        &format!("{FROM}:{TO}"),
+        &["--owner", "root", "--allow-held-target"],
+    );
     let (mut squatter, lines) = start(&pair, &scope, "autolisten", "0.0.0.0:0", true);
     assert_eq!(
         next(&lines),
@@ -326,4 +340,79 @@ fn a_listener_in_a_private_namespace_of_the_scope_is_never_registered() {
     assert_eq!(next(&lines), "listening");
     assert_eq!(client(&pair).reply(), "to:hello");
     let _ = server.wait();
+}
+
+/// `ip ARGS…` (in the test's own namespaces), asserting success.
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn ipv4_and_ipv6_listeners_on_one_to_each_get_their_family_s_clients() {
+    if !privileged("ipv4_and_ipv6_listeners_on_one_to_each_get_their_family_s_clients") {
+        return;
+    }
+    const SERVER6: &str = "2001:db8:9::1";
+    const CLIENT6: &str = "2001:db8:9::2";
+    let pair = NetnsPair::new("dual");
+    for (ns, addr) in [(&pair.server, SERVER6), (&pair.client, CLIENT6)] {
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{addr}/64"),
+            "dev",
+            "veth0",
+            "nodad",
+        ]);
+    }
+    // [::]:TO and 0.0.0.0:TO side by side: the IPv6 one must be v6-only
+    // (a setting of the test's own namespace).
+    let out = NetnsPair::command(&pair.server, &["sysctl", "-qw", "net.ipv6.bindv6only=1"])
+        .output()
+        .expect("sysctl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let scope = test_cgroup("dual");
+    let _run = run(&pair, &scope, &format!("{FROM}:{TO}"), &[]);
+    let (mut v4, v4_lines) = start(&pair, &scope, "serve", &format!("0.0.0.0:{TO}"), false);
+    assert_eq!(next(&v4_lines), "listening");
+    let (mut v6, v6_lines) = start(&pair, &scope, "serve", &format!("[::]:{TO}"), false);
+    assert_eq!(next(&v6_lines), "listening");
+
+    let probe = binary("probe").display().to_string();
+    let dial = |addr: String| {
+        parse_probe(
+            &NetnsPair::command(&pair.client, &[&probe, "tcp", &addr, "hello"])
+                .output()
+                .expect("run client"),
+        )
+    };
+    // IPv6 first: registered second, it must not have displaced IPv4's,
+    // nor been displaced by it.
+    let report = dial(format!("[{SERVER6}]:{FROM}"));
+    assert_eq!(report.reply(), "to:hello", "IPv6 client: {report:?}");
+    assert_eq!(next(&v6_lines), format!("local=[{SERVER6}]:{FROM}"));
+    assert!(next(&v6_lines).starts_with(&format!("peer=[{CLIENT6}]:")));
+    let report = dial(format!("{}:{FROM}", NetnsPair::SERVER_IP));
+    assert_eq!(report.reply(), "to:hello", "IPv4 client: {report:?}");
+    assert_eq!(
+        next(&v4_lines),
+        format!("local={}:{FROM}", NetnsPair::SERVER_IP)
+    );
+    assert!(next(&v4_lines).starts_with(&format!("peer={}:", NetnsPair::CLIENT_IP)));
+    let _ = v4.wait();
+    let _ = v6.wait();
 }

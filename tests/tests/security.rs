@@ -421,3 +421,457 @@ fn two_runs_steering_one_namespace_are_refused() {
     );
     assert_eq!(redirect_tests::attached(b.path()), Vec::<String>::new());
 }
+
+/// `probe MODE ADDR` as `nobody` (or root) in network namespace `ns`,
+/// outside any test cgroup, with its first output line.
+fn hold_in(ns: &str, mode: &str, addr: &str, unprivileged: bool) -> (std::process::Child, String) {
+    use std::io::BufRead as _;
+    let probe = redirect_tests::binary("probe").display().to_string();
+    // `ip netns exec` needs root: the drop to nobody comes after it.
+    let mut args = if unprivileged {
+        vec![
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ]
+    } else {
+        Vec::new()
+    };
+    args.extend([probe.as_str(), mode, addr]);
+    let mut child = redirect_tests::NetnsPair::command(ns, &args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start probe");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .expect("a line from the probe");
+    (child, line.trim().to_owned())
+}
+
+fn stop(mut child: std::process::Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Start-up check: with `--owner`, a TO port already held by another user
+/// in the namespace the scope serves (bound only, listening, or a bound
+/// UDP socket; from outside the scope's cgroup) makes `run` refuse with
+/// exit code 2, naming the pid, the command and the user, and attach
+/// nothing. With `--allow-held-target` it starts and the ready line and
+/// `status` name the holder. The owner's own listener is no reason to
+/// refuse.
+#[test]
+fn a_target_held_by_a_non_owner_refuses_run_unless_allowed() {
+    if !privileged("security-held-target") {
+        return;
+    }
+    let pair = redirect_tests::NetnsPair::new("secheld");
+    let netns = pair.server_path().display().to_string();
+    let scope = test_cgroup("sec-held");
+    let owner = ["--netns", netns.as_str(), "--owner", "root"];
+    let cases = [
+        ("bindlisten", "1443:18443/tcp", "0.0.0.0:18443", "bound"),
+        ("serve", "1443:18443", "[::]:18443", "listening"),
+        (
+            "udp-serve",
+            "1053:15353/udp",
+            "127.0.0.1:15353",
+            "listening local=127.0.0.1:15353",
+        ),
+    ];
+    for (mode, map, addr, first) in cases {
+        let (holder, line) = hold_in(&pair.server, mode, addr, true);
+        assert_eq!(line, first, "{mode}");
+        let (code, stderr) = refused(&run_args(map, scope.path(), &owner));
+        assert_eq!(code, Some(2), "{mode}: {stderr}");
+        let named = format!("pid {} (probe, user nobody)", holder.id());
+        assert!(stderr.contains(&named), "{mode}: {named}: {stderr}");
+        assert!(stderr.contains("--allow-held-target"), "{stderr}");
+        assert!(stderr.contains(&netns), "{stderr}");
+        assert_eq!(
+            redirect_tests::attached(scope.path()),
+            Vec::<String>::new(),
+            "{mode}: attached although refused"
+        );
+        stop(holder);
+    }
+
+    // Allowed: it starts, and says so.
+    let (holder, _) = hold_in(&pair.server, "bindlisten", "0.0.0.0:18443", true);
+    let named = format!("pid {} (probe, user nobody)", holder.id());
+    let mut allowed = RedirectProcess::start(run_args(
+        "1443:18443/tcp",
+        scope.path(),
+        &[&owner[..], &["--allow-held-target"]].concat(),
+    ));
+    let ready = allowed.wait_ready();
+    assert!(
+        ready.contains("TARGET HELD") && ready.contains(&named),
+        "{ready}"
+    );
+    let status = status_json();
+    let instance = status["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["pid"] == allowed.child.id())
+        .expect("instance listed")
+        .clone();
+    assert!(
+        instance["held_targets"].to_string().contains(&named),
+        "{instance}"
+    );
+    drop(allowed);
+    stop(holder);
+
+    // The owner's own server holding TO is what an owner is for.
+    let (server, line) = hold_in(&pair.server, "serve", "0.0.0.0:18443", false);
+    assert_eq!(line, "listening");
+    let mut run = RedirectProcess::start(run_args("1443:18443/tcp", scope.path(), &owner));
+    let ready = run.wait_ready();
+    assert!(!ready.contains("TARGET HELD"), "{ready}");
+    drop(run);
+    stop(server);
+}
+
+/// `probe bind ADDR` in namespace `ns` and cgroup `cgroup`, as `nobody`
+/// or root: its output (`bound=…` or `error=…`).
+fn bind_in(ns: &str, cgroup: &redirect::cgroup::ChildCgroup, addr: &str, nobody: bool) -> String {
+    let probe = redirect_tests::binary("probe").display().to_string();
+    let mut args = if nobody {
+        vec![
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ]
+    } else {
+        Vec::new()
+    };
+    args.extend([probe.as_str(), "bind", addr]);
+    let mut cmd = redirect_tests::NetnsPair::command(ns, &args);
+    redirect_tests::Spawn {
+        cgroup: Some(cgroup),
+        unprivileged: false,
+    }
+    .apply(&mut cmd);
+    let out = cmd.output().expect("run probe bind");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The namespace-wide guard: with `--owner` and `--guard-cgroup P`, a
+/// process outside the scope (P/s) but under P (in P/o), in the namespace
+/// the scope serves, gets EACCES binding TO, on either family; another
+/// port is untouched, the owner may still bind TO from outside the scope,
+/// and a process of another namespace (in P/o too) binds the same port
+/// freely. Without the option the outsider binds TO (the documented
+/// limit), and the guard ends with `run`.
+#[test]
+fn a_guard_cgroup_keeps_to_for_the_owner_in_the_whole_namespace() {
+    if !privileged("security-guard-cgroup") {
+        return;
+    }
+    let pair = redirect_tests::NetnsPair::new("secguard");
+    let netns = pair.server_path().display().to_string();
+    let parent = test_cgroup("sec-guard");
+    let scope = redirect::cgroup::ChildCgroup::create(parent.path(), "s").unwrap();
+    let outside = redirect::cgroup::ChildCgroup::create(parent.path(), "o").unwrap();
+    let guard = parent.path().display().to_string();
+    let owner = ["--netns", netns.as_str(), "--owner", "root"];
+    let (server, client) = (pair.server.as_str(), pair.client.as_str());
+
+    // Without the guard: the outsider takes TO (docs/SECURITY.md).
+    let run = RedirectProcess::start(run_args("1443:18443", scope.path(), &owner));
+    let mut run = run;
+    run.wait_ready();
+    assert_eq!(
+        bind_in(server, &outside, "0.0.0.0:18443", true),
+        "bound=0.0.0.0:18443"
+    );
+    drop(run);
+
+    let mut run = RedirectProcess::start(run_args(
+        "1443:18443",
+        scope.path(),
+        &[&owner[..], &["--guard-cgroup", &guard]].concat(),
+    ));
+    run.wait_ready();
+    for addr in ["0.0.0.0:18443", "127.0.0.1:18443", "[::]:18443"] {
+        let out = bind_in(server, &outside, addr, true);
+        assert!(out.contains("Permission denied"), "{addr}: {out}");
+    }
+    assert_eq!(
+        bind_in(server, &outside, "0.0.0.0:18444", true),
+        "bound=0.0.0.0:18444",
+        "another port"
+    );
+    assert_eq!(
+        bind_in(server, &outside, "0.0.0.0:18443", false),
+        "bound=0.0.0.0:18443",
+        "the owner, outside the scope"
+    );
+    assert_eq!(
+        bind_in(client, &outside, "0.0.0.0:18443", true),
+        "bound=0.0.0.0:18443",
+        "another namespace"
+    );
+    // Inside the scope, the scope's own guard still refuses.
+    let inside = bind_in(server, &scope, "0.0.0.0:18443", true);
+    assert!(inside.contains("Permission denied"), "{inside}");
+
+    run.signal(libc::SIGTERM);
+    assert!(run.wait_exit().success(), "{}", run.stderr());
+    assert_eq!(
+        bind_in(server, &outside, "0.0.0.0:18443", true),
+        "bound=0.0.0.0:18443",
+        "the guard ends with run"
+    );
+    assert_eq!(
+        redirect_tests::attached(parent.path()),
+        Vec::<String>::new(),
+        "nothing left on the guard cgroup"
+    );
+    drop(scope);
+    drop(outside);
+}
+
+/// `probe ARGS…` in namespace `ns`, in `cgroup` when given, as root; its
+/// parsed report.
+fn probe_in(
+    ns: &str,
+    cgroup: Option<&redirect::cgroup::ChildCgroup>,
+    args: &[&str],
+) -> redirect_tests::ProbeReport {
+    let probe = redirect_tests::binary("probe").display().to_string();
+    let mut all = vec![probe.as_str()];
+    all.extend(args);
+    let mut cmd = redirect_tests::NetnsPair::command(ns, &all);
+    redirect_tests::Spawn {
+        cgroup,
+        unprivileged: false,
+    }
+    .apply(&mut cmd);
+    redirect_tests::parse_probe(&cmd.output().expect("run probe"))
+}
+
+/// Local rewrite, with and without `--owner`: a process of the scope that
+/// lives in another network namespace is rewritten there (cgroup programs
+/// follow the cgroup), and a remote client dialling FROM meets whatever
+/// listens on FROM, untouched.
+#[test]
+fn a_scope_process_elsewhere_is_rewritten_there_and_remote_clients_are_untouched() {
+    if !privileged("security-local-other-netns") {
+        return;
+    }
+    for extra in [&[][..], &["--owner", "root"][..]] {
+        let pair = redirect_tests::NetnsPair::new("seclocal");
+        let scope = test_cgroup("sec-local");
+        let mut run = RedirectProcess::start(run_args("1443:18443", scope.path(), extra));
+        run.wait_ready();
+        let (target, line) = hold_in(&pair.server, "serve", "127.0.0.1:18443", false);
+        assert_eq!(line, "listening");
+        let report = probe_in(&pair.server, Some(&scope), &["tcp", "127.0.0.1:1443", "hi"]);
+        assert_eq!(report.reply(), "to:hi", "{extra:?}: {report:?}");
+        assert_eq!(report.peer().port(), 1443, "getpeername says FROM");
+        stop(target);
+
+        let (from, line) = hold_in(&pair.server, "serve", "0.0.0.0:1443", false);
+        assert_eq!(line, "listening");
+        let remote = format!("{}:1443", redirect_tests::NetnsPair::SERVER_IP);
+        let report = probe_in(&pair.client, None, &["tcp", &remote, "hi"]);
+        assert_eq!(report.reply(), "to:hi", "{extra:?}: {report:?}");
+        let out = from.wait_with_output().expect("FROM's server");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(&format!("local={remote}")), "{text}");
+        drop(run);
+    }
+}
+
+/// UDP in inbound mode: a process outside the scope, in the steered
+/// namespace, that binds TO gets TO: the bind rewrite is the scope's only.
+#[test]
+fn an_outsider_s_udp_bind_of_to_stays_to() {
+    if !privileged("security-udp-outsider") {
+        return;
+    }
+    let pair = redirect_tests::NetnsPair::new("secudp");
+    let scope = test_cgroup("sec-udp");
+    let netns = pair.server_path().display().to_string();
+    let mut run = RedirectProcess::start(run_args(
+        "1053:15353/udp",
+        scope.path(),
+        &["--netns", &netns],
+    ));
+    run.wait_ready();
+    let (outsider, line) = hold_in(&pair.server, "udp-serve", "0.0.0.0:15353", true);
+    assert_eq!(line, "listening local=0.0.0.0:15353");
+    stop(outsider);
+    drop(run);
+}
+
+/// Status sockets: any user may read them, none may plant one: the
+/// directory belongs to root and only root writes there.
+#[test]
+fn no_user_can_plant_a_status_socket() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    if !privileged("security-status-dir") {
+        return;
+    }
+    let cgroup = test_cgroup("sec-statusdir");
+    let _run = RedirectProcess::run("1443:18443", cgroup.path());
+    let dir = Path::new(redirect::status::RUNTIME_DIR);
+    let meta = std::fs::metadata(dir).expect("the status directory exists");
+    assert_eq!(meta.uid(), 0, "{}", dir.display());
+    assert_eq!(
+        meta.permissions().mode() & 0o022,
+        0,
+        "{} is writable by others: {:o}",
+        dir.display(),
+        meta.permissions().mode()
+    );
+    let planted = dir.join("999999999.sock");
+    let mut touch = std::process::Command::new("touch");
+    touch.arg(&planted);
+    redirect_tests::Spawn {
+        cgroup: None,
+        unprivileged: true,
+    }
+    .apply(&mut touch);
+    let status = touch.status().expect("run touch");
+    assert!(!status.success(), "nobody created {}", planted.display());
+    assert!(!planted.exists());
+}
+
+/// `sysctl -qw SETTING` in namespace `ns` (the test's own).
+fn sysctl_in(ns: &str, setting: &str) {
+    let out = redirect_tests::NetnsPair::command(ns, &["sysctl", "-qw", setting])
+        .output()
+        .expect("sysctl");
+    assert!(
+        out.status.success(),
+        "{setting}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Start-up check: with `--owner`, a TO inside the served namespace's
+/// `ip_local_port_range` (which any process's autobind may be given, and
+/// no bind hook sees) is refused with exit code 2 and the fixes; once TO
+/// is in `ip_local_reserved_ports` it starts, and `--allow-held-target`
+/// starts anyway, saying so.
+#[test]
+fn an_owner_s_to_that_autobind_may_take_is_refused_unless_reserved() {
+    if !privileged("security-autobind-range") {
+        return;
+    }
+    let pair = redirect_tests::NetnsPair::new("secauto");
+    let netns = pair.server_path().display().to_string();
+    let scope = test_cgroup("sec-auto");
+    sysctl_in(&pair.server, "net.ipv4.ip_local_port_range=40000 40100");
+    let owner = ["--netns", netns.as_str(), "--owner", "root"];
+    let (code, stderr) = refused(&run_args("1443:40001", scope.path(), &owner));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("port 40001 is inside ip_local_port_range 40000-40100"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("ip_local_reserved_ports"), "{stderr}");
+    assert!(stderr.contains("--allow-held-target"), "{stderr}");
+    // Outside the range: no question.
+    let mut run = RedirectProcess::start(run_args("1443:18443", scope.path(), &owner));
+    run.wait_ready();
+    drop(run);
+    let mut run = RedirectProcess::start(run_args(
+        "1443:40001",
+        scope.path(),
+        &[&owner[..], &["--allow-held-target"]].concat(),
+    ));
+    let ready = run.wait_ready();
+    assert!(ready.contains("ip_local_port_range"), "{ready}");
+    drop(run);
+    sysctl_in(&pair.server, "net.ipv4.ip_local_reserved_ports=40001");
+    let mut run = RedirectProcess::start(run_args("1443:40001", scope.path(), &owner));
+    let ready = run.wait_ready();
+    assert!(!ready.contains("TARGET HELD"), "{ready}");
+}
+
+/// The daemon: adding a scope with an owner while another user holds TO
+/// is refused (kind `conflict`, naming the pid); once the holder is gone
+/// the scope attaches with `guard_cgroup`, which keeps TO from outsiders
+/// of the same namespace across a daemon restart (the pinned guard is
+/// adopted), until the scope is removed.
+#[test]
+fn the_daemon_checks_held_targets_and_keeps_its_guard_across_a_restart() {
+    use redirect::control::{Client, ErrorKind, Request, ScopeSpec};
+    if !privileged("security-daemon-guard") {
+        return;
+    }
+    let pair = redirect_tests::NetnsPair::new("secdmn");
+    let parent = test_cgroup("sec-dmn");
+    let scope = redirect::cgroup::ChildCgroup::create(parent.path(), "s").unwrap();
+    let outside = redirect::cgroup::ChildCgroup::create(parent.path(), "o").unwrap();
+    let server = pair.server.as_str();
+    let mut daemon = redirect_tests::daemon::TestDaemon::start("secdmn", "", "");
+    let spec = ScopeSpec {
+        name: Some("guarded".into()),
+        cgroup: scope.path().to_path_buf(),
+        netns: Some(pair.server_path()),
+        maps: vec!["1443:18443".into()],
+        owner: Some("root".into()),
+        guard_cgroup: Some(parent.path().to_path_buf()),
+        ..ScopeSpec::default()
+    };
+    let add = Request::AddScope {
+        scope: spec.clone(),
+    };
+
+    let (holder, line) = hold_in(server, "bindlisten", "0.0.0.0:18443", true);
+    assert_eq!(line, "bound");
+    let err = Client::new(&daemon.control).request(&add).unwrap_err();
+    assert_eq!(err.kind(), Some(ErrorKind::Conflict), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("pid {} (probe, user nobody)", holder.id())),
+        "{err}"
+    );
+    stop(holder);
+
+    Client::new(&daemon.control)
+        .request(&add)
+        .expect("attached once TO is free");
+    let refused = |what: &str| {
+        let out = bind_in(server, &outside, "0.0.0.0:18443", true);
+        assert!(out.contains("Permission denied"), "{what}: {out}");
+    };
+    refused("guarded");
+    daemon.kill();
+    refused("while the daemon is down: the guard is pinned");
+    daemon.restart();
+    refused("after a restart");
+    assert_eq!(
+        daemon.status()["scopes"][0]["guard_cgroup"],
+        parent.path().display().to_string()
+    );
+    Client::new(&daemon.control)
+        .request(&Request::RemoveScope {
+            name: "guarded".into(),
+        })
+        .expect("remove the scope");
+    // An unpinned link is detached a moment later, not at once.
+    let mut last = String::new();
+    assert!(
+        eventually(3, || {
+            last = bind_in(server, &outside, "0.0.0.0:18443", true);
+            last == "bound=0.0.0.0:18443"
+        }),
+        "the guard goes with the scope: {last}"
+    );
+    drop(daemon);
+    assert_eq!(
+        redirect_tests::wait_detached(parent.path()),
+        Vec::<String>::new()
+    );
+}

@@ -13,6 +13,8 @@
 //! maps = ["443:8443", "53:5353/udp"]
 //! owner = "www-data"                  # optional
 //! grant = [80]                        # optional
+//! allow_held_target = false           # optional: start even if a non-owner holds TO
+//! guard_cgroup = "/sys/fs/cgroup/unified"  # optional: keep TO for the owner host-wide
 //! ```
 
 use std::{
@@ -126,6 +128,15 @@ impl Config {
                 ));
             }
             parse_maps(&spec.maps).map_err(|e| error(at, format!("scope {name}: {e}")))?;
+            if spec.guard_cgroup.is_some() && spec.owner.is_none() {
+                return Err(error(
+                    at,
+                    format!(
+                        "scope {name}: guard_cgroup keeps the TO ports for the owner, and the \
+                         scope has none: add owner = \"USER\" (or remove guard_cgroup)"
+                    ),
+                ));
+            }
             for port in &spec.grant {
                 crate::mapping::parse_grant(&port.to_string())
                     .map_err(|e| error(at, format!("scope {name}: {e}")))?;

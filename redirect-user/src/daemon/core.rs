@@ -62,7 +62,9 @@ fn failure(e: Error) -> Failure {
         Error::Mapping(_) | Error::NetnsPath { .. } | Error::NotCgroup2 { .. } => {
             ErrorKind::Invalid
         }
-        Error::ScopeConflict(_) => ErrorKind::Conflict,
+        Error::ScopeConflict(_) | Error::TargetHeld { .. } | Error::TargetAutobindable { .. } => {
+            ErrorKind::Conflict
+        }
         Error::ScopeNotFound { .. } => ErrorKind::NotFound,
         Error::Privileges { .. } => ErrorKind::Permission,
         Error::KernelUnsupported { .. } | Error::KernelFeature { .. } => ErrorKind::Kernel,
@@ -173,8 +175,11 @@ impl Core {
         for port in &spec.grant {
             builder = builder.grant(*port);
         }
+        if let Some(guard) = &spec.guard_cgroup {
+            builder = builder.guard_cgroup(guard);
+        }
         let started = std::time::Instant::now();
-        let scope = builder.attach()?;
+        let scope = builder.allow_held_target(spec.allow_held_target).attach()?;
         log::info!(
             "scope {name} attached to {} in {} µs",
             spec.cgroup.display(),
@@ -306,7 +311,8 @@ impl Core {
             };
             let same_place = current.spec.cgroup == spec.cgroup
                 && current.spec.netns == spec.netns
-                && current.spec.owner == spec.owner;
+                && current.spec.owner == spec.owner
+                && current.spec.guard_cgroup == spec.guard_cgroup;
             if !same_place {
                 self.detach(&name).map_err(failure)?;
                 self.attach(spec, Origin::Config).map_err(failure)?;
@@ -396,7 +402,9 @@ impl Core {
                     "cgroup": m.spec.cgroup,
                     "netns": m.spec.netns,
                     "owner": m.spec.owner,
+                    "guard_cgroup": m.spec.guard_cgroup,
                     "grants": m.scope.grants(),
+                    "held_targets": m.scope.held_targets(),
                     "id": m.scope.id(),
                     "links": stats.as_ref().map(|s| s.link_ids.clone()).unwrap_or_default(),
                     "mappings": mappings,

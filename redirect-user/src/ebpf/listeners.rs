@@ -214,7 +214,7 @@ fn parse_proc_net_tcp(text: &str, ports: &HashSet<u16>) -> Vec<(u64, Listening)>
         .collect()
 }
 
-fn dup_from(pid: i32, fd: i32) -> std::io::Result<OwnedFd> {
+pub(super) fn dup_from(pid: i32, fd: i32) -> std::io::Result<OwnedFd> {
     // SAFETY: plain syscalls; each returned fd is owned exactly once.
     unsafe {
         let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);

@@ -18,6 +18,7 @@
 
 mod attached;
 mod established;
+pub mod holders;
 mod listeners;
 mod loader;
 pub mod pin;
@@ -34,7 +35,7 @@ pub use attached::{AttachedProgram, HOOKS, STEER_HOOKS, attached_programs, netns
 use aya::programs::ProgramType;
 use aya_log::EbpfLogger;
 pub use privileges::check_privileges;
-pub use programs::{BASE_PROGRAMS, BIND_PROGRAMS, LoadOptions, Programs};
+pub use programs::{BASE_PROGRAMS, BIND_PROGRAMS, GUARD_PROGRAMS, LoadOptions, Programs};
 use redirect_common::{Counter, programs as names};
 pub use scope::{Scope, ScopeBuilder, ScopeStats};
 
@@ -64,6 +65,15 @@ pub struct Options {
     /// parent or child of it, or the namespace (see [`crate::stacking`]);
     /// by default that is refused with [`Error::Stacking`].
     pub allow_stacking: bool,
+    /// With an owner, attach even when another process already holds a
+    /// TO port in a namespace the scope serves (see
+    /// [`ScopeBuilder::allow_held_target`]); by default that is refused
+    /// with [`Error::TargetHeld`].
+    pub allow_held_target: bool,
+    /// With an owner, keep the TO ports for it against processes outside
+    /// the scope too, with guard programs on this cgroup (see
+    /// [`ScopeBuilder::guard_cgroup`]).
+    pub guard_cgroup: Option<PathBuf>,
 }
 
 /// Who may bind the TO ports (`--owner`).
@@ -142,6 +152,21 @@ impl PortOwner {
                     .find_map(|l| l.strip_prefix("0::"))
                     .is_some_and(|rel| root.join(rel.trim_start_matches('/')).starts_with(path))
             }
+        }
+    }
+}
+
+impl std::fmt::Display for PortOwner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PortOwner::Uid(uid) => {
+                let name = crate::user::User::lookup(&uid.to_string()).map(|u| u.name);
+                match name {
+                    Ok(name) => write!(f, "user {name}"),
+                    Err(_) => write!(f, "uid {uid}"),
+                }
+            }
+            PortOwner::Cgroup(path) => write!(f, "cgroup {}", path.display()),
         }
     }
 }
@@ -248,7 +273,12 @@ impl Redirector {
         if let Some(owner) = &options.owner {
             builder = builder.owner(owner.clone());
         }
-        let scope = builder.attach()?;
+        if let Some(guard) = &options.guard_cgroup {
+            builder = builder.guard_cgroup(guard);
+        }
+        let scope = builder
+            .allow_held_target(options.allow_held_target)
+            .attach()?;
         log::debug!("attached to {}", dir.path().display());
         Ok(Redirector {
             scope,
@@ -261,6 +291,12 @@ impl Redirector {
             }),
             stacked,
         })
+    }
+
+    /// The processes other than the owner that held a TO port when it
+    /// attached ([`Options::allow_held_target`]).
+    pub fn held_targets(&self) -> &[String] {
+        self.scope.held_targets()
     }
 
     /// The cgroup the programs are attached to.
@@ -363,6 +399,7 @@ impl Redirector {
             scope_gone,
             netns_inode: self.netns_inode,
             stacked_with: self.stacked.clone(),
+            held_targets: self.held_targets().to_vec(),
             started_unix,
             programs,
             mappings,

@@ -38,10 +38,10 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use redirect_common::{
-    ADDR_ANY, Addr, Counter, FLAG_SHARED_TO, FLAG_UDP_BIND, GLOBAL_UDP, MAX_LEVEL, MAX_MAPPINGS,
-    MAX_SCOPE_DEPTHS, MAX_SCOPES, MappingKey, MappingStats, MappingValue, Owner, PROTO_ANY,
-    PROTO_TCP, PROTO_UDP, REVERSE_SHARED, Reverse, SHAPE_TARGET, ScopePort, Target, UdpBind,
-    globals, listener_key, maps, programs, shape,
+    ADDR_ANY, Addr, Counter, FLAG_SHARED_TO, FLAG_UDP_BIND, GLOBAL_UDP, GuardKey, MAX_LEVEL,
+    MAX_MAPPINGS, MAX_SCOPE_DEPTHS, MAX_SCOPES, MappingKey, MappingStats, MappingValue, Owner,
+    PROTO_ANY, PROTO_TCP, PROTO_UDP, REVERSE_SHARED, Reverse, SHAPE_TARGET, ScopePort, Target,
+    UdpBind, globals, listener_key, maps, programs, shape,
 };
 
 use super::{
@@ -118,8 +118,12 @@ pub const BASE_PROGRAMS: [&str; 8] = [
 /// bind4/6: grants, owners, inbound UDP.
 pub const BIND_PROGRAMS: [&str; 2] = [programs::BIND4, programs::BIND6];
 
+/// guard4/6: the owner's TO for a whole namespace, linked above the scope
+/// (`--guard-cgroup`).
+pub const GUARD_PROGRAMS: [&str; 2] = [programs::GUARD4, programs::GUARD6];
+
 /// The maps of the shared instance that are pinned and reused.
-const SHARED_MAPS: [&str; 14] = [
+const SHARED_MAPS: [&str; 15] = [
     maps::SCOPES,
     maps::REVERSE,
     maps::GLOBAL,
@@ -134,6 +138,7 @@ const SHARED_MAPS: [&str; 14] = [
     maps::STATS,
     maps::COUNTERS,
     maps::ORIG_DST,
+    maps::GUARDS,
 ];
 
 /// aya's loader keeps `&'a` references to global values; these live for
@@ -198,6 +203,9 @@ pub(super) struct ScopeState {
     bind_linked: bool,
     links: Vec<ScopeLink>,
     steer: Option<Ebpf>,
+    /// With `--guard-cgroup`: the cookie of the namespace whose TO ports
+    /// are guarded (see [`Shared::attach_guard`]).
+    pub(super) guard: Option<u64>,
 }
 
 /// The scope's mappings by FROM and by TO port, so that writing the tables
@@ -505,6 +513,7 @@ pub(super) struct ScopeRequest {
     pub(super) owner: Option<PortOwner>,
     pub(super) mappings: MappingSet,
     pub(super) grants: Vec<u16>,
+    pub(super) guard_cgroup: Option<PathBuf>,
 }
 
 impl Shared {
@@ -626,6 +635,7 @@ impl Shared {
             bind_linked: false,
             links: Vec::new(),
             steer: None,
+            guard: None,
         };
         let result = self.build_scope(&mut scope, &dir, &req, adopted.is_some());
         match result {
@@ -743,6 +753,10 @@ impl Shared {
         }
         if scope.netns.is_some() {
             self.attach_steer(scope, dir)?;
+        }
+        match &req.guard_cgroup {
+            Some(guard) => self.attach_guard(scope, guard)?,
+            None => self.forget_guard(id)?,
         }
         log::debug!(
             "scope {} (id {id}) attached to {}",
@@ -965,6 +979,7 @@ impl Shared {
         if scope.netns.is_some() && !scope.links.is_empty() {
             self.register_existing(scope, &[m.to].into())?;
         }
+        self.guard_port(scope, m.to)?;
         Ok(())
     }
 
@@ -1085,6 +1100,7 @@ impl Shared {
         if scope.index.to(existing.to).len() == 1 {
             self.refresh_values(scope, existing.to)?;
         }
+        self.guard_port(scope, existing.to)?;
         Ok(Some(existing))
     }
 
@@ -1191,6 +1207,7 @@ impl Shared {
         purge!(maps::REVERSE, ScopePort, Reverse, |k: &ScopePort| k.scope);
         purge!(maps::OWNERS, u32, Owner, |k: &u32| *k);
         self.taken.remove(&id);
+        self.forget_guard(id)?;
         self.recompute_levels()?;
         Ok(())
     }
@@ -1239,7 +1256,7 @@ impl Shared {
             .collect()
     }
 
-    fn pinned_scope_id(&self, cgroup_id: u64) -> Result<Option<u32>> {
+    pub(super) fn pinned_scope_id(&self, cgroup_id: u64) -> Result<Option<u32>> {
         if self.pin_dir.is_none() {
             return Ok(None);
         }
@@ -1528,6 +1545,99 @@ enum AttachTo<'a> {
 /// Links program `name` of `ebpf` to `target`, or, when a link is pinned at
 /// `pin_path` already, adopts it and replaces its program in place. A new
 /// link is pinned at `pin_path` when given.
+/// The namespace-wide guard (`--guard-cgroup`, `redirect-ebpf/src/guard.rs`).
+impl Shared {
+    /// Loads guard4/6 (once per program set), links them to the cgroup
+    /// `guard` (or adopts their pinned links), and writes a `GUARDS` entry
+    /// for each TO port of the scope in the namespace it serves (the one
+    /// it steers, else this process's).
+    fn attach_guard(&mut self, scope: &mut ScopeState, guard: &Path) -> Result<()> {
+        if scope.owner.is_none() {
+            return Err(Error::ScopeConflict(format!(
+                "scope {}: a guard cgroup keeps TO for the owner, and the scope has none: \
+                 pass --owner too",
+                scope.name
+            )));
+        }
+        let netns = scope
+            .netns
+            .as_ref()
+            .map_or_else(|| PathBuf::from("/proc/self/ns/net"), |(p, _)| p.clone());
+        scope.guard = Some(super::netns_cookie(&netns)?);
+        let ports: HashSet<u16> = scope.mappings.iter().map(|m| m.to).collect();
+        for port in ports {
+            self.guard_port(scope, port)?;
+        }
+        let dir = CgroupDir::open(guard)?;
+        for name in GUARD_PROGRAMS {
+            let p = program::<CgroupSockAddr>(&mut self.ebpf, name)?;
+            if p.fd().is_err() {
+                p.load().map_err(load_error(name))?;
+            }
+        }
+        for name in GUARD_PROGRAMS {
+            let link = self.link_cgroup(scope.id, name, &dir)?;
+            scope.links.push(link);
+        }
+        log::debug!(
+            "scope {}: TO ports guarded in {} for binds in {}",
+            scope.name,
+            netns.display(),
+            dir.path().display()
+        );
+        Ok(())
+    }
+
+    /// Writes or removes the `GUARDS` entry of `port` after a mapping to
+    /// it came or went (nothing without a guard). Two scopes cannot guard
+    /// one port of one namespace.
+    fn guard_port(&mut self, scope: &ScopeState, port: u16) -> Result<()> {
+        let Some(netns) = scope.guard else {
+            return Ok(());
+        };
+        let key = GuardKey::new(netns, port);
+        let mut guards = map_mut::<HashMap<_, GuardKey, u32>>(&mut self.ebpf, maps::GUARDS)?;
+        if scope.index.to(port).is_empty() {
+            if guards.get(&key, 0).is_ok_and(|id| id == scope.id) {
+                remove_key(&mut guards, &key, maps::GUARDS)?;
+            }
+            return Ok(());
+        }
+        match guards.get(&key, 0) {
+            Ok(id) if id == scope.id => Ok(()),
+            Ok(id) => Err(Error::ScopeConflict(format!(
+                "scope {}: port {port} of its namespace is guarded by scope #{id} already; one \
+                 scope guards a port of a namespace",
+                scope.name
+            ))),
+            Err(_) => guards
+                .insert(key, scope.id, 0)
+                .map_err(|e| map_error("writing", maps::GUARDS, e)),
+        }
+    }
+
+    /// Removes scope `id`'s `GUARDS` entries and pinned guard links (a
+    /// scope attached, or adopted, without a guard).
+    fn forget_guard(&mut self, id: u32) -> Result<()> {
+        let mut guards = map_mut::<HashMap<_, GuardKey, u32>>(&mut self.ebpf, maps::GUARDS)?;
+        let keys: Vec<GuardKey> = guards
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, s)| *s == id)
+            .map(|(k, _)| k)
+            .collect();
+        for k in keys {
+            remove_key(&mut guards, &k, maps::GUARDS)?;
+        }
+        if let Some(dir) = &self.pin_dir {
+            for name in GUARD_PROGRAMS {
+                let _ = std::fs::remove_file(pin::scope_dir(dir, id).join("links").join(name));
+            }
+        }
+        Ok(())
+    }
+}
+
 fn link_or_adopt(
     ebpf: &mut Ebpf,
     name: &'static str,
@@ -1766,12 +1876,17 @@ mod tests {
     #[test]
     fn embedded_object_has_every_shared_name() {
         let obj = aya_obj::Object::parse(EMBEDDED).expect("parse embedded object");
-        for name in BIND_PROGRAMS.iter().chain(&BASE_PROGRAMS).chain(&[
-            programs::STEER,
-            programs::SOCK_LISTEN,
-            programs::POST_BIND4,
-            programs::POST_BIND6,
-        ]) {
+        for name in BIND_PROGRAMS
+            .iter()
+            .chain(&BASE_PROGRAMS)
+            .chain(&GUARD_PROGRAMS)
+            .chain(&[
+                programs::STEER,
+                programs::SOCK_LISTEN,
+                programs::POST_BIND4,
+                programs::POST_BIND6,
+            ])
+        {
             assert!(obj.programs.contains_key(*name), "program {name} missing");
         }
         for name in SHARED_MAPS.iter().chain(&[maps::LISTENERS]) {

@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{MappingCounts, PortOwner, Programs, programs::ScopeRequest};
+use super::{MappingCounts, PortOwner, Programs, holders::Findings, programs::ScopeRequest};
 use crate::{Error, Mapping, MappingSet, Result};
 
 /// Describes a scope before it is attached.
@@ -26,6 +26,8 @@ pub struct ScopeBuilder {
     owner: Option<PortOwner>,
     mappings: MappingSet,
     grants: Vec<u16>,
+    allow_held_target: bool,
+    guard_cgroup: Option<PathBuf>,
 }
 
 impl ScopeBuilder {
@@ -38,6 +40,8 @@ impl ScopeBuilder {
             owner: None,
             mappings: MappingSet::default(),
             grants: Vec::new(),
+            allow_held_target: false,
+            guard_cgroup: None,
         }
     }
 
@@ -61,6 +65,27 @@ impl ScopeBuilder {
     /// registered for steering.
     pub fn owner(mut self, owner: PortOwner) -> Self {
         self.owner = Some(owner);
+        self
+    }
+
+    /// With an owner, attach even when a process that is not the owner
+    /// already holds a TO port in a namespace the scope serves (refused
+    /// by default with [`Error::TargetHeld`]), or a TO port is inside its
+    /// `ip_local_port_range` ([`Error::TargetAutobindable`]);
+    /// [`Scope::held_targets`] then names them.
+    pub fn allow_held_target(mut self, allow: bool) -> Self {
+        self.allow_held_target = allow;
+        self
+    }
+
+    /// With an owner, also keeps the TO ports for it against processes
+    /// outside the scope: guard programs on the cgroup v2 directory
+    /// `cgroup` (an ancestor holding them; for a whole host the root)
+    /// refuse a bind of a TO port, in the namespace the scope serves (the
+    /// one it steers, else this process's), to anyone but the owner
+    /// (EACCES). Processes of other namespaces are not affected.
+    pub fn guard_cgroup(mut self, cgroup: impl Into<PathBuf>) -> Self {
+        self.guard_cgroup = Some(cgroup.into());
         self
     }
 
@@ -92,23 +117,107 @@ impl ScopeBuilder {
             .name
             .clone()
             .unwrap_or_else(|| self.cgroup.display().to_string());
+        // The start-up check: with an owner, who else holds a TO port, and
+        // whether autobind may hand one out. A pinned scope being adopted
+        // has been guarded all along: not checked again.
+        let check_holders = self.owner.is_some() && !self.adopts_pinned_scope()?;
+        let holders = || self.non_owner_holders();
+        if check_holders && !self.allow_held_target {
+            refuse_held(&holders(), self.owner.as_ref())?;
+        }
         let request = ScopeRequest {
             name,
-            cgroup: self.cgroup,
-            netns: self.netns,
-            owner: self.owner,
-            mappings: self.mappings,
-            grants: self.grants,
+            cgroup: self.cgroup.clone(),
+            netns: self.netns.clone(),
+            owner: self.owner.clone(),
+            mappings: self.mappings.clone(),
+            grants: self.grants.clone(),
+            guard_cgroup: self.guard_cgroup.clone(),
         };
         let id = self.programs.lock().attach_scope(request)?;
         let pinned = self.programs.pin_dir().is_some();
-        Ok(Scope {
-            programs: self.programs,
+        let mut scope = Scope {
+            programs: self.programs.clone(),
             id,
             pinned,
             detached: false,
-        })
+            held_targets: Vec::new(),
+        };
+        if check_holders {
+            // Again, now that the guard is on: a bind that raced the first
+            // look is seen here.
+            let held = holders();
+            if !self.allow_held_target
+                && let Err(e) = refuse_held(&held, self.owner.as_ref())
+            {
+                scope.detach()?;
+                return Err(e);
+            }
+            for h in &held.holders {
+                log::warn!(
+                    "{h}, and it is not the owner: it receives the connections redirected to \
+                     that port (--allow-held-target)"
+                );
+            }
+            for a in &held.autobind {
+                log::warn!("{a}: any process's autobind may take it (--allow-held-target)");
+            }
+            scope.held_targets = held
+                .holders
+                .iter()
+                .map(ToString::to_string)
+                .chain(
+                    held.autobind
+                        .iter()
+                        .map(|a| format!("{a} (any process's autobind may take it)")),
+                )
+                .collect();
+        }
+        Ok(scope)
     }
+
+    /// Whether attaching adopts this cgroup's pinned scope (a daemon
+    /// restart) rather than creating one.
+    fn adopts_pinned_scope(&self) -> Result<bool> {
+        use std::os::unix::fs::MetadataExt as _;
+        if self.programs.pin_dir().is_none() {
+            return Ok(false);
+        }
+        let Ok(meta) = std::fs::metadata(&self.cgroup) else {
+            return Ok(false); // attach_scope says what is wrong with it
+        };
+        Ok(self.programs.lock().pinned_scope_id(meta.ino())?.is_some())
+    }
+
+    /// The holders of TO ports in the served namespaces that are not the
+    /// owner, and the TO ports autobind may take there.
+    fn non_owner_holders(&self) -> Findings {
+        let Some(owner) = &self.owner else {
+            return Findings::default();
+        };
+        let mut found = super::holders::find(&self.cgroup, self.netns.as_deref(), &self.mappings);
+        found.holders.retain(|h| !owner.owns(h.pid));
+        found
+    }
+}
+
+/// [`Error::TargetHeld`] when a non-owner holds a TO port, else
+/// [`Error::TargetAutobindable`] when autobind may take one.
+fn refuse_held(found: &Findings, owner: Option<&PortOwner>) -> Result<()> {
+    if !found.holders.is_empty() {
+        let holders: Vec<String> = found.holders.iter().map(ToString::to_string).collect();
+        return Err(Error::TargetHeld {
+            holders: holders.join("; "),
+            owner: owner.map(ToString::to_string).unwrap_or_default(),
+        });
+    }
+    if !found.autobind.is_empty() {
+        let ports: Vec<String> = found.autobind.iter().map(ToString::to_string).collect();
+        return Err(Error::TargetAutobindable {
+            ports: ports.join("; "),
+        });
+    }
+    Ok(())
 }
 
 /// An attached scope. Dropping it detaches the scope unless its state is
@@ -121,6 +230,9 @@ pub struct Scope {
     pinned: bool,
     /// Detached already by [`Scope::detach`].
     detached: bool,
+    /// Non-owners that held a TO port when it attached
+    /// ([`ScopeBuilder::allow_held_target`]).
+    held_targets: Vec<String>,
 }
 
 /// A scope's mappings with their counters, and its other settings.
@@ -148,6 +260,13 @@ impl Scope {
     /// The scope's id in the shared maps.
     pub fn id(&self) -> u32 {
         self.id
+    }
+
+    /// The processes other than the owner that held a TO port when the
+    /// scope attached, allowed by [`ScopeBuilder::allow_held_target`]:
+    /// "pid 4242 (nc, user nobody) listens on port 8443/tcp in …".
+    pub fn held_targets(&self) -> &[String] {
+        &self.held_targets
     }
 
     /// Adds a mapping at run time; connects made from now on use it. No

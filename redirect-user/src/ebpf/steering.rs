@@ -52,7 +52,8 @@ const STEER_MAPS: [(&str, u32); 6] = [
 
 /// Maps a steering instance has (it is the same object) but never uses:
 /// made as small as the kernel allows.
-const STEER_UNUSED: [&str; 5] = [
+const STEER_UNUSED: [&str; 6] = [
+    maps::GUARDS,
     maps::SCOPES,
     maps::GRANTS,
     maps::UDP_BINDS,
