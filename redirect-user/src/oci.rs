@@ -291,6 +291,7 @@ fn scope_spec(state: &State, pid: u32, host: &HookInput) -> Result<ScopeSpec, Oc
         maps,
         owner,
         grant,
+        backend: Default::default(),
     })
 }
 
@@ -447,6 +448,7 @@ mod tests {
                 maps: vec!["443:8443".into(), "53:5353/udp".into()],
                 owner: None,
                 grant: vec![80],
+                backend: Default::default(),
             }
         );
     }

@@ -132,6 +132,7 @@ fn create_asks_for_the_containers_cgroup_and_namespace() {
                 maps: vec!["443:8443".into(), "53:5353/udp".into()],
                 owner: Some("0".into()),
                 grant: vec![80],
+                backend: Default::default(),
             }
         }
     );
