@@ -475,12 +475,19 @@ impl Core {
             }
         }
         let managed = self.scopes.get_mut(scope).expect("present");
-        managed.spec.maps = managed
-            .runner
-            .mappings()
-            .iter()
-            .map(|m| m.to_string())
-            .collect();
+        if add && matches!(managed.runner, Runner::Ebpf(_)) {
+            // The set refused any overlap, so this is one more entry;
+            // rebuilding the list (a copy and a string per mapping) made
+            // an add O(mappings).
+            managed.spec.maps.push(m.to_string());
+        } else {
+            managed.spec.maps = managed
+                .runner
+                .mappings()
+                .iter()
+                .map(|m| m.to_string())
+                .collect();
+        }
         managed.edited = true;
         if managed.origin == Origin::Runtime {
             self.save_runtime_scopes();
