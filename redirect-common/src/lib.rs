@@ -38,6 +38,11 @@ pub mod maps {
     /// [`Reverse`](crate::Reverse): how getpeername reports FROM for a
     /// socket whose connect was rewritten, without any per-socket state.
     pub const REVERSE: &str = "REVERSE";
+    /// Array of [`TO_PORT_WORDS`](crate::TO_PORT_WORDS) `u32`: bit `p` is
+    /// set when some scope has a `REVERSE` entry for port `p`, so that
+    /// getpeername on any other port (every accept in a scope asks it)
+    /// returns after one array read instead of finding its scope first.
+    pub const TO_PORTS: &str = "TO_PORTS";
     /// Array of one `u32` of `GLOBAL_*` bits about every scope.
     pub const GLOBAL: &str = "GLOBAL";
     /// LRU hash from [`RevNatKey`](crate::RevNatKey) to
@@ -202,6 +207,9 @@ pub const SHAPE_TARGET: u8 = 1 << 6;
 /// [`maps::GLOBAL`] bit: some scope has a mapping that covers UDP (else
 /// recvmsg returns at once).
 pub const GLOBAL_UDP: u32 = 1;
+
+/// Words of [`maps::TO_PORTS`]: one bit per port.
+pub const TO_PORT_WORDS: u32 = 65_536 / 32;
 
 /// [`Reverse::flags`]: several mappings of the scope share this TO, so
 /// the table cannot say which FROM a socket dialled; those connects keep a

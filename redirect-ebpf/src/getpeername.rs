@@ -14,7 +14,7 @@ use redirect_common::{ADDR_ANY, Counter, ORIG_DIRECT, PROTO_ANY, REVERSE_SHARED,
 use crate::{
     ALLOW,
     ctx::{self, Family},
-    maps::{ORIG_DST, REVERSE, count, current_scope},
+    maps::{ORIG_DST, REVERSE, count, current_scope, is_to_port},
 };
 
 /// Restores the original peer port of an IPv4 socket.
@@ -36,6 +36,12 @@ pub fn getpeername6(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 fn restore_peer(ctx: &SockAddrContext, family: Family) {
     let peer = ctx::dst_port(ctx);
+    // Every restore below needs the peer to be some mapping's TO port:
+    // the common call (accept in a scope: the peer is a client's port)
+    // stops here.
+    if !is_to_port(peer) {
+        return;
+    }
     // SAFETY: lookup only (no create); a null result means no record.
     let slot = unsafe { ORIG_DST.get_ptr_mut(ctx) };
     if !slot.is_null() {

@@ -15,8 +15,8 @@ use redirect_common::{
     ADDR_ANY, Addr, Counter, GuardKey, MAX_GRANTS, MAX_LISTENERS, MAX_MAPPINGS, MAX_SCOPE_DEPTHS,
     MAX_SCOPES, MappingKey, MappingStats, MappingValue, OrigDst, Owner, PROTO_ANY, PROTO_TCP,
     PROTO_UDP, REV_NAT_ENTRIES, RevNatKey, RevNatValue, Reverse, SHAPE_ADDR_ANY, SHAPE_ADDR_TCP,
-    SHAPE_ADDR_UDP, SHAPE_ANY_ANY, SHAPE_ANY_TCP, SHAPE_ANY_UDP, ScopePort, SteerConfig, Target,
-    UdpBind,
+    SHAPE_ADDR_UDP, SHAPE_ANY_ANY, SHAPE_ANY_TCP, SHAPE_ANY_UDP, ScopePort, SteerConfig,
+    TO_PORT_WORDS, Target, UdpBind,
 };
 
 /// The scope a steering instance serves; set by the loader (0 in the
@@ -77,6 +77,18 @@ pub static UDP_BINDS: HashMap<ScopePort, UdpBind> = HashMap::with_max_entries(MA
 pub static REVERSE: HashMap<ScopePort, Reverse> = HashMap::with_max_entries(MAX_MAPPINGS, 0);
 
 /// `GLOBAL_*` bits about every scope.
+/// Bit per port: some scope has a REVERSE entry for it.
+#[map]
+pub static TO_PORTS: Array<u32> = Array::with_max_entries(TO_PORT_WORDS, 0);
+
+/// Whether any scope has a REVERSE entry for `port` (one array read).
+#[inline(always)]
+pub fn is_to_port(port: u16) -> bool {
+    TO_PORTS
+        .get(u32::from(port >> 5))
+        .is_some_and(|word| word & (1 << (port & 31)) != 0)
+}
+
 #[map]
 pub static GLOBAL: Array<u32> = Array::with_max_entries(1, 0);
 

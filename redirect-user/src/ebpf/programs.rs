@@ -40,8 +40,8 @@ use aya_log::EbpfLogger;
 use redirect_common::{
     ADDR_ANY, Addr, Counter, FLAG_SHARED_TO, FLAG_UDP_BIND, GLOBAL_UDP, GuardKey, MAX_LEVEL,
     MAX_MAPPINGS, MAX_SCOPE_DEPTHS, MAX_SCOPES, MappingKey, MappingStats, MappingValue, Owner,
-    PROTO_ANY, PROTO_TCP, PROTO_UDP, REVERSE_SHARED, Reverse, SHAPE_TARGET, ScopePort, Target,
-    UdpBind, globals, listener_key, maps, programs, shape,
+    PROTO_ANY, PROTO_TCP, PROTO_UDP, REVERSE_SHARED, Reverse, SHAPE_TARGET, ScopePort,
+    TO_PORT_WORDS, Target, UdpBind, globals, listener_key, maps, programs, shape,
 };
 
 use super::{
@@ -123,9 +123,10 @@ pub const BIND_PROGRAMS: [&str; 2] = [programs::BIND4, programs::BIND6];
 pub const GUARD_PROGRAMS: [&str; 2] = [programs::GUARD4, programs::GUARD6];
 
 /// The maps of the shared instance that are pinned and reused.
-const SHARED_MAPS: [&str; 15] = [
+const SHARED_MAPS: [&str; 16] = [
     maps::SCOPES,
     maps::REVERSE,
+    maps::TO_PORTS,
     maps::GLOBAL,
     maps::LEVELS,
     maps::MAPPINGS,
@@ -320,6 +321,11 @@ pub(super) struct Shared {
     logger: Option<Logger>,
     /// Possible CPUs (the per-CPU values' count), read once.
     cpus: usize,
+    /// The REVERSE keys of the shared instance (scope, TO port), and how
+    /// many there are per port: the TO_PORTS bits (read once at load).
+    reverse_keys: HashSet<(u32, u16)>,
+    /// See `reverse_keys`.
+    to_refs: StdHashMap<u16, u32>,
     /// Scope ids in use: this process's scopes and those pinned (read once
     /// at load, then kept up to date, so that a new scope's id is found
     /// without walking the SCOPES map).
@@ -401,6 +407,19 @@ impl Programs {
                     .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok()),
             );
         }
+        // TO_PORTS from REVERSE (a pin directory made before TO_PORTS
+        // existed, or any restart: the bits are rebuilt, never trusted).
+        let reverse_keys: HashSet<(u32, u16)> =
+            map::<HashMap<_, ScopePort, Reverse>>(&ebpf, maps::REVERSE)?
+                .keys()
+                .filter_map(|k| k.ok())
+                .map(|k| (k.scope, k.port))
+                .collect();
+        let mut to_refs: StdHashMap<u16, u32> = StdHashMap::new();
+        for (_, port) in &reverse_keys {
+            *to_refs.entry(*port).or_default() += 1;
+        }
+        write_to_ports(&mut ebpf, &to_refs)?;
         let steer_pool = SteerPool::new(options.steer_pool, options.ebpf_debug_log, set_retval);
         steer_pool.fill(std::time::Duration::ZERO);
         Ok(Programs {
@@ -415,6 +434,8 @@ impl Programs {
                 logger,
                 cpus,
                 taken,
+                reverse_keys,
+                to_refs,
             })),
         })
     }
@@ -931,7 +952,7 @@ impl Shared {
         }
         let value = value_of(scope, &m, slot);
         let written = self.reset_stats(slot).and_then(|()| {
-            write_tables(&mut self.ebpf, scope.id, &scope.index, m.from, m.to)?;
+            self.write_shared_tables(scope.id, &scope.index, m.from, m.to)?;
             if let Some(steer) = scope.steer.as_mut() {
                 write_tables(steer, scope.id, &scope.index, m.from, m.to)?;
                 map_mut::<HashMap<_, MappingKey, MappingValue>>(steer, maps::MAPPINGS)?
@@ -958,7 +979,7 @@ impl Shared {
         if let Err(e) = written {
             scope.mappings.remove(&m);
             scope.index.remove(&m);
-            let _ = write_tables(&mut self.ebpf, scope.id, &scope.index, m.from, m.to);
+            let _ = self.write_shared_tables(scope.id, &scope.index, m.from, m.to);
             if let Some(steer) = scope.steer.as_mut() {
                 let _ = write_tables(steer, scope.id, &scope.index, m.from, m.to);
             }
@@ -1069,13 +1090,7 @@ impl Shared {
         }
         scope.mappings.remove(&existing);
         scope.index.remove(&existing);
-        write_tables(
-            &mut self.ebpf,
-            scope.id,
-            &scope.index,
-            existing.from,
-            existing.to,
-        )?;
+        self.write_shared_tables(scope.id, &scope.index, existing.from, existing.to)?;
         if let Some(steer) = scope.steer.as_mut() {
             write_tables(steer, scope.id, &scope.index, existing.from, existing.to)?;
         }
@@ -1205,6 +1220,15 @@ impl Shared {
         purge!(maps::GRANTS, ScopePort, u8, |k: &ScopePort| k.scope);
         purge!(maps::UDP_BINDS, ScopePort, UdpBind, |k: &ScopePort| k.scope);
         purge!(maps::REVERSE, ScopePort, Reverse, |k: &ScopePort| k.scope);
+        let gone: Vec<u16> = self
+            .reverse_keys
+            .iter()
+            .filter(|(s, _)| *s == id)
+            .map(|(_, p)| *p)
+            .collect();
+        for port in gone {
+            self.sync_to_port(id, port, false)?;
+        }
         purge!(maps::OWNERS, u32, Owner, |k: &u32| *k);
         self.taken.remove(&id);
         self.forget_guard(id)?;
@@ -1341,6 +1365,52 @@ impl Shared {
         self.write_levels()
     }
 
+    /// [`write_tables`] on the shared instance, keeping TO_PORTS in step
+    /// with its REVERSE entries.
+    fn write_shared_tables(
+        &mut self,
+        id: u32,
+        index: &PortIndex,
+        from: u16,
+        to: u16,
+    ) -> Result<()> {
+        write_tables(&mut self.ebpf, id, index, from, to)?;
+        self.sync_to_port(id, to, reverse_of(index, id, to).is_some())
+    }
+
+    /// Records whether scope `id` has a REVERSE entry for `port`, and
+    /// flips the port's TO_PORTS bit when the first scope gets one or the
+    /// last loses it.
+    fn sync_to_port(&mut self, id: u32, port: u16, present: bool) -> Result<()> {
+        let flipped = if present {
+            self.reverse_keys.insert((id, port)) && {
+                let n = self.to_refs.entry(port).or_default();
+                *n += 1;
+                *n == 1
+            }
+        } else {
+            self.reverse_keys.remove(&(id, port)) && {
+                let n = self.to_refs.entry(port).or_default();
+                *n = n.saturating_sub(1);
+                *n == 0
+            }
+        };
+        if flipped {
+            let word = u32::from(port >> 5);
+            let bits = (0..32u16)
+                .filter(|b| {
+                    self.to_refs
+                        .get(&((word as u16) << 5 | b))
+                        .is_some_and(|n| *n > 0)
+                })
+                .fold(0u32, |w, b| w | 1 << b);
+            map_mut::<Array<_, u32>>(&mut self.ebpf, maps::TO_PORTS)?
+                .set(word, bits, 0)
+                .map_err(|e| map_error("writing", maps::TO_PORTS, e))?;
+        }
+        Ok(())
+    }
+
     /// Zeroes the stats of `slot` on every CPU and stamps its generation.
     fn reset_stats(&mut self, slot: Slot) -> Result<()> {
         let name = maps::STATS;
@@ -1396,6 +1466,27 @@ fn write_tables(ebpf: &mut Ebpf, id: u32, index: &PortIndex, from: u16, to: u16)
             .insert(key, r, 0)
             .map_err(|e| map_error("writing", maps::REVERSE, e)),
     }
+}
+
+/// Writes every TO_PORTS word from per-port counts.
+fn write_to_ports(ebpf: &mut Ebpf, refs: &StdHashMap<u16, u32>) -> Result<()> {
+    let mut words = vec![0u32; TO_PORT_WORDS as usize];
+    for (port, n) in refs {
+        if *n > 0 {
+            words[usize::from(port >> 5)] |= 1 << (port & 31);
+        }
+    }
+    let mut array = map_mut::<Array<_, u32>>(ebpf, maps::TO_PORTS)?;
+    for (i, w) in words.into_iter().enumerate() {
+        // Only set words are written: a fresh array is all zeroes, and a
+        // pinned one is cleared where it is not.
+        if w != 0 || array.get(&(i as u32), 0).is_ok_and(|old| old != 0) {
+            array
+                .set(i as u32, w, 0)
+                .map_err(|e| map_error("writing", maps::TO_PORTS, e))?;
+        }
+    }
+    Ok(())
 }
 
 /// REVERSE entry of TO port `to`: the one mapping that targets it, or

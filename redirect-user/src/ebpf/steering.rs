@@ -52,8 +52,9 @@ const STEER_MAPS: [(&str, u32); 6] = [
 
 /// Maps a steering instance has (it is the same object) but never uses:
 /// made as small as the kernel allows.
-const STEER_UNUSED: [&str; 6] = [
+const STEER_UNUSED: [&str; 7] = [
     maps::GUARDS,
+    maps::TO_PORTS,
     maps::SCOPES,
     maps::GRANTS,
     maps::UDP_BINDS,
