@@ -90,7 +90,7 @@ fn ensure_llvm() -> anyhow::Result<()> {
 /// provides each. The container tests run `runc` and copy the static
 /// busybox into their rootfs (Debian's `busybox` package is dynamic and
 /// would not run there).
-const TEST_TOOLS: [(&str, &str); 10] = [
+const TEST_TOOLS: [(&str, &str); 11] = [
     ("ip", "iproute2"),
     ("dig", "bind9-dnsutils"),
     ("dnsmasq", "dnsmasq-base"),
@@ -99,6 +99,9 @@ const TEST_TOOLS: [(&str, &str); 10] = [
     ("setpriv", "util-linux"),
     ("runc", "runc"),
     ("busybox", "busybox-static"),
+    // The same hook through podman (tests/tests/podman.rs): an image
+    // imported from a local busybox tarball, no registry.
+    ("podman", "podman"),
     // Real PROXY protocol peers for the proxy tests (each test starts its
     // own instance with its own config, on a port it picked).
     ("nginx", "nginx"),

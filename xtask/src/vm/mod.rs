@@ -143,7 +143,9 @@ pub fn run(spec: &str, filter: Option<&str>, ci: bool) -> anyhow::Result<()> {
 ///   `BPF_LINK_UPDATE` on cgroup links (Linux 5.7), the guest's daemon
 ///   tests exercise too: every restart replaces the programs behind the
 ///   pinned links (`daemon::a_restart_replaces_the_programs_behind_the_same_links`).
-const HOST_ONLY: [&str; 2] = ["proxy", "upgrade"];
+/// - `podman`: podman and its storage are not packed into the guest; the
+///   hook it runs is the one `oci` (runc) exercises there.
+const HOST_ONLY: [&str; 3] = ["proxy", "upgrade", "podman"];
 
 /// The workspace's test binaries (xtask's own and [`HOST_ONLY`] left
 /// out), built with `cargo test --no-run`.
