@@ -43,6 +43,12 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
 /// Rewrites the port if it is mapped; returns what happened, to be counted.
 #[inline(always)]
 fn redirect_connect(ctx: &SockAddrContext, family: Family) -> Counter {
+    // Changes the program's instructions (its tag), not what it does.
+    #[cfg(feature = "upgrade-test")]
+    // SAFETY: a helper call without arguments or side effects.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_ktime_get_ns();
+    }
     match try_redirect_connect(ctx, family) {
         Ok(c) => c,
         Err(c) => {

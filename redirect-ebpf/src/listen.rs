@@ -1,5 +1,5 @@
 //! Registering listeners for inbound steering, in a scope's steering
-//! instance (the scope id is the constant `STEER_SCOPE`).
+//! instance (its scope and namespace are in its own `STEER` map).
 //!
 //! - `sockops_listen`: a socket of the scope that starts listening on one
 //!   of its TO ports goes into `LISTENERS` (for `steer.rs`) when it may
@@ -19,7 +19,8 @@
 //!   carries no mark and is never registered.
 //!
 //! - Only sockets of the steered network namespace are registered
-//!   (`STEER_NETNS`, compared with `bpf_get_netns_cookie`, sock_ops 5.15).
+//!   (`STEER`'s cookie, compared with `bpf_get_netns_cookie`, sock_ops
+//!   5.15).
 //!
 //! Minimum kernel version: 5.9 (sk_lookup), 5.15 (netns cookie in
 //! sock_ops), 6.1 verified for the
@@ -29,7 +30,6 @@
 use core::ptr::{self, addr_of, read_volatile};
 
 use aya_ebpf::{
-    Global,
     bindings::{BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE},
     btf_maps::SkStorage,
     helpers::generated::{bpf_get_netns_cookie, bpf_sk_storage_get},
@@ -42,7 +42,7 @@ use redirect_common::{
 
 use crate::{
     bind::is_owner,
-    maps::{LISTENERS, OWNERS, STEER_SCOPE, TARGETS, count},
+    maps::{LISTENERS, OWNERS, TARGETS, count, steer_config},
 };
 
 /// The sock_ops verdict; the value is ignored for this callback.
@@ -52,13 +52,6 @@ const SOCK_OPS_OK: u32 = 1;
 const TCP_LISTEN_CB: u32 = 11;
 /// `EEXIST`.
 const EEXIST: i32 = 17;
-
-/// The cookie of the network namespace the instance steers (set by the
-/// loader): a listener of the scope in any other namespace (a private
-/// namespace one of its processes made) is never registered, since the
-/// sockhash would hand that namespace's socket connections of this one.
-#[unsafe(no_mangle)]
-pub static STEER_NETNS: Global<u64> = Global::new(0);
 
 /// 1 on a TCP socket that the scope's owner bound to a TO port.
 #[btf_map]
@@ -76,16 +69,16 @@ pub fn sockops_listen(ctx: SockOpsContext) -> u32 {
 }
 
 fn try_register(ctx: &SockOpsContext) -> Result<Counter, Counter> {
-    let scope = STEER_SCOPE.load();
+    let config = steer_config().ok_or(Counter::ListenerIneligible)?;
+    let scope = config.scope;
     // local_port is in host byte order in sock_ops (remote_port is not).
     let port = ctx.local_port() as u16;
     // SAFETY: copied out at once.
     let target = unsafe { TARGETS.get(ScopePort::new(scope, port)) }
         .copied()
         .ok_or(Counter::ListenerIneligible)?;
-    let netns = STEER_NETNS.load();
     // SAFETY: the helper reads the context's socket's namespace.
-    if netns != 0 && unsafe { bpf_get_netns_cookie(ctx.ops.cast()) } != netns {
+    if unsafe { bpf_get_netns_cookie(ctx.ops.cast()) } != config.netns {
         return Err(Counter::ListenerIneligible);
     }
     let family = ctx.family();
@@ -152,7 +145,10 @@ pub fn post_bind6(ctx: SockContext) -> i32 {
 
 #[inline(always)]
 fn mark_owner_bound(ctx: &SockContext) {
-    let scope = STEER_SCOPE.load();
+    let Some(config) = steer_config() else {
+        return;
+    };
+    let scope = config.scope;
     let sk = ctx.sock;
     // SAFETY: 4-byte loads of a valid context; src_port is host order.
     let (protocol, port) = unsafe {

@@ -5,7 +5,6 @@
 //! `redirect_common::maps`.
 
 use aya_ebpf::{
-    Global,
     bindings::BPF_F_NO_PREALLOC,
     btf_maps::SkStorage,
     helpers::generated::bpf_get_current_ancestor_cgroup_id,
@@ -13,16 +12,25 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
 };
 use redirect_common::{
-    ADDR_ANY, Addr, Counter, GuardKey, MAX_GRANTS, MAX_LEVEL, MAX_LISTENERS, MAX_MAPPINGS,
+    ADDR_ANY, Addr, Counter, GuardKey, MAX_GRANTS, MAX_LISTENERS, MAX_MAPPINGS, MAX_SCOPE_DEPTHS,
     MAX_SCOPES, MappingKey, MappingStats, MappingValue, OrigDst, Owner, PROTO_ANY, PROTO_TCP,
     PROTO_UDP, REV_NAT_ENTRIES, RevNatKey, RevNatValue, Reverse, SHAPE_ADDR_ANY, SHAPE_ADDR_TCP,
-    SHAPE_ADDR_UDP, SHAPE_ANY_ANY, SHAPE_ANY_TCP, SHAPE_ANY_UDP, ScopePort, Target, UdpBind,
+    SHAPE_ADDR_UDP, SHAPE_ANY_ANY, SHAPE_ANY_TCP, SHAPE_ANY_UDP, ScopePort, SteerConfig, Target,
+    UdpBind,
 };
 
 /// The scope a steering instance serves; set by the loader (0 in the
 /// shared instance, whose programs find their scope through [`SCOPES`]).
-#[unsafe(no_mangle)]
-pub static STEER_SCOPE: Global<u32> = Global::new(0);
+/// What this steering instance serves (one entry; see `SteerConfig`).
+#[map]
+pub static STEER: Array<SteerConfig> = Array::with_max_entries(1, 0);
+
+/// The steering instance's scope and namespace cookie, or `None` before
+/// userspace wrote them (then the instance steers nothing: fail open).
+#[inline(always)]
+pub fn steer_config() -> Option<SteerConfig> {
+    STEER.get(0).copied().filter(|c| c.netns != 0)
+}
 
 /// cgroup id → scope id of every attached scope.
 #[map]
@@ -149,26 +157,36 @@ pub fn add_stat(slot: u32, generation: u32, stat: Stat, delta: u64) {
 /// one ancestor matches.
 #[inline(always)]
 pub fn current_scope() -> Option<u32> {
-    let levels = *LEVELS.get(0)?;
-    let mut level = 0;
-    while level <= MAX_LEVEL {
-        if levels & (1 << level) != 0 {
-            // SAFETY: plain helper call.
-            let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
-            // SAFETY: copied out at once.
-            if let Some(scope) = unsafe { SCOPES.get(id) } {
-                return Some(*scope);
-            }
+    let mut levels = *LEVELS.get(0)?;
+    // One step per depth in use, shallowest first: userspace keeps at most
+    // MAX_SCOPE_DEPTHS bits set.
+    let mut step = 0;
+    while step < MAX_SCOPE_DEPTHS && levels != 0 {
+        let lowest = levels & levels.wrapping_neg();
+        levels ^= lowest;
+        // SAFETY: plain helper call.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(depth_of(lowest) as i32) };
+        // SAFETY: copied out at once.
+        if let Some(scope) = unsafe { SCOPES.get(id) } {
+            return Some(*scope);
         }
-        level += 1;
+        step += 1;
     }
     None
 }
 
-/// The mapping of `scope` for a connection to (`addr`, `port`) over
-/// `proto`, most specific first; at most one can exist (userspace rejects
-/// overlaps). Only shapes that [`PORTS`] lists are looked up: an unmapped
-/// port costs one lookup, a mapped one usually two.
+/// The index of the single bit set in `bit` (its population count minus
+/// one), without branches: each branch would double what the verifier
+/// walks.
+#[inline(always)]
+fn depth_of(bit: u32) -> u32 {
+    let mut x = bit.wrapping_sub(1);
+    x -= (x >> 1) & 0x5555_5555;
+    x = (x & 0x3333_3333) + ((x >> 2) & 0x3333_3333);
+    x = (x + (x >> 4)) & 0x0f0f_0f0f;
+    x.wrapping_mul(0x0101_0101) >> 24
+}
+
 #[inline(always)]
 pub fn lookup(scope: u32, addr: &Addr, port: u16, proto: u8) -> Option<(MappingKey, MappingValue)> {
     lookup_shapes(scope, addr, port, proto, port_shapes(scope, port)?)

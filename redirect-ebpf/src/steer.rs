@@ -16,7 +16,7 @@ use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
 use aya_log_ebpf::debug;
 use redirect_common::{AF_INET6, Addr, Counter, PROTO_TCP, listener_key};
 
-use crate::maps::{LISTENERS, STEER_SCOPE, count, lookup};
+use crate::maps::{LISTENERS, count, lookup, steer_config};
 
 /// `SK_PASS`: carry on with the kernel's normal socket lookup.
 const SK_PASS: u32 = 1;
@@ -42,7 +42,10 @@ pub fn steer(ctx: SkLookupContext) -> u32 {
     // local_port is in host byte order here (unlike remote_port).
     let port = port as u16;
     let addr = local_addr(&ctx, family);
-    let Some((_, target)) = lookup(STEER_SCOPE.load(), &addr, port, PROTO_TCP) else {
+    let Some(config) = steer_config() else {
+        return SK_PASS;
+    };
+    let Some((_, target)) = lookup(config.scope, &addr, port, PROTO_TCP) else {
         return SK_PASS;
     };
     // The listener of the connection's own family first; an IPv4

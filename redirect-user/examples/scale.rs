@@ -2,11 +2,14 @@
 //! adding a scope, adding a mapping, and 1,000 scopes attached at once.
 //!
 //! ```sh
-//! cargo run --release --example scale -- 1000     # as root
+//! cargo run --release --example scale -- 1000 [STEERED]    # as root
 //! ```
 //!
 //! Creates `redirect-scale-<pid>-<n>` child cgroups of the cgroup v2 root
-//! and removes them (and everything attached) before it exits. Prints one
+//! and removes them (and everything attached) before it exits. Then
+//! attaches `STEERED` (default 10) more scopes that each steer a network
+//! namespace of their own (`ip netns add redirect-scale-<pid>-s<n>`, also
+//! removed), 30 ms apart: what a container with inbound mappings costs. Prints one
 //! `key=value` line per figure, in µs; `cargo xtask bench` and
 //! docs/BENCHMARKS.md use them.
 
@@ -25,6 +28,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|a| a.parse())
         .transpose()?
         .unwrap_or(1000);
+    let steered: usize = std::env::args()
+        .nth(2)
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(10);
     let root = cgroup::cgroup2_root()?;
     let dirs: Vec<cgroup::ChildCgroup> = (0..n)
         .map(|i| {
@@ -36,7 +44,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect::<Result<_, _>>()?;
 
     let start = Instant::now();
-    let programs = Programs::load(&LoadOptions::default())?;
+    // As the daemon does: two steering instances kept loaded.
+    let programs = Programs::load(&LoadOptions {
+        steer_pool: 2,
+        ..LoadOptions::default()
+    })?;
     let load = start.elapsed();
     let first = programs
         .scope(dirs[0].path())
@@ -80,6 +92,47 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "rss_with_scopes={}",
             rss.trim_start_matches("VmRSS:").trim()
         );
+    }
+
+    let mut steer = Vec::with_capacity(steered);
+    let mut steer_scopes = Vec::with_capacity(steered);
+    let mut namespaces = Vec::with_capacity(steered);
+    for i in 0..steered {
+        let name = format!("redirect-scale-{}-s{i}", std::process::id());
+        let dir = cgroup::ChildCgroup::create(&root, &name)?;
+        let ok = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()?
+            .success();
+        if !ok {
+            return Err(format!("ip netns add {name} failed").into());
+        }
+        namespaces.push(name.clone());
+        // Containers do not start back to back: give the pool the time
+        // a runtime takes to create one (its refill loads ~5-10 ms).
+        std::thread::sleep(Duration::from_millis(30));
+        let t = Instant::now();
+        let scope = programs
+            .scope(dir.path())
+            .netns(format!("/run/netns/{name}"))
+            .mappings(MappingSet::parse(["443:8443/tcp"])?)
+            .attach()?;
+        steer.push(t.elapsed());
+        steer_scopes.push((scope, dir));
+    }
+    steer.sort_unstable();
+    if !steer.is_empty() {
+        println!("add_steered_scope_p50_us={:.0}", percentile(&steer, 0.5));
+        println!("add_steered_scope_p99_us={:.0}", percentile(&steer, 0.99));
+    }
+    for (scope, dir) in steer_scopes {
+        drop(scope);
+        dir.remove()?;
+    }
+    for name in namespaces {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &name])
+            .status();
     }
 
     let t = Instant::now();

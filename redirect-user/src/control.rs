@@ -43,7 +43,11 @@ pub struct ScopeSpec {
     /// The scope's name, unique in the daemon; default: the cgroup path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// The cgroup v2 directory whose processes are redirected.
+    /// The cgroup v2 directory whose processes are redirected. Empty for a
+    /// host-wide scope (eBPF on the cgroup v2 root, or [`Backend::Proxy`],
+    /// which serves every process that connects to FROM and cannot be
+    /// limited to a cgroup).
+    #[serde(default, skip_serializing_if = "is_empty_path")]
     pub cgroup: PathBuf,
     /// A network namespace (`/run/netns/NAME`, `/proc/PID/ns/net`) in
     /// which inbound connections to FROM are steered to the scope's
@@ -72,6 +76,49 @@ pub struct ScopeSpec {
     /// scope serves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guard_cgroup: Option<PathBuf>,
+    /// Which backend redirects the scope's mappings (default
+    /// [`Backend::Auto`], as `redirect run --backend`).
+    #[serde(default, skip_serializing_if = "Backend::is_auto")]
+    pub backend: Backend,
+}
+
+fn is_empty_path(p: &Path) -> bool {
+    p.as_os_str().is_empty()
+}
+
+/// Which implementation redirects a scope's mappings: the meaning of
+/// `redirect run --backend` and of the daemon config's `backend` key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// eBPF where its programs load and attach, otherwise the proxy: only
+    /// for a host-wide scope (no cgroup, `netns`, `owner` or `grant`), as
+    /// `redirect run` without `--cgroup`; a scoped redirect is never
+    /// silently replaced with a host-wide listener.
+    #[default]
+    Auto,
+    /// The eBPF programs only: connects from the cgroup are rewritten in
+    /// the kernel.
+    Ebpf,
+    /// The userspace proxy only: it listens on FROM and forwards to TO.
+    Proxy,
+}
+
+impl Backend {
+    /// Whether this is [`Backend::Auto`] (the default).
+    pub fn is_auto(&self) -> bool {
+        *self == Backend::Auto
+    }
+
+    /// The name used in the config file and in status: `auto`, `ebpf`
+    /// or `proxy`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Auto => "auto",
+            Backend::Ebpf => "ebpf",
+            Backend::Proxy => "proxy",
+        }
+    }
 }
 
 impl ScopeSpec {

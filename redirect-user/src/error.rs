@@ -231,6 +231,21 @@ pub enum Error {
         ports: String,
     },
 
+    /// The proxy backend of a scope could not start (FROM could not be
+    /// bound; the message says what to do).
+    #[error(transparent)]
+    Proxy(#[from] crate::proxy::ProxyError),
+
+    /// eBPF is unavailable and the scope needs it (`backend = "ebpf"`, or
+    /// `netns`, `owner` or `grant`, which the proxy cannot honour).
+    #[error("scope {scope} needs the eBPF backend, which is unavailable: {cause}")]
+    EbpfUnavailable {
+        /// The scope.
+        scope: String,
+        /// Why the programs could not be loaded.
+        cause: String,
+    },
+
     /// No scope has this name.
     #[error("no scope named {name}; `redirect status` lists them")]
     ScopeNotFound {

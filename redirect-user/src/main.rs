@@ -245,6 +245,11 @@ struct ExecArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    // The hook runs on every container start: no runtime to build.
+    #[cfg(with_ebpf)]
+    if let Command::OciHook(args) = &cli.command {
+        return cmd::oci_hook::run(args);
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -296,7 +301,7 @@ fn main() -> ExitCode {
             Command::Reset(a) => cmd::daemon::reset(a),
             Command::Doctor(args) => cmd::doctor::run(&args),
             #[cfg(with_ebpf)]
-            Command::OciHook(args) => Ok(cmd::oci_hook::run(&args)),
+            Command::OciHook(_) => unreachable!("run before the runtime is built"),
         }
     });
     match result {

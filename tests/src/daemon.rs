@@ -21,12 +21,21 @@ pub struct TestDaemon {
     /// Its control socket.
     pub control: PathBuf,
     dir: PathBuf,
+    /// A program (and its arguments) that runs `redirect`, such as
+    /// `setpriv …`; empty: `redirect` is run directly.
+    wrapper: Vec<String>,
 }
 
 impl TestDaemon {
     /// Writes a config with `scopes` (TOML `[[scope]]` tables, appended
     /// as is) and `extra` top-level keys, and starts the daemon.
     pub fn start(tag: &str, extra: &str, scopes: &str) -> Self {
+        Self::start_wrapped(tag, extra, scopes, Vec::new())
+    }
+
+    /// [`TestDaemon::start`], with `redirect` run by `wrapper` (a program
+    /// and its arguments, such as `setpriv --bounding-set=…`).
+    pub fn start_wrapped(tag: &str, extra: &str, scopes: &str, wrapper: Vec<String>) -> Self {
         static N: AtomicU32 = AtomicU32::new(0);
         let id = format!(
             "redirect-test-{tag}-{}-{}",
@@ -44,6 +53,7 @@ impl TestDaemon {
             pin_dir,
             control,
             dir,
+            wrapper,
         };
         daemon.write_config(extra, scopes);
         daemon.restart();
@@ -62,11 +72,20 @@ impl TestDaemon {
 
     /// Starts the daemon (again) and waits for its ready line.
     pub fn restart(&mut self) {
-        let mut p = RedirectProcess::start([
-            "daemon".as_ref(),
-            "--config".as_ref(),
-            self.config.as_os_str(),
-        ]);
+        let args = [
+            "daemon".to_owned(),
+            "--config".to_owned(),
+            self.config.display().to_string(),
+        ];
+        let mut p = match self.wrapper.split_first() {
+            None => RedirectProcess::start(args),
+            Some((program, rest)) => {
+                let mut all = rest.to_vec();
+                all.push(crate::binary("redirect").display().to_string());
+                all.extend(args);
+                RedirectProcess::start_program(program, all)
+            }
+        };
         p.wait_ready();
         self.process = Some(p);
     }

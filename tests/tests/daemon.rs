@@ -377,3 +377,186 @@ fn reset_leaves_nothing_attached_or_pinned() {
             .starts_with("decoy:")
     );
 }
+
+/// A port the kernel picked as free on loopback (the test's own).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn metrics_text(port: u16) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text
+}
+
+/// A scope with `backend = "proxy"` runs the library's proxy inside the
+/// daemon: a real connection from any process reaches TO through FROM,
+/// and status and metrics say which backend runs and why. A reload that
+/// changes the backend stops the proxy and attaches eBPF (FROM no longer
+/// listens; the cgroup's connects are rewritten), and back; removing the
+/// scope stops the proxy.
+#[test]
+fn a_proxy_backed_scope_forwards_and_reload_switches_its_backend() {
+    if !privileged("a_proxy_backed_scope_forwards_and_reload_switches_its_backend") {
+        return;
+    }
+    let cg = test_cgroup("daemon-proxy");
+    let target = TcpServer::start("127.0.0.1:0", "to");
+    let from: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mapping = format!("127.0.0.1:{}:{}", from.port(), target.addr.port());
+    let proxy_scope =
+        format!("[[scope]]\nname = \"px\"\nbackend = \"proxy\"\nmaps = [{mapping:?}]\n");
+    let metrics_port = free_port();
+    let metrics = format!("metrics = \"127.0.0.1:{metrics_port}\"");
+    let daemon = TestDaemon::start("proxy", &metrics, &proxy_scope);
+
+    // Any process (not in a cgroup of the scope) goes through the proxy.
+    let r = probe(None, "tcp", from);
+    assert_eq!(r.reply(), "to:hello", "through the daemon's proxy");
+    assert!(
+        target.peers().iter().all(|p| p.ip().is_loopback()),
+        "the backend sees the proxy's loopback address"
+    );
+    let status = daemon.status();
+    let s = &status["scopes"][0];
+    assert_eq!(s["name"], "px");
+    assert_eq!(s["backend"], "proxy", "{s}");
+    assert!(
+        s["backend_reason"]
+            .as_str()
+            .unwrap()
+            .contains("backend = \"proxy\""),
+        "{s}"
+    );
+    assert_eq!(s["proxy"]["accepted"], 1, "{s}");
+    let text = metrics_text(metrics_port);
+    assert!(
+        text.contains("redirect_scope_backend{scope=\"px\",backend=\"proxy\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("redirect_proxy_connections_total{scope=\"px\"} 1"),
+        "{text}"
+    );
+    let (code, out, err) = daemon.ctl(&["status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("backend proxy"), "{out}");
+
+    // Reload with backend = "ebpf" on a cgroup: the proxy stops, eBPF
+    // rewrites the cgroup's connects.
+    let ebpf_scope = format!(
+        "[[scope]]\nname = \"px\"\nbackend = \"ebpf\"\ncgroup = {:?}\nmaps = [{mapping:?}]\n",
+        cg.path().display().to_string()
+    );
+    daemon.write_config(&metrics, &ebpf_scope);
+    let (code, out, err) = daemon.ctl(&["reload"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("backend proxy → ebpf"), "{out}");
+    assert_eq!(daemon.status()["scopes"][0]["backend"], "ebpf");
+    assert!(!attached(cg.path()).is_empty(), "eBPF attached");
+    daemon.eventually("FROM to close", || TcpStream::connect(from).is_err());
+    assert_eq!(
+        probe(Some(&cg), "tcp", from).reply(),
+        "to:hello",
+        "rewritten in the kernel"
+    );
+
+    // And back: eBPF detached, the proxy listens again.
+    daemon.write_config(&metrics, &proxy_scope);
+    let (code, out, err) = daemon.ctl(&["reload"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("backend ebpf → proxy"), "{out}");
+    assert_eq!(wait_detached(cg.path()), Vec::<String>::new());
+    assert_eq!(probe(None, "tcp", from).reply(), "to:hello");
+
+    // A new mapping in the file gives the scope a new proxy.
+    let target2 = TcpServer::start("127.0.0.1:0", "two");
+    let from2: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mapping2 = format!("127.0.0.1:{}:{}", from2.port(), target2.addr.port());
+    daemon.write_config(
+        &metrics,
+        &format!(
+            "[[scope]]\nname = \"px\"\nbackend = \"proxy\"\nmaps = [{mapping:?}, {mapping2:?}]\n"
+        ),
+    );
+    let (code, _, err) = daemon.ctl(&["reload"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(probe(None, "tcp", from2).reply(), "two:hello");
+    assert_eq!(probe(None, "tcp", from).reply(), "to:hello");
+
+    // Removed from the file: the proxy stops.
+    daemon.write_config(&metrics, "");
+    let (code, out, err) = daemon.ctl(&["reload"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("removed scope px"), "{out}");
+    daemon.eventually("FROM to close", || {
+        TcpStream::connect(from).is_err() && TcpStream::connect(from2).is_err()
+    });
+}
+
+/// Where eBPF cannot load (the daemon runs without CAP_BPF, CAP_SYS_ADMIN,
+/// CAP_NET_ADMIN and CAP_PERFMON), a host-wide `auto` scope falls back to
+/// the proxy and says why; a scope on a cgroup is not silently widened to
+/// the whole host: it fails, naming the missing eBPF.
+#[test]
+fn auto_falls_back_to_the_proxy_for_a_host_wide_scope_without_bpf_capabilities() {
+    if !privileged("auto_falls_back_to_the_proxy_for_a_host_wide_scope_without_bpf_capabilities") {
+        return;
+    }
+    let setpriv = ["/usr/bin/setpriv", "/bin/setpriv"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("setpriv (util-linux) is installed");
+    let wrapper = vec![
+        setpriv.to_owned(),
+        "--bounding-set=-bpf,-sys_admin,-net_admin,-perfmon".to_owned(),
+        "--inh-caps=-all".to_owned(),
+    ];
+    let target = TcpServer::start("127.0.0.1:0", "to");
+    let from: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mapping = format!("127.0.0.1:{}:{}", from.port(), target.addr.port());
+    let daemon = TestDaemon::start_wrapped(
+        "auto",
+        "",
+        &format!("[[scope]]\nname = \"host\"\nmaps = [{mapping:?}]\n"),
+        wrapper,
+    );
+    assert_eq!(probe(None, "tcp", from).reply(), "to:hello");
+    let status = daemon.status();
+    assert_eq!(status["daemon"]["ebpf"]["available"], false, "{status}");
+    let s = &status["scopes"][0];
+    assert_eq!(s["backend"], "proxy", "{s}");
+    let why = s["backend_reason"].as_str().unwrap();
+    assert!(
+        why.starts_with("auto, because eBPF is unavailable") && why.contains("CAP_BPF"),
+        "{why}"
+    );
+
+    // A scoped one is refused with the eBPF error, not widened.
+    let cg = test_cgroup("daemon-auto");
+    let req = redirect::control::Request::AddScope {
+        scope: redirect::control::ScopeSpec {
+            name: Some("scoped".into()),
+            cgroup: cg.path().to_path_buf(),
+            maps: vec![format!("127.0.0.1:{}:1", free_port())],
+            ..Default::default()
+        },
+    };
+    let err = redirect::control::Client::new(&daemon.control)
+        .request(&req)
+        .unwrap_err();
+    assert_eq!(
+        err.kind(),
+        Some(redirect::control::ErrorKind::Kernel),
+        "{err}"
+    );
+    assert!(err.to_string().contains("needs the eBPF backend"), "{err}");
+}

@@ -66,7 +66,14 @@ impl Container {
         let rootfs = dir.join("rootfs");
         fs::create_dir_all(rootfs.join("bin")).unwrap();
         fs::create_dir_all(rootfs.join("www/cgi-bin")).unwrap();
-        fs::copy(busybox(), rootfs.join("bin/busybox")).unwrap();
+        // Copied by cp, not fs::copy: a write fd of this process would be
+        // inherited by a fork in a parallel test, and exec of the copy
+        // would then fail with ETXTBSY ("Text file busy").
+        run_ok(
+            Command::new("cp")
+                .arg(busybox())
+                .arg(rootfs.join("bin/busybox")),
+        );
         run_ok(Command::new("chroot").arg(&rootfs).args([
             "/bin/busybox",
             "--install",

@@ -35,9 +35,11 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     // The integration tests run the `redirect` and `probe` binaries, and
     // the library's container_runtime example.
     status(cargo().args(["build", "--locked", "--bins", "--examples"]))?;
+    let upgrade = upgrade_object()?;
 
     let mut cmd = cargo();
-    cmd.args(["test", "--locked", "--no-fail-fast"]);
+    cmd.args(["test", "--locked", "--no-fail-fast"])
+        .env(UPGRADE_OBJECT_ENV, &upgrade);
     if let Some(filter) = &opts.filter {
         cmd.arg(filter);
     }
@@ -68,6 +70,39 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Where tests/tests/upgrade.rs finds the other build of the programs.
+pub const UPGRADE_OBJECT_ENV: &str = "REDIRECT_TEST_UPGRADE_OBJECT";
+
+/// Builds the eBPF object with the `upgrade-test` feature (connect4/6
+/// differ by one harmless helper call), as aya-build builds the embedded
+/// one, in a target directory of its own; returns its path.
+pub fn upgrade_object() -> anyhow::Result<std::path::PathBuf> {
+    let dir = crate::run::target_dir()?.join("ebpf-upgrade");
+    status(
+        cargo()
+            .args([
+                "build",
+                "--locked",
+                "--package",
+                "redirect-ebpf",
+                "--bins",
+                "--release",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--features",
+                "upgrade-test",
+            ])
+            .env(
+                "CARGO_ENCODED_RUSTFLAGS",
+                "--cfg=bpf_target_arch=\"x86_64\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf",
+            )
+            .env("CARGO_TARGET_DIR", &dir),
+    )?;
+    Ok(dir.join("bpfel-unknown-none/release/redirect"))
 }
 
 /// Test counts summed over libtest's result lines.

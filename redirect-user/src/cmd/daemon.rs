@@ -133,18 +133,43 @@ pub fn print_daemon(out: &mut impl io::Write, status: &serde_json::Value) -> io:
         )?,
     }
     for s in status["scopes"].as_array().into_iter().flatten() {
+        let backend = s["backend"].as_str().unwrap_or("ebpf");
         writeln!(
             out,
-            "  scope {} ({}) cgroup {}{}",
+            "  scope {} ({}) {}{} backend {backend}",
             s["name"].as_str().unwrap_or("?"),
             s["origin"].as_str().unwrap_or("pinned"),
-            s["cgroup"].as_str().unwrap_or("?"),
+            s["cgroup"]
+                .as_str()
+                .map_or("every process (proxy)".to_owned(), |c| format!(
+                    "cgroup {c}"
+                )),
             s["netns"]
                 .as_str()
                 .map(|n| format!(" netns {n}"))
                 .unwrap_or_default()
         )?;
+        if let Some(why) = s["backend_reason"].as_str() {
+            writeln!(out, "    backend: {why}")?;
+        }
+        let p = &s["proxy"];
+        if p.is_object() {
+            writeln!(
+                out,
+                "    proxy: connections {} active {} refused {} connect failures {} bytes up {} down {}",
+                p["accepted"],
+                p["active"],
+                p["refused"],
+                p["connect_failed"],
+                p["bytes_up"],
+                p["bytes_down"]
+            )?;
+        }
         for m in s["mappings"].as_array().into_iter().flatten() {
+            if p.is_object() {
+                writeln!(out, "    {}", m["mapping"].as_str().unwrap_or("?"))?;
+                continue;
+            }
             writeln!(
                 out,
                 "    {:<32} connects {:>8} established {:>6} datagrams {:>8}",

@@ -15,7 +15,25 @@
 //! grant = [80]                        # optional
 //! allow_held_target = false           # optional: start even if a non-owner holds TO
 //! guard_cgroup = "/sys/fs/cgroup/unified"  # optional: keep TO for the owner host-wide
+//! backend = "auto"                    # optional: auto | ebpf | proxy
+//!
+//! [[scope]]                           # a proxy-backed scope: no cgroup
+//! name = "legacy"
+//! backend = "proxy"
+//! maps = ["127.0.0.1:8080:8081"]
 //! ```
+//!
+//! A scope without `cgroup` is host-wide (eBPF on the cgroup v2 root, as
+//! `redirect run` without `--cgroup`) and needs a `name`.
+//!
+//! `backend` means what `redirect run --backend` means: `ebpf` rewrites
+//! the scope's connects in the kernel; `proxy` listens on FROM inside the
+//! daemon and forwards to TO, for every process of the host (so it takes
+//! no `cgroup`, `netns`, `owner` or `grant`); `auto` (the default) is
+//! eBPF, and falls back to the proxy when the programs cannot load or
+//! attach, but only for a host-wide scope without `netns`, `owner` or
+//! `grant`: a scoped redirect is never silently replaced with a host-wide
+//! listener (it fails with the eBPF error instead).
 
 use std::{
     collections::HashMap,
@@ -27,7 +45,7 @@ use serde::Deserialize;
 
 use crate::{
     MappingSet,
-    control::{DEFAULT_CONTROL, ScopeSpec},
+    control::{Backend, DEFAULT_CONTROL, ScopeSpec},
     ebpf::pin::DEFAULT_PIN_DIR,
 };
 
@@ -77,6 +95,51 @@ pub fn parse_maps(maps: &[String]) -> Result<MappingSet, crate::MappingError> {
     MappingSet::parse(maps)
 }
 
+/// A scope with `backend = "proxy"` runs a listener on FROM for every
+/// process of the host: it has a name and no cgroup, namespace, owner or
+/// grant (which only the eBPF backend can honour).
+pub fn check_proxy_scope(spec: &ScopeSpec) -> Result<(), String> {
+    let name = spec.name.as_deref().unwrap_or_default();
+    let only_ebpf: Vec<&str> = [
+        ("cgroup", !spec.cgroup.as_os_str().is_empty()),
+        ("netns", spec.netns.is_some()),
+        ("owner", spec.owner.is_some()),
+        ("grant", !spec.grant.is_empty()),
+    ]
+    .into_iter()
+    .filter_map(|(key, set)| set.then_some(key))
+    .collect();
+    if !only_ebpf.is_empty() {
+        return Err(format!(
+            "scope {name}: backend = \"proxy\" cannot use {}: the proxy listens on FROM for \
+             every process of the host and cannot be scoped; remove {} or use backend = \
+             \"ebpf\" (or \"auto\")",
+            only_ebpf.join(", "),
+            if only_ebpf.len() == 1 { "it" } else { "them" }
+        ));
+    }
+    Ok(())
+}
+
+/// A scope's cgroup in messages: its path, or the whole host.
+fn cgroup_text(cgroup: &Path) -> String {
+    if cgroup.as_os_str().is_empty() {
+        "(none: the whole host)".to_owned()
+    } else {
+        cgroup.display().to_string()
+    }
+}
+
+/// Whether a scope is host-wide: no cgroup, namespace, owner or grant,
+/// like `redirect run --map …` alone. Only such a scope may fall back
+/// from eBPF to the proxy (`backend = "auto"`).
+pub fn is_host_wide(spec: &ScopeSpec) -> bool {
+    spec.cgroup.as_os_str().is_empty()
+        && spec.netns.is_none()
+        && spec.owner.is_none()
+        && spec.grant.is_empty()
+}
+
 /// 1-based (line, column) of byte `offset` in `text`.
 fn position(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
@@ -111,13 +174,24 @@ impl Config {
             let at = spanned.span().start;
             let spec = spanned.get_ref().clone();
             let name = spec.name();
+            if spec.cgroup.as_os_str().is_empty() && spec.name.is_none() {
+                return Err(error(
+                    at,
+                    "a scope without a cgroup (host-wide, or backend = \"proxy\") needs a \
+                     `name`"
+                        .to_owned(),
+                ));
+            }
+            if spec.backend == Backend::Proxy {
+                check_proxy_scope(&spec).map_err(|reason| error(at, reason))?;
+            }
             if name.is_empty() || name.contains(['\n', '/']) && spec.name.is_some() {
                 return Err(error(
                     at,
                     format!("scope name {name:?}: use a non-empty name without '/' or newlines"),
                 ));
             }
-            if !spec.cgroup.is_absolute() {
+            if !spec.cgroup.as_os_str().is_empty() && !spec.cgroup.is_absolute() {
                 return Err(error(
                     at,
                     format!(
@@ -154,6 +228,11 @@ impl Config {
         }
         for (i, (at, a)) in scopes.iter().enumerate() {
             for (_, b) in &scopes[..i] {
+                if a.backend == Backend::Proxy || b.backend == Backend::Proxy {
+                    // No cgroup; two proxies on one FROM fail to bind, with
+                    // the port named, when applied.
+                    continue;
+                }
                 if a.cgroup.starts_with(&b.cgroup) || b.cgroup.starts_with(&a.cgroup) {
                     return Err(error(
                         *at,
@@ -161,8 +240,8 @@ impl Config {
                             "scope {}: cgroup {} overlaps the cgroup {} of scope {}; scopes may \
                              not share or nest cgroups (a connection would be rewritten twice)",
                             a.name(),
-                            a.cgroup.display(),
-                            b.cgroup.display(),
+                            cgroup_text(&a.cgroup),
+                            cgroup_text(&b.cgroup),
                             b.name()
                         ),
                     ));
@@ -256,6 +335,48 @@ grant = [80]
         )
         .unwrap_err();
         assert!(e.reason.contains("twice"), "{e}");
+    }
+
+    #[test]
+    fn the_backend_key_is_validated() {
+        let c = parse(
+            "[[scope]]\nname = \"p\"\nbackend = \"proxy\"\nmaps = [\"127.0.0.1:8080:8081\"]\n\
+             [[scope]]\ncgroup = \"/a\"\nbackend = \"ebpf\"\n\
+             [[scope]]\ncgroup = \"/b\"\n",
+        )
+        .unwrap();
+        let backends: Vec<Backend> = c.scopes.iter().map(|s| s.backend).collect();
+        assert_eq!(backends, [Backend::Proxy, Backend::Ebpf, Backend::Auto]);
+        assert!(c.scopes[0].cgroup.as_os_str().is_empty());
+        // An unknown backend names its line and the choices.
+        let e = parse("[[scope]]\ncgroup = \"/a\"\nbackend = \"bpf\"\n").unwrap_err();
+        assert_eq!((e.line, e.column), (3, 11), "{e}");
+        assert!(
+            e.reason.contains("auto") && e.reason.contains("proxy"),
+            "{e}"
+        );
+        // The proxy cannot be scoped.
+        let e = parse(
+            "pin_dir = \"/p\"\n[[scope]]\nname = \"p\"\nbackend = \"proxy\"\ncgroup = \"/a\"\n\
+             owner = \"www-data\"\nmaps = [\"1:2\"]\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.line, 2, "{e}");
+        assert!(e.reason.contains("cgroup, owner"), "{e}");
+        // Without a cgroup it needs a name; a host-wide eBPF scope nests
+        // every other one.
+        let e = parse("[[scope]]\nbackend = \"proxy\"\nmaps = [\"1:2\"]\n").unwrap_err();
+        assert!(e.reason.contains("needs a `name`"), "{e}");
+        let c = parse("[[scope]]\nname = \"x\"\nmaps = [\"1:2\"]\n").unwrap();
+        assert!(is_host_wide(&c.scopes[0]));
+        let e = parse("[[scope]]\nname = \"x\"\n[[scope]]\ncgroup = \"/a\"\n").unwrap_err();
+        assert!(e.reason.contains("whole host"), "{e}");
+        // Two proxy scopes do not count as overlapping cgroups.
+        parse(
+            "[[scope]]\nname = \"a\"\nbackend = \"proxy\"\n\
+             [[scope]]\nname = \"b\"\nbackend = \"proxy\"\n",
+        )
+        .unwrap();
     }
 
     proptest::proptest! {

@@ -9,12 +9,24 @@
 //! across reloads and restarts in a state file beside the control socket,
 //! and removed when their cgroup disappears).
 //!
+//! Each scope runs on a backend (`backend` in the config, as `redirect
+//! run --backend`): the eBPF programs, pinned and attached to its cgroup,
+//! or the library's [`Proxy`] listening on FROM for the scope's mappings.
+//! Proxies run on a tokio runtime of the core's own (made when the first
+//! proxy-backed scope starts); unlike pinned eBPF scopes they stop with
+//! the daemon. `auto` scopes use eBPF and fall back to the proxy when the
+//! programs cannot be loaded or attached, and status and metrics say which
+//! backend runs each scope and why.
+//!
 //! The core is synchronous; the server runs it on a thread of its own so
 //! that no library call blocks a tokio worker.
 
 use std::{
     collections::BTreeMap,
+    io,
     path::{Path, PathBuf},
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
@@ -22,9 +34,10 @@ use serde_json::{Value, json};
 
 use super::config::Config;
 use crate::{
-    Error, Mapping, PortOwner, Programs, Scope,
-    control::{ErrorKind, Request, Response, ScopeSpec},
+    Error, Mapping, MappingSet, PortOwner, Programs, Proxy, ProxyOptions, Scope,
+    control::{Backend, ErrorKind, Request, Response, ScopeSpec},
     ebpf::LoadOptions,
+    proxy::{ProxyError, Stats},
     status::MappingStatus,
 };
 
@@ -41,18 +54,62 @@ pub enum Origin {
 struct Managed {
     spec: ScopeSpec,
     origin: Origin,
-    scope: Scope,
+    runner: Runner,
+    /// Why the scope runs on its backend (for status and metrics).
+    why: String,
     /// Changed over the control socket since the file was applied.
     edited: bool,
 }
 
-/// The daemon's scopes on one pinned program set.
+/// What redirects a scope's mappings.
+enum Runner {
+    /// The pinned eBPF programs, attached to the scope's cgroup.
+    Ebpf(Scope),
+    /// The proxy, listening on FROM.
+    Proxy(ProxyScope),
+}
+
+/// A proxy serving one scope's mappings on the core's runtime.
+struct ProxyScope {
+    mappings: MappingSet,
+    stats: Arc<Stats>,
+    /// Dropping it stops the proxy: its listeners close at once, and the
+    /// connections in flight drain in the background.
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Runner {
+    fn backend(&self) -> Backend {
+        match self {
+            Runner::Ebpf(_) => Backend::Ebpf,
+            Runner::Proxy(_) => Backend::Proxy,
+        }
+    }
+
+    fn mappings(&self) -> MappingSet {
+        match self {
+            Runner::Ebpf(scope) => scope.mappings(),
+            Runner::Proxy(p) => p.mappings.clone(),
+        }
+    }
+}
+
+/// The daemon's scopes on one pinned program set (and proxies).
 pub struct Core {
-    programs: Programs,
+    /// The program set, or why it could not be loaded (then only proxy
+    /// and `auto` scopes run).
+    programs: Result<Programs, String>,
+    pin_dir: PathBuf,
+    /// Where proxy-backed scopes run; made for the first one.
+    proxy_runtime: Option<tokio::runtime::Runtime>,
     config_path: PathBuf,
     state_path: PathBuf,
     scopes: BTreeMap<String, Managed>,
 }
+
+/// How long a proxy that replaces another waits for the old one's
+/// listeners to close (they close as soon as it is told to stop).
+const REBIND_PATIENCE: Duration = Duration::from_secs(2);
 
 /// A failed request: its kind and message.
 type Failure = (ErrorKind, String);
@@ -68,6 +125,13 @@ fn failure(e: Error) -> Failure {
         Error::ScopeNotFound { .. } => ErrorKind::NotFound,
         Error::Privileges { .. } => ErrorKind::Permission,
         Error::KernelUnsupported { .. } | Error::KernelFeature { .. } => ErrorKind::Kernel,
+        Error::EbpfUnavailable { .. } => ErrorKind::Kernel,
+        Error::Proxy(p) if p.is_permission() => ErrorKind::Permission,
+        Error::Proxy(ProxyError::Bind { cause, .. })
+            if cause.kind() == io::ErrorKind::AddrInUse =>
+        {
+            ErrorKind::Conflict
+        }
         _ => ErrorKind::Internal,
     };
     (kind, e.to_string())
@@ -104,13 +168,31 @@ impl Core {
     /// Loads (or adopts) the pinned program set and makes the scopes match
     /// the config plus the runtime scopes saved at `state_path`; pinned
     /// scopes that neither names are detached.
+    ///
+    /// When the programs cannot be loaded and no config scope insists on
+    /// `backend = "ebpf"`, the daemon starts anyway: `auto` scopes run on
+    /// the proxy, saying why.
     pub fn start(config_path: &Path, config: &Config, state_path: PathBuf) -> Result<Core, Error> {
-        let programs = Programs::load(&LoadOptions {
+        let programs = match Programs::load(&LoadOptions {
             pin_dir: Some(config.pin_dir.clone()),
             ebpf_debug_log: false,
-        })?;
+            // Containers come and go with inbound mappings: keep two
+            // steering instances loaded (a burst beyond that loads inline).
+            steer_pool: 2,
+        }) {
+            Ok(programs) => Ok(programs),
+            Err(e) if config.scopes.iter().any(|s| s.backend == Backend::Ebpf) => return Err(e),
+            Err(e) => {
+                log::warn!(
+                    "eBPF backend unavailable ({e}); scopes with backend auto fall back to the proxy"
+                );
+                Err(e.to_string())
+            }
+        };
         let mut core = Core {
             programs,
+            pin_dir: config.pin_dir.clone(),
+            proxy_runtime: None,
             config_path: config_path.to_path_buf(),
             state_path,
             scopes: BTreeMap::new(),
@@ -140,11 +222,13 @@ impl Core {
                 log::warn!("runtime scope {} could not be restored: {e}", spec.name());
             }
         }
-        for id in core.programs.unclaimed_pinned_scopes()? {
-            log::info!(
-                "removing pinned scope {id}: neither the config nor the runtime state names it"
-            );
-            core.programs.remove_pinned_scope(id)?;
+        if let Ok(programs) = &core.programs {
+            for id in programs.unclaimed_pinned_scopes()? {
+                log::info!(
+                    "removing pinned scope {id}: neither the config nor the runtime state names it"
+                );
+                programs.remove_pinned_scope(id)?;
+            }
         }
         core.save_runtime_scopes();
         Ok(core)
@@ -158,11 +242,65 @@ impl Core {
             )));
         }
         let mappings = super::config::parse_maps(&spec.maps)?;
-        let mut builder = self
+        let (runner, why) = match spec.backend {
+            Backend::Proxy => {
+                super::config::check_proxy_scope(&spec).map_err(Error::ScopeConflict)?;
+                (
+                    self.start_proxy(&name, mappings)?,
+                    "chosen with backend = \"proxy\"".to_owned(),
+                )
+            }
+            Backend::Ebpf => (
+                Runner::Ebpf(self.attach_ebpf(&spec, mappings)?),
+                "chosen with backend = \"ebpf\"".to_owned(),
+            ),
+            Backend::Auto => match self.attach_ebpf(&spec, mappings.clone()) {
+                Ok(scope) => (
+                    Runner::Ebpf(scope),
+                    "auto: its programs loaded and attached".to_owned(),
+                ),
+                Err(e) if may_fall_back(&spec, &e) => {
+                    log::warn!("scope {name}: eBPF unavailable ({e}); falling back to the proxy");
+                    (
+                        self.start_proxy(&name, mappings)?,
+                        format!("auto, because eBPF is unavailable: {e}"),
+                    )
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        log::info!(
+            "scope {name}: backend {} ({why})",
+            runner.backend().as_str()
+        );
+        self.scopes.insert(
+            name,
+            Managed {
+                spec,
+                origin,
+                runner,
+                why,
+                edited: false,
+            },
+        );
+        Ok(())
+    }
+
+    fn attach_ebpf(&self, spec: &ScopeSpec, mappings: MappingSet) -> Result<Scope, Error> {
+        let programs = self
             .programs
-            .scope(&spec.cgroup)
-            .name(name.clone())
-            .mappings(mappings);
+            .as_ref()
+            .map_err(|cause| Error::EbpfUnavailable {
+                scope: spec.name(),
+                cause: cause.clone(),
+            })?;
+        // A host-wide scope sits on the cgroup v2 root.
+        let cgroup = if spec.cgroup.as_os_str().is_empty() {
+            crate::cgroup::cgroup2_root()?
+        } else {
+            spec.cgroup.clone()
+        };
+        let mut builder = programs.scope(&cgroup).name(spec.name()).mappings(mappings);
         if let Some(netns) = &spec.netns {
             builder = builder.netns(netns);
         }
@@ -175,24 +313,106 @@ impl Core {
         if let Some(guard) = &spec.guard_cgroup {
             builder = builder.guard_cgroup(guard);
         }
+        let started = Instant::now();
         let scope = builder.allow_held_target(spec.allow_held_target).attach()?;
-        self.scopes.insert(
-            name,
-            Managed {
-                spec,
-                origin,
-                scope,
-                edited: false,
-            },
+        log::info!(
+            "scope {} attached to {} in {} µs",
+            spec.name(),
+            cgroup.display(),
+            started.elapsed().as_micros()
         );
-        Ok(())
+        Ok(scope)
+    }
+
+    /// Binds FROM of every mapping and runs a proxy for them on the core's
+    /// runtime. A proxy being replaced may still hold FROM for a moment:
+    /// binding is retried for up to [`REBIND_PATIENCE`].
+    fn start_proxy(&mut self, name: &str, mappings: MappingSet) -> Result<Runner, Error> {
+        if self.proxy_runtime.is_none() {
+            let runtime = crate::proxy::runtime()
+                .map_err(|e| Error::io("starting", "the proxy runtime", e))?;
+            self.proxy_runtime = Some(runtime);
+        }
+        let runtime = self.proxy_runtime.as_ref().expect("made above");
+        let _entered = runtime.enter();
+        let options = ProxyOptions {
+            splice: cfg!(target_os = "linux"),
+            ..ProxyOptions::default()
+        };
+        let deadline = Instant::now() + REBIND_PATIENCE;
+        let proxy = loop {
+            match Proxy::bind(&mappings, options.clone()) {
+                Ok(proxy) => break proxy,
+                Err(ProxyError::Bind { cause, .. })
+                    if cause.kind() == io::ErrorKind::AddrInUse && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let stats = proxy.stats();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let name = name.to_owned();
+        runtime.spawn(async move {
+            if let Err(e) = proxy
+                .run(async move {
+                    let _ = stopped.await;
+                })
+                .await
+            {
+                log::error!("scope {name}: the proxy stopped: {e}");
+            }
+        });
+        Ok(Runner::Proxy(ProxyScope {
+            mappings,
+            stats,
+            _stop: stop,
+        }))
     }
 
     fn detach(&mut self, name: &str) -> Result<(), Error> {
         let managed = self.scopes.remove(name).ok_or(Error::ScopeNotFound {
             name: name.to_owned(),
         })?;
-        managed.scope.detach()
+        match managed.runner {
+            Runner::Ebpf(scope) => scope.detach(),
+            // Dropping it stops it.
+            Runner::Proxy(_) => Ok(()),
+        }
+    }
+
+    /// Gives a proxy-backed scope a new set of mappings: its proxy is
+    /// replaced (connections in flight on the old one drain).
+    fn restart_proxy(&mut self, name: &str, mappings: MappingSet) -> Result<(), Error> {
+        let Some(managed) = self.scopes.get_mut(name) else {
+            return Err(Error::ScopeNotFound {
+                name: name.to_owned(),
+            });
+        };
+        let old = std::mem::replace(
+            &mut managed.runner,
+            Runner::Proxy(ProxyScope {
+                mappings: MappingSet::default(),
+                stats: Arc::default(),
+                _stop: tokio::sync::oneshot::channel().0,
+            }),
+        );
+        let old_mappings = old.mappings();
+        drop(old);
+        match self.start_proxy(name, mappings) {
+            Ok(runner) => {
+                self.scopes.get_mut(name).expect("present").runner = runner;
+                Ok(())
+            }
+            Err(e) => {
+                // Put the old mappings back if they still bind.
+                if let Ok(runner) = self.start_proxy(name, old_mappings) {
+                    self.scopes.get_mut(name).expect("present").runner = runner;
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Carries out one control request.
@@ -228,16 +448,35 @@ impl Core {
                 name: scope.to_owned(),
             })
         })?;
-        if add {
-            managed.scope.add(m).map_err(failure)?;
-        } else if managed.scope.remove(&m).map_err(failure)?.is_none() {
-            return Err((
+        let not_found = || {
+            (
                 ErrorKind::NotFound,
                 format!("scope {scope} has no mapping {mapping}"),
-            ));
+            )
+        };
+        match &managed.runner {
+            Runner::Ebpf(s) => {
+                if add {
+                    s.add(m).map_err(failure)?;
+                } else if s.remove(&m).map_err(failure)?.is_none() {
+                    return Err(not_found());
+                }
+            }
+            Runner::Proxy(p) => {
+                let mut mappings = p.mappings.clone();
+                if add {
+                    mappings
+                        .insert(m)
+                        .map_err(|e| (ErrorKind::Invalid, e.to_string()))?;
+                } else if mappings.remove(&m).is_none() {
+                    return Err(not_found());
+                }
+                self.restart_proxy(scope, mappings).map_err(failure)?;
+            }
         }
+        let managed = self.scopes.get_mut(scope).expect("present");
         managed.spec.maps = managed
-            .scope
+            .runner
             .mappings()
             .iter()
             .map(|m| m.to_string())
@@ -250,9 +489,11 @@ impl Core {
     }
 
     /// Re-reads the config file and applies the difference: config scopes
-    /// added, removed, re-attached when their cgroup, namespace or owner
-    /// changed, and otherwise only their mappings and grants changed (the
-    /// untouched ones keep their counters). A file with an error changes
+    /// added, removed, re-attached when their cgroup, namespace, owner or
+    /// backend changed (a proxy stopped and eBPF attached, or the other
+    /// way), and otherwise only their mappings and grants changed (the
+    /// untouched ones keep their counters; a proxy-backed scope whose
+    /// mappings changed gets a new proxy). A file with an error changes
     /// nothing.
     pub fn reload(&mut self) -> Result<Value, Failure> {
         let config = Config::load(&self.config_path).map_err(|e| {
@@ -303,36 +544,60 @@ impl Core {
             let same_place = current.spec.cgroup == spec.cgroup
                 && current.spec.netns == spec.netns
                 && current.spec.owner == spec.owner
-                && current.spec.guard_cgroup == spec.guard_cgroup;
+                && current.spec.guard_cgroup == spec.guard_cgroup
+                && current.spec.backend == spec.backend;
             if !same_place {
+                let was = current.runner.backend();
                 self.detach(&name).map_err(failure)?;
                 self.attach(spec, Origin::Config).map_err(failure)?;
-                changes.push(format!("re-attached scope {name}"));
+                let now = self.scopes[&name].runner.backend();
+                changes.push(if was == now {
+                    format!("re-attached scope {name}")
+                } else {
+                    format!(
+                        "re-attached scope {name} (backend {} → {})",
+                        was.as_str(),
+                        now.as_str()
+                    )
+                });
                 continue;
             }
             let want = super::config::parse_maps(&spec.maps)
                 .map_err(|e| (ErrorKind::Invalid, e.to_string()))?;
-            let have = current.scope.mappings();
+            let current_scope = match &current.runner {
+                Runner::Ebpf(scope) => scope,
+                Runner::Proxy(p) => {
+                    if p.mappings != want {
+                        self.restart_proxy(&name, want).map_err(failure)?;
+                        changes.push(format!("{name}: restarted its proxy with new mappings"));
+                    }
+                    let current = self.scopes.get_mut(&name).expect("present");
+                    current.spec = spec;
+                    current.edited = false;
+                    continue;
+                }
+            };
+            let have = current_scope.mappings();
             for m in have.iter() {
                 if want.get(&m) != Some(m) {
-                    current.scope.remove(&m).map_err(failure)?;
+                    current_scope.remove(&m).map_err(failure)?;
                     changes.push(format!("{name}: removed {m}"));
                 }
             }
             for m in want.iter() {
                 if have.get(&m) != Some(m) {
-                    current.scope.add(m).map_err(failure)?;
+                    current_scope.add(m).map_err(failure)?;
                     changes.push(format!("{name}: added {m}"));
                 }
             }
-            for port in current.scope.grants() {
+            for port in current_scope.grants() {
                 if !spec.grant.contains(&port) {
-                    current.scope.revoke(port).map_err(failure)?;
+                    current_scope.revoke(port).map_err(failure)?;
                     changes.push(format!("{name}: revoked {port}"));
                 }
             }
             for port in &spec.grant {
-                current.scope.grant(*port).map_err(failure)?;
+                current_scope.grant(*port).map_err(failure)?;
             }
             current.spec = spec;
             current.edited = false;
@@ -346,7 +611,10 @@ impl Core {
         let gone: Vec<String> = self
             .scopes
             .iter()
-            .filter(|(_, m)| !m.spec.cgroup.exists())
+            .filter(|(_, m)| {
+                // A proxy-backed scope has no cgroup to lose.
+                !m.spec.cgroup.as_os_str().is_empty() && !m.spec.cgroup.exists()
+            })
             .map(|(n, _)| n.clone())
             .collect();
         for name in &gone {
@@ -367,16 +635,34 @@ impl Core {
             .scopes
             .values()
             .map(|m| {
-                let stats = m.scope.stats().ok();
-                let mappings: Vec<MappingStatus> = stats
-                    .as_ref()
-                    .map(|s| {
-                        s.mappings
-                            .iter()
-                            .map(|(m, c)| MappingStatus::new(m, c))
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let (stats, proxy) = match &m.runner {
+                    Runner::Ebpf(scope) => (scope.stats().ok(), None),
+                    Runner::Proxy(p) => (None, Some(proxy_status(p))),
+                };
+                let mappings: Vec<Value> = match &m.runner {
+                    Runner::Ebpf(_) => stats
+                        .as_ref()
+                        .map(|s| {
+                            s.mappings
+                                .iter()
+                                .map(|(m, c)| json!(MappingStatus::new(m, c)))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    Runner::Proxy(p) => p
+                        .mappings
+                        .iter()
+                        .map(|m| {
+                            json!({
+                                "mapping": m.to_string(),
+                                "from": m.from,
+                                "to": m.to,
+                                "proto": m.proto.as_str(),
+                                "address": m.addr.map(|a| a.to_string()),
+                            })
+                        })
+                        .collect(),
+                };
                 let note = match (m.origin, m.edited) {
                     (Origin::Config, true) => Some(
                         "changed at run time: a reload resets it to the config file unless the \
@@ -394,9 +680,22 @@ impl Core {
                     "netns": m.spec.netns,
                     "owner": m.spec.owner,
                     "guard_cgroup": m.spec.guard_cgroup,
-                    "grants": m.scope.grants(),
-                    "held_targets": m.scope.held_targets(),
-                    "id": m.scope.id(),
+                    "held_targets": match &m.runner {
+                        Runner::Ebpf(scope) => scope.held_targets().to_vec(),
+                        Runner::Proxy(_) => Vec::new(),
+                    },
+                    "backend": m.runner.backend().as_str(),
+                    "backend_config": m.spec.backend.as_str(),
+                    "backend_reason": m.why,
+                    "grants": match &m.runner {
+                        Runner::Ebpf(scope) => scope.grants(),
+                        Runner::Proxy(_) => Vec::new(),
+                    },
+                    "id": match &m.runner {
+                        Runner::Ebpf(scope) => Some(scope.id()),
+                        Runner::Proxy(_) => None,
+                    },
+                    "proxy": proxy,
                     "links": stats.as_ref().map(|s| s.link_ids.clone()).unwrap_or_default(),
                     "mappings": mappings,
                     "note": note,
@@ -405,7 +704,9 @@ impl Core {
             .collect();
         let counters: BTreeMap<String, u64> = self
             .programs
-            .counters()
+            .as_ref()
+            .ok()
+            .and_then(|p| p.counters().ok())
             .map(|c| {
                 c.values
                     .into_iter()
@@ -417,23 +718,49 @@ impl Core {
             "daemon": {
                 "pid": std::process::id(),
                 "config": self.config_path,
-                "pin_dir": self.programs.pin_dir(),
+                "pin_dir": self.pin_dir,
+                "ebpf": match &self.programs {
+                    Ok(_) => json!({ "available": true }),
+                    Err(cause) => json!({ "available": false, "reason": cause }),
+                },
             },
             "scopes": scopes,
             "counters": counters,
         })
     }
 
-    /// The program set (for metrics).
-    pub fn programs(&self) -> &Programs {
-        &self.programs
+    /// The program set (for metrics), unless it could not be loaded.
+    pub fn programs(&self) -> Option<&Programs> {
+        self.programs.as_ref().ok()
     }
 
-    /// Each scope's name and stats (for metrics).
+    /// Each eBPF-backed scope's name and stats (for metrics).
     pub fn scope_stats(&self) -> Vec<crate::ScopeStats> {
         self.scopes
             .values()
-            .filter_map(|m| m.scope.stats().ok())
+            .filter_map(|m| match &m.runner {
+                Runner::Ebpf(scope) => scope.stats().ok(),
+                Runner::Proxy(_) => None,
+            })
+            .collect()
+    }
+
+    /// Each scope's name, the backend it runs on and why (for metrics).
+    pub fn backends(&self) -> Vec<(String, Backend, String)> {
+        self.scopes
+            .iter()
+            .map(|(name, m)| (name.clone(), m.runner.backend(), m.why.clone()))
+            .collect()
+    }
+
+    /// Each proxy-backed scope's name and counters (for metrics).
+    pub fn proxy_stats(&self) -> Vec<(String, Arc<Stats>)> {
+        self.scopes
+            .iter()
+            .filter_map(|(name, m)| match &m.runner {
+                Runner::Proxy(p) => Some((name.clone(), p.stats.clone())),
+                Runner::Ebpf(_) => None,
+            })
             .collect()
     }
 
@@ -460,7 +787,7 @@ impl Core {
             .map(|m| &m.spec)
             .collect();
         let tmp = self.state_path.with_extension("json.tmp");
-        let write = || -> std::io::Result<()> {
+        let write = || -> io::Result<()> {
             if let Some(dir) = self.state_path.parent() {
                 std::fs::create_dir_all(dir)?;
             }
@@ -474,4 +801,30 @@ impl Core {
             );
         }
     }
+}
+
+/// Whether an `auto` scope whose eBPF attach failed with `e` may run on
+/// the proxy instead: only a host-wide scope (a scoped redirect is never
+/// silently replaced with a host-wide listener, as in `redirect run`), and not
+/// for the caller's own mistakes (a bad mapping, a conflict), which the
+/// proxy would not fix.
+fn may_fall_back(spec: &ScopeSpec, e: &Error) -> bool {
+    let own_mistake =
+        e.is_bad_input() || matches!(e, Error::NotCgroup2 { .. } | Error::ScopeNotFound { .. });
+    super::config::is_host_wide(spec) && !own_mistake
+}
+
+/// A proxy's counters, as JSON.
+fn proxy_status(p: &ProxyScope) -> Value {
+    let s = &p.stats;
+    let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    json!({
+        "accepted": get(&s.accepted),
+        "active": get(&s.active),
+        "refused": get(&s.refused),
+        "connect_failed": get(&s.connect_failed),
+        "bytes_up": get(&s.bytes_up),
+        "bytes_down": get(&s.bytes_down),
+        "udp_sessions": get(&s.udp_sessions),
+    })
 }

@@ -13,7 +13,7 @@ use redirect_common::programs;
 
 use crate::cgroup::{ChildCgroup, cgroup2_root};
 
-use crate::ebpf::OBJECT;
+use crate::ebpf::object;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -187,7 +187,7 @@ pub fn try_all() -> Vec<HookResult> {
         loader.btf(None);
         loader.override_global("AYA_LOG_LEVEL", &0u8, true);
         let ebpf = loader
-            .load(OBJECT)
+            .load(object())
             .map_err(|e| format!("loading the object: {e}"))?;
         Ok((ebpf, cgroup, netns))
     })();

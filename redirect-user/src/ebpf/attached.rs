@@ -37,6 +37,9 @@ pub struct AttachedProgram {
     pub id: u32,
     /// The program's name as the kernel knows it (at most 15 bytes).
     pub name: String,
+    /// The program's tag: a hash of its instructions, the same for two
+    /// loads of one build, different for another build.
+    pub tag: u64,
 }
 
 /// The `union bpf_attr` member used by `BPF_PROG_QUERY`.
@@ -65,6 +68,7 @@ pub fn attached_programs(path: &Path) -> Result<Vec<AttachedProgram>> {
             hook,
             id,
             name: String::new(),
+            tag: 0,
         }));
     }
     if !found.is_empty() {
@@ -72,6 +76,7 @@ pub fn attached_programs(path: &Path) -> Result<Vec<AttachedProgram>> {
         for info in aya::programs::loaded_programs().filter_map(Result::ok) {
             for p in found.iter_mut().filter(|p| p.id == info.id()) {
                 p.name = info.name_as_str().unwrap_or_default().to_owned();
+                p.tag = info.tag();
             }
         }
     }

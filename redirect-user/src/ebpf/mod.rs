@@ -20,11 +20,14 @@ mod attached;
 mod established;
 pub mod holders;
 mod listeners;
+mod loader;
 pub mod pin;
 mod privileges;
 mod programs;
-pub(crate) use programs::OBJECT;
+pub use programs::OBJECT_ENV;
+pub(crate) use programs::object;
 mod scope;
+mod steering;
 
 use std::path::{Path, PathBuf};
 
@@ -261,6 +264,7 @@ impl Redirector {
         let programs = Programs::load(&LoadOptions {
             pin_dir: None,
             ebpf_debug_log: options.ebpf_debug_log,
+            steer_pool: 0,
         })?;
         let mut builder = programs.scope(dir.path()).mappings(mappings);
         if let Some(netns) = &options.netns {

@@ -32,7 +32,7 @@ use std::{
 
 use redirect_common::{
     GuardKey, LAYOUT_VERSION, MappingKey, MappingStats, MappingValue, Owner, RevNatKey,
-    RevNatValue, Reverse, ScopePort, Target, UdpBind, maps,
+    RevNatValue, Reverse, ScopePort, SteerConfig, Target, UdpBind, maps,
 };
 
 use crate::{Error, Result};
@@ -144,6 +144,7 @@ pub fn expected_sizes(name: &str) -> Option<(u32, u32)> {
         maps::COUNTERS => s(size_of::<u32>(), size_of::<u64>()),
         maps::LISTENERS => s(size_of::<u32>(), size_of::<u64>()),
         maps::GUARDS => s(size_of::<GuardKey>(), size_of::<u32>()),
+        maps::STEER => s(size_of::<u32>(), size_of::<SteerConfig>()),
         _ => None,
     }
 }

@@ -32,29 +32,71 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf,
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, PerCpuValues, SockHash},
-    programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, Program, SkLookup, SockOps, links::FdLink,
-    },
+    programs::{CgroupAttachMode, CgroupSockAddr, Program, links::FdLink},
 };
 use aya_log::EbpfLogger;
 use redirect_common::{
     ADDR_ANY, Addr, Counter, FLAG_SHARED_TO, FLAG_UDP_BIND, GLOBAL_UDP, GuardKey, MAX_LEVEL,
-    MAX_MAPPINGS, MAX_SCOPES, MappingKey, MappingStats, MappingValue, Owner, PROTO_ANY, PROTO_TCP,
-    PROTO_UDP, REVERSE_SHARED, Reverse, SHAPE_TARGET, ScopePort, Target, UdpBind, globals,
-    listener_key, maps, programs, shape,
+    MAX_MAPPINGS, MAX_SCOPE_DEPTHS, MAX_SCOPES, MappingKey, MappingStats, MappingValue, Owner,
+    PROTO_ANY, PROTO_TCP, PROTO_UDP, REVERSE_SHARED, Reverse, SHAPE_TARGET, ScopePort, Target,
+    UdpBind, globals, listener_key, maps, programs, shape,
 };
 
 use super::{
     Counters, Logger, MappingCounts, PortOwner, attach_error, check_privileges, listeners,
-    map_error, pin, probe_kernel, raise_memlock_limit,
+    map_error, pin, probe_kernel, raise_memlock_limit, steering::SteerPool,
 };
 use crate::{Error, Mapping, MappingSet, Proto, Result, cgroup::CgroupDir};
 
 /// The eBPF object built by build.rs from the `redirect-ebpf` crate.
-pub(crate) static OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect"));
+static EMBEDDED: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect"));
+
+/// The environment variable naming an eBPF object file to load instead of
+/// the embedded one: how the upgrade test runs the daemon on another
+/// build of the programs (tests/tests/upgrade.rs). The object must be a
+/// build of this version's `redirect-ebpf` (same maps and layout); a root
+/// process's environment is its own to set, so this grants nothing.
+pub const OBJECT_ENV: &str = "REDIRECT_EBPF_OBJECT";
+
+/// The object to load: the file [`OBJECT_ENV`] names, read once, or the
+/// embedded one (also when the file cannot be read, with a warning).
+pub(crate) fn object() -> &'static [u8] {
+    static OBJECT: std::sync::OnceLock<&'static [u8]> = std::sync::OnceLock::new();
+    OBJECT.get_or_init(|| {
+        let Some(path) = std::env::var_os(OBJECT_ENV) else {
+            return EMBEDDED;
+        };
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                log::info!(
+                    "loading the eBPF object {} ({OBJECT_ENV})",
+                    Path::new(&path).display()
+                );
+                // 8-byte aligned, as the ELF parser wants (a Vec<u8> is
+                // only guaranteed 1).
+                let mut words = vec![0u64; bytes.len().div_ceil(8)];
+                // SAFETY: u64 has no invalid bit patterns; the byte view
+                // covers exactly the words' memory.
+                let view = unsafe {
+                    std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8)
+                };
+                view[..bytes.len()].copy_from_slice(&bytes);
+                let words: &'static [u64] = Vec::leak(words);
+                // SAFETY: as above, read-only from now on.
+                unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), bytes.len()) }
+            }
+            Err(e) => {
+                log::warn!(
+                    "{OBJECT_ENV}={}: {e}; loading the embedded object",
+                    Path::new(&path).display()
+                );
+                EMBEDDED
+            }
+        }
+    })
+}
 
 /// The programs every scope links, in attach order: the reverse paths
 /// (getpeername, recvmsg) before the forward ones (connect, sendmsg), so
@@ -99,33 +141,11 @@ const SHARED_MAPS: [&str; 15] = [
     maps::GUARDS,
 ];
 
-/// The maps a steering instance really uses, and the size of each there.
-const STEER_MAPS: [(&str, u32); 6] = [
-    (maps::MAPPINGS, 1024),
-    // Written with the other per-port tables (unused by steering).
-    (maps::REVERSE, 1024),
-    (maps::PORTS, 1024),
-    (maps::TARGETS, 1024),
-    (maps::LISTENERS, 1024),
-    (maps::OWNERS, 1),
-];
-
-/// Maps a steering instance has (it is the same object) but never uses:
-/// made as small as the kernel allows.
-const STEER_UNUSED: [&str; 6] = [
-    maps::GUARDS,
-    maps::SCOPES,
-    maps::GRANTS,
-    maps::UDP_BINDS,
-    maps::REV_NAT,
-    maps::STATS,
-];
-
 /// aya's loader keeps `&'a` references to global values; these live for
 /// the whole program.
-static LOG_OFF: u8 = 0;
-static LOG_DEBUG: u8 = 4;
-static ONE: u8 = 1;
+pub(super) static LOG_OFF: u8 = 0;
+pub(super) static LOG_DEBUG: u8 = 4;
+pub(super) static ONE: u8 = 1;
 
 /// How to load the program set.
 #[derive(Clone, Debug, Default)]
@@ -139,6 +159,13 @@ pub struct LoadOptions {
     /// Log each rewrite from the eBPF side (aya-log, debug level). Off by
     /// default: the verifier then removes the logging code entirely.
     pub ebpf_debug_log: bool,
+    /// Steering instances (what a scope with a network namespace needs)
+    /// to keep loaded ahead of time, refilled on a thread of the program
+    /// set's own: a steered scope then attaches in well under a
+    /// millisecond instead of ~15 ms. For programs sets that add steered
+    /// scopes often (the daemon uses 2); 0, the default, loads each when
+    /// its scope is attached and starts no thread.
+    pub steer_pool: usize,
 }
 
 /// The loaded program set, shared by every [`Scope`](super::Scope) made
@@ -280,7 +307,7 @@ impl Slots {
 /// Everything behind the [`Programs`] lock.
 pub(super) struct Shared {
     ebpf: Ebpf,
-    loader: EbpfLoader<'static>,
+    steer_pool: Arc<SteerPool>,
     pin_dir: Option<PathBuf>,
     pub(super) scopes: BTreeMap<u32, ScopeState>,
     /// How many scopes sit at each cgroup depth (the LEVELS bitmask).
@@ -291,6 +318,12 @@ pub(super) struct Shared {
     /// removed mapping must still be found stale and deleted by recvmsg.
     udp_seen: bool,
     logger: Option<Logger>,
+    /// Possible CPUs (the per-CPU values' count), read once.
+    cpus: usize,
+    /// Scope ids in use: this process's scopes and those pinned (read once
+    /// at load, then kept up to date, so that a new scope's id is found
+    /// without walking the SCOPES map).
+    taken: HashSet<u32>,
 }
 
 impl Programs {
@@ -307,11 +340,8 @@ impl Programs {
         if let Some(dir) = &options.pin_dir {
             pin::prepare(dir)?;
         }
-        // EbpfLoader::new() parses the kernel's BTF (~30 ms), which these
-        // programs do not need; it is done once and the loader kept for
-        // the steering instances.
-        let mut loader = EbpfLoader::new();
-        loader.btf(None);
+        // Without parsing the kernel's BTF, which these programs do not need.
+        let mut loader = super::loader::without_kernel_btf();
         let level = if options.ebpf_debug_log {
             &LOG_DEBUG
         } else {
@@ -335,7 +365,9 @@ impl Programs {
             }
         }
         log::debug!("loading the eBPF object");
-        let mut ebpf = loader.load(OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
+        let mut ebpf = loader
+            .load(object())
+            .map_err(|e| Error::Load(Box::new(e)))?;
         let logger = if options.ebpf_debug_log {
             match EbpfLogger::init(&mut ebpf) {
                 Ok(logger) => Some(logger),
@@ -353,16 +385,36 @@ impl Programs {
                 .map_err(load_error(name))?;
         }
         let used = used_slots(&ebpf)?;
+        let cpus =
+            aya::util::nr_cpus().map_err(|(path, source)| Error::io("reading", path, source))?;
+        let mut taken: HashSet<u32> = map::<HashMap<_, u64, u32>>(&ebpf, maps::SCOPES)?
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(_, s)| s)
+            .collect();
+        if let Some(dir) = &options.pin_dir
+            && let Ok(entries) = std::fs::read_dir(pin::layout_dir(dir).join("scopes"))
+        {
+            taken.extend(
+                entries
+                    .flatten()
+                    .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok()),
+            );
+        }
+        let steer_pool = SteerPool::new(options.steer_pool, options.ebpf_debug_log, set_retval);
+        steer_pool.fill(std::time::Duration::ZERO);
         Ok(Programs {
             shared: Arc::new(Mutex::new(Shared {
                 ebpf,
-                loader,
+                steer_pool,
                 pin_dir: options.pin_dir.clone(),
                 scopes: BTreeMap::new(),
                 levels: [0; MAX_LEVEL as usize + 1],
                 slots: Slots::new(&used),
                 udp_seen: false,
                 logger,
+                cpus,
+                taken,
             })),
         })
     }
@@ -487,6 +539,16 @@ impl Shared {
                 cgroup.display()
             )));
         }
+        let depths = self.levels.iter().filter(|n| **n > 0).count() as u32;
+        if self.levels[level as usize] == 0 && depths >= MAX_SCOPE_DEPTHS {
+            return Err(Error::ScopeConflict(format!(
+                "scope {}: cgroup {} is {level} levels deep, and scopes already sit at \
+                 {MAX_SCOPE_DEPTHS} different depths, the most one program set serves; \
+                 put it beside an existing scope's cgroup (same depth)",
+                req.name,
+                cgroup.display()
+            )));
+        }
         let cgroup_id = std::fs::metadata(&cgroup)
             .map_err(|e| Error::io("reading", &cgroup, e))?
             .ino();
@@ -578,6 +640,9 @@ impl Shared {
         let result = self.build_scope(&mut scope, &dir, &req, adopted.is_some());
         match result {
             Ok(()) => {
+                if scope.steer.is_some() {
+                    self.steer_pool.refill();
+                }
                 self.scopes.insert(id, scope);
                 Ok(id)
             }
@@ -711,69 +776,30 @@ impl Shared {
         link_or_adopt(&mut self.ebpf, name, AttachTo::Cgroup(dir), pin_path)
     }
 
-    /// Loads the scope's steering instance (maps of its own, the scope id
-    /// as a constant); attaches nothing yet.
+    /// Gets the scope's steering instance (maps of its own; its `STEER`
+    /// map says which scope and namespace it serves) from the pool, or
+    /// loads it; attaches nothing yet.
     fn load_steer(&mut self, scope: &mut ScopeState, netns: &Path) -> Result<()> {
         let id = scope.id;
         let steer_dir = self
             .pin_dir
             .as_ref()
             .map(|d| pin::scope_dir(d, id).join("steer"));
-        for (name, size) in STEER_MAPS {
-            self.loader.map_max_entries(name, size);
-        }
-        for name in STEER_UNUSED {
-            self.loader.map_max_entries(name, 1);
-        }
-        self.loader
-            .override_global(globals::STEER_SCOPE, &SCOPE_IDS[id as usize], true);
-        // aya's loader keeps a reference to the value for its lifetime
-        // (the program set's); 8 bytes per steering instance loaded.
-        let cookie: &'static u64 = Box::leak(Box::new(super::netns_cookie(netns)?));
-        self.loader
-            .override_global(globals::STEER_NETNS, cookie, true);
-        // Pinned maps of a steering instance live in its own directory;
-        // the shared instance's paths must not leak into it.
-        let mut names: Vec<&'static str> = SHARED_MAPS.to_vec();
-        names.push(maps::LISTENERS);
         if let Some(dir) = &steer_dir {
-            let maps_dir = dir.join("maps");
-            std::fs::create_dir_all(&maps_dir).map_err(|e| Error::io("creating", &maps_dir, e))?;
-            std::fs::create_dir_all(dir.join("links"))
-                .map_err(|e| Error::io("creating", dir.join("links"), e))?;
-            for name in names {
-                let path = maps_dir.join(name);
-                pin::check_pinned_map(&path, name)?;
-                self.loader.map_pin_path(name, path);
+            for sub in ["maps", "links"] {
+                std::fs::create_dir_all(dir.join(sub))
+                    .map_err(|e| Error::io("creating", dir.join(sub), e))?;
             }
         }
-        let loaded = self.loader.load(OBJECT);
-        // Back to the shared instance's settings for the next load.
-        if let Some(dir) = &self.pin_dir {
-            for name in SHARED_MAPS {
-                self.loader.map_pin_path(name, pin::map_path(dir, name));
-            }
-        }
-        let mut steer = loaded.map_err(|e| Error::Load(Box::new(e)))?;
-        program::<SkLookup>(&mut steer, programs::STEER)?
-            .load()
-            .map_err(load_error(programs::STEER))?;
-        program::<SockOps>(&mut steer, programs::SOCK_LISTEN)?
-            .load()
-            .map_err(load_error(programs::SOCK_LISTEN))?;
-        for name in [programs::POST_BIND4, programs::POST_BIND6] {
-            program::<CgroupSock>(&mut steer, name)?
-                .load()
-                .map_err(load_error(name))?;
-        }
-        // The owner, for post_bind's marks and sock_ops' check.
-        if let Some(owner) = &scope.owner {
-            map_mut::<HashMap<_, u32, Owner>>(&mut steer, maps::OWNERS)?
-                .insert(id, owner.entry()?, 0)
-                .map_err(|e| map_error("writing", maps::OWNERS, e))?;
-        }
+        let owner = scope.owner.as_ref().map(|o| o.entry()).transpose()?;
+        let steer = self.steer_pool.instance(
+            id,
+            super::netns_cookie(netns)?,
+            owner,
+            steer_dir.map(|d| d.join("maps")).as_deref(),
+        )?;
         log::debug!(
-            "steering instance of scope {id} loaded for {}",
+            "steering instance of scope {id} ready for {}",
             netns.display()
         );
         scope.steer = Some(steer);
@@ -944,8 +970,12 @@ impl Shared {
             self.udp_seen = true;
             self.write_global()?;
         }
-        // A mapping that now shares its TO with this one needs its flag.
-        self.refresh_values(scope, m.to)?;
+        // A mapping that now shares its TO with this one needs its flag;
+        // only the second mapping to a TO changes the others' (a third
+        // finds them flagged already), so adding stays O(1) per mapping.
+        if scope.index.to(m.to).len() == 2 {
+            self.refresh_values(scope, m.to)?;
+        }
         if scope.netns.is_some() && !scope.links.is_empty() {
             self.register_existing(scope, &[m.to].into())?;
         }
@@ -1066,7 +1096,10 @@ impl Shared {
         if let Some(slot) = scope.slots.remove(&key) {
             self.slots.give_back(slot);
         }
-        self.refresh_values(scope, existing.to)?;
+        // The last mapping left on a TO loses its "shared" flag.
+        if scope.index.to(existing.to).len() == 1 {
+            self.refresh_values(scope, existing.to)?;
+        }
         self.guard_port(scope, existing.to)?;
         Ok(Some(existing))
     }
@@ -1128,6 +1161,7 @@ impl Shared {
         if let Some(dir) = &self.pin_dir {
             let _ = pin::reset(&pin::scope_dir(dir, id));
         }
+        self.taken.remove(&id);
         Ok(())
     }
 
@@ -1170,7 +1204,9 @@ impl Shared {
         purge!(maps::TARGETS, ScopePort, Target, |k: &ScopePort| k.scope);
         purge!(maps::GRANTS, ScopePort, u8, |k: &ScopePort| k.scope);
         purge!(maps::UDP_BINDS, ScopePort, UdpBind, |k: &ScopePort| k.scope);
+        purge!(maps::REVERSE, ScopePort, Reverse, |k: &ScopePort| k.scope);
         purge!(maps::OWNERS, u32, Owner, |k: &u32| *k);
+        self.taken.remove(&id);
         self.forget_guard(id)?;
         self.recompute_levels()?;
         Ok(())
@@ -1232,26 +1268,14 @@ impl Shared {
         }
     }
 
-    fn free_scope_id(&self) -> Result<u32> {
-        let scopes = map::<HashMap<_, u64, u32>>(&self.ebpf, maps::SCOPES)?;
-        let mut taken: HashSet<u32> = scopes
-            .iter()
-            .filter_map(|r| r.ok())
-            .map(|(_, s)| s)
-            .collect();
-        taken.extend(self.scopes.keys());
-        if let Some(dir) = &self.pin_dir
-            && let Ok(entries) = std::fs::read_dir(pin::layout_dir(dir).join("scopes"))
-        {
-            taken.extend(
-                entries
-                    .flatten()
-                    .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok()),
-            );
-        }
-        (1..MAX_SCOPES).find(|i| !taken.contains(i)).ok_or_else(|| {
-            Error::ScopeConflict(format!("at most {} scopes are supported", MAX_SCOPES - 1))
-        })
+    fn free_scope_id(&mut self) -> Result<u32> {
+        let id = (1..MAX_SCOPES)
+            .find(|i| !self.taken.contains(i) && !self.scopes.contains_key(i))
+            .ok_or_else(|| {
+                Error::ScopeConflict(format!("at most {} scopes are supported", MAX_SCOPES - 1))
+            })?;
+        self.taken.insert(id);
+        Ok(id)
     }
 
     fn pinned_mappings(&self, id: u32) -> Result<Vec<(MappingKey, MappingValue)>> {
@@ -1320,8 +1344,7 @@ impl Shared {
     /// Zeroes the stats of `slot` on every CPU and stamps its generation.
     fn reset_stats(&mut self, slot: Slot) -> Result<()> {
         let name = maps::STATS;
-        let cpus =
-            aya::util::nr_cpus().map_err(|(path, source)| Error::io("reading", path, source))?;
+        let cpus = self.cpus;
         let fresh = MappingStats {
             generation: slot.generation,
             ..MappingStats::default()
@@ -1333,18 +1356,6 @@ impl Shared {
             .map_err(|e| map_error("writing", name, e))
     }
 }
-
-/// `&'static` scope ids for the loader's `override_global`, which keeps
-/// references to global values.
-static SCOPE_IDS: [u32; MAX_SCOPES as usize] = {
-    let mut ids = [0u32; MAX_SCOPES as usize];
-    let mut i = 0;
-    while i < MAX_SCOPES as usize {
-        ids[i] = i as u32;
-        i += 1;
-    }
-    ids
-};
 
 /// Rewrites, from the scope's current mappings, PORTS for `from` and `to`,
 /// TARGETS and REVERSE for `to` (removing entries nothing uses any more).
@@ -1724,7 +1735,7 @@ fn remove_key<K: aya::Pod, V: aya::Pod>(
     }
 }
 
-fn load_error(program: &'static str) -> impl Fn(aya::programs::ProgramError) -> Error {
+pub(super) fn load_error(program: &'static str) -> impl Fn(aya::programs::ProgramError) -> Error {
     move |e| Error::LoadProgram {
         program,
         source: Box::new(e),
@@ -1748,7 +1759,7 @@ where
 }
 
 /// The map `name` of `ebpf`, as its typed view `M`.
-fn map_mut<'a, M>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<M>
+pub(super) fn map_mut<'a, M>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<M>
 where
     M: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
 {
@@ -1759,7 +1770,7 @@ where
 }
 
 /// The program `name` of `ebpf`, as its type `P`.
-fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P>
+pub(super) fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P>
 where
     &'a mut P: TryFrom<&'a mut Program, Error = aya::programs::ProgramError>,
 {
@@ -1864,7 +1875,7 @@ mod tests {
 
     #[test]
     fn embedded_object_has_every_shared_name() {
-        let obj = aya_obj::Object::parse(OBJECT).expect("parse embedded object");
+        let obj = aya_obj::Object::parse(EMBEDDED).expect("parse embedded object");
         for name in BIND_PROGRAMS
             .iter()
             .chain(&BASE_PROGRAMS)

@@ -285,6 +285,18 @@ impl Proxy {
     }
 }
 
+/// A tokio runtime for proxies that run beside other work (the daemon's
+/// proxy-backed scopes): its own worker threads, named `redirect-proxy`,
+/// with I/O and timers.
+pub fn runtime() -> io::Result<tokio::runtime::Runtime> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("redirect-proxy")
+        .enable_all()
+        .build()
+}
+
 /// The mapping's address, or the IPv6 wildcard (dual-stack where the OS
 /// allows; [`bind_tcp`] falls back to IPv4 when IPv6 is off).
 fn listen_addr(m: &Mapping) -> SocketAddr {

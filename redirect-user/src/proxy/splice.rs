@@ -2,20 +2,17 @@
 //! a pipe and from the pipe into the other socket, so the bytes never enter
 //! userspace.
 
-use std::{io, net::Shutdown, os::fd::OwnedFd, sync::atomic::AtomicU64};
+use std::{io, os::fd::OwnedFd, sync::atomic::AtomicU64};
 
 use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_setpipe_size, pipe_with, splice};
-use socket2::SockRef;
 use tokio::{io::Interest, net::TcpStream, time::Instant};
 
-use super::{
-    Stats,
-    tcp::{ignore_not_connected, touch},
-};
+use super::{Stats, tcp::touch};
 
-/// Copies `from` → `to` through a pipe of `size` bytes until end-of-file,
-/// then half-closes `to`. The pipe is made when the first data arrives, so
-/// an idle connection costs no pipe. Backpressure works as with a buffer:
+/// Copies `from` → `to` through a pipe of `size` bytes until end-of-file.
+/// The pipe is made when the first data arrives (the TCP pump calls this
+/// only once a direction turned out to be bulk), so an idle connection
+/// costs no pipe. Backpressure works as with a buffer:
 /// while the pipe cannot be emptied into `to`, nothing more is read.
 pub(super) async fn pump(
     from: &TcpStream,
@@ -49,12 +46,7 @@ pub(super) async fn pump(
             .map_err(io::Error::from)
         });
         let mut in_pipe = match moved {
-            Ok(0) => {
-                SockRef::from(to)
-                    .shutdown(Shutdown::Write)
-                    .or_else(ignore_not_connected)?;
-                return Ok(());
-            }
+            Ok(0) => return Ok(()),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),

@@ -2,12 +2,13 @@
 //! with half-close, backpressure and an idle timeout; drain on shutdown.
 
 use std::{
+    cell::RefCell,
     future::Future,
     io,
     net::{Shutdown, SocketAddr},
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -47,6 +48,16 @@ pub async fn run(
 ) -> Result<(), ProxyError> {
     let limit = Arc::new(Semaphore::new(options.max_connections));
     let mut conns = JoinSet::new();
+    // Accepted sockets inherit TCP_NODELAY from the listener (Linux and the
+    // BSDs): one setsockopt here instead of one per connection.
+    let inherit_nodelay = cfg!(any(target_os = "linux", target_os = "macos"))
+        && SockRef::from(&listener).set_tcp_nodelay(true).is_ok();
+    // A listener on one address knows every connection's local address:
+    // no getsockname per connection.
+    let fixed_local = listener
+        .local_addr()
+        .ok()
+        .filter(|a| !a.ip().is_unspecified());
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -78,7 +89,18 @@ pub async fn run(
                     continue;
                 };
                 Stats::add(&stats.accepted, 1);
-                conns.spawn(connection(client, peer, target, options.clone(), stats.clone(), permit));
+                if !inherit_nodelay {
+                    let _ = client.set_nodelay(true);
+                }
+                conns.spawn(connection(
+                    client,
+                    peer,
+                    fixed_local,
+                    target,
+                    options.clone(),
+                    stats.clone(),
+                    permit,
+                ));
             }
         }
     }
@@ -128,6 +150,7 @@ impl Drop for Active {
 async fn connection(
     client: TcpStream,
     peer: SocketAddr,
+    fixed_local: Option<SocketAddr>,
     target: Target,
     options: Arc<ProxyOptions>,
     stats: Arc<Stats>,
@@ -135,7 +158,7 @@ async fn connection(
 ) {
     Stats::add(&stats.active, 1);
     let _active = Active(stats.clone());
-    let local = match client.local_addr() {
+    let local = match fixed_local.map_or_else(|| client.local_addr(), Ok) {
         Ok(local) => local,
         Err(e) => {
             log::debug!("{peer}: getsockname: {e}");
@@ -143,7 +166,7 @@ async fn connection(
         }
     };
     let backend = target.resolve(local);
-    let mut upstream = match timeout(options.connect_timeout, TcpStream::connect(backend)).await {
+    let mut upstream = match timeout(options.connect_timeout, connect(backend)).await {
         Ok(Ok(upstream)) => upstream,
         Ok(Err(e)) => {
             Stats::add(&stats.connect_failed, 1);
@@ -158,8 +181,6 @@ async fn connection(
             return;
         }
     };
-    let _ = client.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
     if let Some(pp) = options.proxy_protocol {
         let header = pp.header(canonical(peer), canonical(local));
         if let Err(e) = upstream.write_all(&header).await {
@@ -201,44 +222,26 @@ async fn forward(
 ) -> io::Result<Ended> {
     let start = Instant::now();
     let activity = AtomicU64::new(0);
+    let one_done = AtomicBool::new(false);
     let both = async {
-        #[cfg(target_os = "linux")]
-        if options.splice {
-            return tokio::try_join!(
-                super::splice::pump(
-                    client,
-                    upstream,
-                    options.buffer_size,
-                    start,
-                    &activity,
-                    &stats.bytes_up
-                ),
-                super::splice::pump(
-                    upstream,
-                    client,
-                    options.buffer_size,
-                    start,
-                    &activity,
-                    &stats.bytes_down
-                ),
-            );
-        }
         tokio::try_join!(
-            pump(
+            direction(
                 client,
                 upstream,
-                options.buffer_size,
+                options,
                 start,
                 &activity,
-                &stats.bytes_up
+                &stats.bytes_up,
+                &one_done
             ),
-            pump(
+            direction(
                 upstream,
                 client,
-                options.buffer_size,
+                options,
                 start,
                 &activity,
-                &stats.bytes_down
+                &stats.bytes_down,
+                &one_done
             ),
         )
     };
@@ -269,15 +272,117 @@ pub(crate) fn touch(start: Instant, activity: &AtomicU64) {
     activity.store(ms, Ordering::Relaxed);
 }
 
-/// Copies `from` → `to` through a buffer of `size` bytes until end-of-file,
-/// then half-closes `to`.
+/// Opens a connection to `addr` with TCP_NODELAY set before the connect
+/// (request/response traffic is not held back by Nagle).
+async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_nodelay(true)?;
+    socket.connect(addr).await
+}
+
+/// One direction, `from` → `to`, until end-of-file; then `to` is
+/// half-closed (`shutdown(SHUT_WR)`), unless the other direction has ended
+/// already: both sockets are about to be closed, which sends the FIN
+/// anyway (no unread data is left on `to`, whose reading side is done), so
+/// the syscall is saved.
+async fn direction(
+    from: &TcpStream,
+    to: &TcpStream,
+    options: &ProxyOptions,
+    start: Instant,
+    activity: &AtomicU64,
+    bytes: &AtomicU64,
+    one_done: &AtomicBool,
+) -> io::Result<()> {
+    pump(from, to, options, start, activity, bytes).await?;
+    if !one_done.swap(true, Ordering::AcqRel) {
+        SockRef::from(to)
+            .shutdown(Shutdown::Write)
+            .or_else(ignore_not_connected)?;
+    }
+    Ok(())
+}
+
+/// Bytes read at a time before a direction counts as bulk.
+const SMALL: usize = 16 * 1024;
+
+thread_local! {
+    /// The buffer short messages pass through: read, then written at once,
+    /// so it is free again before the task yields. Only what `to` does not
+    /// take at once is copied out to the connection.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SMALL].into_boxed_slice());
+}
+
+/// Copies `from` → `to` until end-of-file.
+///
+/// Short messages (request/response, short connections) go through the
+/// thread's scratch buffer: no allocation and no pipe per connection. A
+/// read that fills the scratch buffer marks the direction as bulk; from
+/// then on it copies with `splice(2)` ([`ProxyOptions::splice`], Linux) or
+/// through a buffer of [`ProxyOptions::buffer_size`] bytes.
+///
+/// A write that cannot proceed (slow reader) stops the reads: memory
+/// stays bounded by one buffer per direction, and the kernel's socket
+/// buffers push back on the sender.
+async fn pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    options: &ProxyOptions,
+    start: Instant,
+    activity: &AtomicU64,
+    bytes: &AtomicU64,
+) -> io::Result<()> {
+    loop {
+        from.readable().await?;
+        let mut pending: Vec<u8> = Vec::new();
+        let read = SCRATCH.with_borrow_mut(|buf| {
+            let n = match from.try_read(buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let mut sent = 0;
+            while sent < n {
+                match to.try_write(&buf[sent..n]) {
+                    Ok(k) => sent += k,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            pending.extend_from_slice(&buf[sent..n]);
+            Ok(Some(n))
+        })?;
+        let n = match read {
+            None => continue,
+            Some(0) => return Ok(()),
+            Some(n) => n,
+        };
+        touch(start, activity);
+        if !pending.is_empty() {
+            write_all(to, &pending).await?;
+            touch(start, activity);
+        }
+        Stats::add(bytes, n as u64);
+        if n == SMALL {
+            #[cfg(target_os = "linux")]
+            if options.splice {
+                return super::splice::pump(from, to, options.buffer_size, start, activity, bytes)
+                    .await;
+            }
+            return buffered(from, to, options.buffer_size, start, activity, bytes).await;
+        }
+    }
+}
+
+/// Copies `from` → `to` through a buffer of `size` bytes until end-of-file
+/// (a bulk direction without splice).
 ///
 /// The buffer is allocated when data arrives and freed once `from` has
-/// nothing more to read, so an idle connection holds no buffer. A write
-/// that cannot proceed (slow reader) stops the reads: memory stays bounded
-/// by one buffer per direction, and the kernel's socket buffers push back
-/// on the sender.
-async fn pump(
+/// nothing more to read, so an idle connection holds no buffer.
+async fn buffered(
     from: &TcpStream,
     to: &TcpStream,
     size: usize,
@@ -292,12 +397,7 @@ async fn pump(
             buf = vec![0; size];
         }
         match from.try_read(&mut buf) {
-            Ok(0) => {
-                SockRef::from(to)
-                    .shutdown(Shutdown::Write)
-                    .or_else(ignore_not_connected)?;
-                return Ok(());
-            }
+            Ok(0) => return Ok(()),
             Ok(n) => {
                 touch(start, activity);
                 write_all(to, &buf[..n]).await?;

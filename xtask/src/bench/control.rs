@@ -11,15 +11,21 @@
 //! measured by a `bench-agent` verb, as `add-mapping` is, so that xtask
 //! keeps linking no workspace crate.
 //!
-//! Measured: `Redirector::insert` (`add-mapping`), and the library's
-//! loaded program set attaching scopes and adding mappings to one
-//! (`add-scope`, a lower bound for the daemon). Planned here (issue 10):
-//! the same through a running daemon's control socket (≤ 2 ms p50 per
-//! scope, ≤ 100 µs p50 per mapping), and the connection rate through one
-//! of 1,000 attached scopes against that with one (a ratio, measured like
-//! `workloads::conn_rate_with_mappings`).
+//! Measured: `Redirector::insert` (`add-mapping`), the library's loaded
+//! program set attaching scopes and adding mappings to one (`add-scope`),
+//! and a running `redirect daemon` (`daemon`): its cold start, scopes and
+//! mappings added through its control socket, its RSS, and 100 stand-in
+//! containers through `redirect oci-hook` (the hook's time, the daemon's
+//! RSS and pinned links before and after).
 
-use super::{env::Env, report::ADD_MAPPING, workloads::field};
+use super::{
+    env::Env,
+    report::{
+        ADD_MAPPING, DAEMON_ADD, DAEMON_COLD, DAEMON_RSS, DAEMON_SCOPE, HOOK_CREATE,
+        HOOK_LINKS_AFTER, HOOK_LINKS_BEFORE, HOOK_RSS_AFTER, HOOK_RSS_BEFORE,
+    },
+    workloads::field,
+};
 
 /// One control-plane timing.
 pub trait ControlWorkload {
@@ -29,7 +35,48 @@ pub trait ControlWorkload {
 
 /// Every control-plane workload.
 pub fn all() -> Vec<Box<dyn ControlWorkload>> {
-    vec![Box::new(AddMapping), Box::new(AddScope)]
+    vec![Box::new(AddMapping), Box::new(AddScope), Box::new(Daemon)]
+}
+
+/// `redirect daemon` with one configured scope: cold start, 100 scopes and
+/// 200 mappings added through the control socket, then 100 stand-in
+/// containers (a process in a cgroup and network namespace of its own)
+/// through `redirect oci-hook` createRuntime and poststop, as runc calls
+/// it, 25 ms apart (what a runtime spends around the hook).
+struct Daemon;
+
+impl ControlWorkload for Daemon {
+    fn run(&self, env: &Env) -> anyhow::Result<Vec<(&'static str, f64)>> {
+        let agent = env.bench_agent.display().to_string();
+        let redirect = env.redirect.display().to_string();
+        let parent = env.cgroup.display().to_string();
+        let line = super::env::output(
+            env.host_command(&[&agent, "daemon", &redirect, &parent, "100", "100"]),
+        )?;
+        Ok(vec![
+            (DAEMON_COLD, field(&line, "cold_us")?),
+            (DAEMON_SCOPE, field(&line, "scope_p50")?),
+            (
+                "daemon: add a scope via the control socket (p99, µs)",
+                field(&line, "scope_p99")?,
+            ),
+            (DAEMON_ADD, field(&line, "add_p50")?),
+            (
+                "daemon: add a mapping via the control socket (p99, µs)",
+                field(&line, "add_p99")?,
+            ),
+            (DAEMON_RSS, field(&line, "rss_scopes_kib")?),
+            (HOOK_CREATE, field(&line, "hook_p50")?),
+            (
+                "oci-hook createRuntime, start to exit (p99, µs)",
+                field(&line, "hook_p99")?,
+            ),
+            (HOOK_RSS_BEFORE, field(&line, "rss_before_kib")?),
+            (HOOK_RSS_AFTER, field(&line, "rss_after_kib")?),
+            (HOOK_LINKS_BEFORE, field(&line, "links_before")?),
+            (HOOK_LINKS_AFTER, field(&line, "links_after")?),
+        ])
+    }
 }
 
 /// The library's loaded program set (what the daemon holds): load once,

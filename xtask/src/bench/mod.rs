@@ -69,6 +69,9 @@ pub struct Options {
 /// Filler mappings installed besides the measured one, for the
 /// "connection rate with 1, 100 and 10,000 mappings" workload.
 const MAPPING_COUNTS: [u32; 3] = [1, 100, 10_000];
+/// Scopes of one program set for the scope-scale workload (issue 10:
+/// through one of 1,000 against one of one).
+const SCOPE_COUNTS: [u32; 2] = [1, 1_000];
 
 pub fn run(opts: Options) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -287,6 +290,18 @@ fn measure_all(
                 }
             }
             results.push_scale(&rates);
+            let mut counts = SCOPE_COUNTS;
+            counts.rotate_left(round % SCOPE_COUNTS.len());
+            let mut rates = BTreeMap::new();
+            for count in counts {
+                match workloads::conn_rate_with_scopes(env, count - 1, d) {
+                    Ok(rate) => {
+                        rates.insert(count, rate);
+                    }
+                    Err(e) => results.notes.push(format!("round {}: {e:#}", round + 1)),
+                }
+            }
+            results.push_scope_scale(&rates);
             for w in control::all() {
                 match w.run(env) {
                     Ok(figures) => {

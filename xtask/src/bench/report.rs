@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use super::{
-    MAPPING_COUNTS,
+    MAPPING_COUNTS, SCOPE_COUNTS,
     bpfstats::Cost,
     paths::BenchPath,
     workloads::{Durations, Metric},
@@ -63,6 +63,11 @@ pub struct Results {
     pub scale: BTreeMap<u32, Vec<f64>>,
     /// Connection rate with N mappings over that with 1, per repetition.
     pub scale_ratios: BTreeMap<u32, Vec<f64>>,
+    /// Connection rate through one of N scopes of one program set,
+    /// absolute, per repetition.
+    pub scope_scale: BTreeMap<u32, Vec<f64>>,
+    /// The same over that with 1 scope, per repetition.
+    pub scope_scale_ratios: BTreeMap<u32, Vec<f64>>,
     /// Kernel, cores, CPU.
     pub machine: String,
     /// Wall-clock time of the whole run.
@@ -129,6 +134,19 @@ impl Results {
             self.scale.entry(*count).or_default().push(*rate);
             if base > 0.0 {
                 self.scale_ratios
+                    .entry(*count)
+                    .or_default()
+                    .push(rate / base);
+            }
+        }
+    }
+
+    pub fn push_scope_scale(&mut self, rates: &BTreeMap<u32, f64>) {
+        let base = rates.get(&SCOPE_COUNTS[0]).copied().unwrap_or(0.0);
+        for (count, rate) in rates {
+            self.scope_scale.entry(*count).or_default().push(*rate);
+            if base > 0.0 {
+                self.scope_scale_ratios
                     .entry(*count)
                     .or_default()
                     .push(rate / base);
@@ -457,6 +475,82 @@ pub fn targets(r: &Results) -> Vec<Target> {
             });
         }
     }
+    if let Some(v) = r.scope_scale_ratios.get(&SCOPE_COUNTS[1]) {
+        let s = Stat::of(v);
+        out.push(Target {
+            text: format!(
+                "connection rate through one of {} scopes ≥ 0.98× that with 1: {:.3}×{}",
+                SCOPE_COUNTS[1],
+                s.median,
+                noise_note(r.noise(Metric::ConnRate))
+            ),
+            verdict: judge(s.median, 0.98, true, r.noise(Metric::ConnRate)),
+        });
+    }
+    // The daemon and the OCI hook (issues 10 and 13).
+    for (name, limit, what) in [
+        (
+            DAEMON_COLD,
+            40_000.0,
+            "daemon cold start (load + one scope) ≤ 40 ms",
+        ),
+        (
+            DAEMON_SCOPE,
+            2_000.0,
+            "adding a scope to a running daemon ≤ 2 ms (p50, control socket)",
+        ),
+        (
+            DAEMON_ADD,
+            100.0,
+            "adding a mapping to a running daemon ≤ 100 µs (p50, control socket)",
+        ),
+        (
+            HOOK_CREATE,
+            5_000.0,
+            "time the OCI hook adds to a container's creation ≤ 5 ms (p50)",
+        ),
+    ] {
+        if let Some(v) = r.control.get(name) {
+            let s = Stat::of(v);
+            out.push(Target {
+                text: format!("{what}: {} µs", num(s.median)),
+                verdict: judge(s.median, limit, false, None),
+            });
+        }
+    }
+    if let Some(v) = r.control.get(DAEMON_RSS) {
+        let s = Stat::of(v);
+        out.push(Target {
+            text: format!("daemon RSS with 100 scopes ≤ 8 MiB: {} KiB", num(s.median)),
+            verdict: judge(s.median, 8192.0, false, None),
+        });
+    }
+    if let (Some(before), Some(after)) = (
+        r.control.get(HOOK_RSS_BEFORE),
+        r.control.get(HOOK_RSS_AFTER),
+    ) {
+        let (b, a) = (Stat::of(before).median, Stat::of(after).median);
+        out.push(Target {
+            text: format!(
+                "100 containers leave the daemon's RSS where it started (within 5 %): {} → {} KiB",
+                num(b),
+                num(a)
+            ),
+            verdict: judge(a, b * 1.05, false, None),
+        });
+    }
+    if let (Some(before), Some(after)) = (
+        r.control.get(HOOK_LINKS_BEFORE),
+        r.control.get(HOOK_LINKS_AFTER),
+    ) {
+        let (b, a) = (Stat::of(before).max, Stat::of(after).max);
+        out.push(Target {
+            text: format!(
+                "100 containers leave the number of pinned links where it started: {b:.0} → {a:.0}"
+            ),
+            verdict: judge(a, b, false, None),
+        });
+    }
     if let Some(v) = r.scale_ratios.get(&MAPPING_COUNTS[2]) {
         let s = Stat::of(v);
         out.push(Target {
@@ -471,6 +565,25 @@ pub fn targets(r: &Results) -> Vec<Target> {
     }
     out
 }
+
+/// Control-plane figures of the daemon workload (`control::Daemon`).
+pub const DAEMON_COLD: &str = "daemon: cold start, load + one scope (µs)";
+/// See [`DAEMON_COLD`].
+pub const DAEMON_SCOPE: &str = "daemon: add a scope via the control socket (p50, µs)";
+/// See [`DAEMON_COLD`].
+pub const DAEMON_ADD: &str = "daemon: add a mapping via the control socket (p50, µs)";
+/// See [`DAEMON_COLD`].
+pub const DAEMON_RSS: &str = "daemon: RSS with 101 scopes (KiB)";
+/// See [`DAEMON_COLD`].
+pub const HOOK_CREATE: &str = "oci-hook createRuntime, start to exit (p50, µs)";
+/// See [`DAEMON_COLD`].
+pub const HOOK_RSS_BEFORE: &str = "daemon: RSS before 100 containers (KiB)";
+/// See [`DAEMON_COLD`].
+pub const HOOK_RSS_AFTER: &str = "daemon: RSS after 100 containers (KiB)";
+/// See [`DAEMON_COLD`].
+pub const HOOK_LINKS_BEFORE: &str = "daemon: pinned links before 100 containers";
+/// See [`DAEMON_COLD`].
+pub const HOOK_LINKS_AFTER: &str = "daemon: pinned links after 100 containers";
 
 /// Name of the control-plane timing of `Redirector::insert`.
 pub const ADD_MAPPING: &str = "add a mapping (p50)";
@@ -620,7 +733,7 @@ pub fn markdown(r: &Results) -> String {
 
     s += "\n## Control plane\n\nTimings of changing what is redirected, µs, median \
           (trimmed min–max) over the rounds that ran them (see \"Adding a control-plane \
-          workload\" in docs/BENCHMARKS.md).\n\n| workload | µs |\n|---|---|\n";
+          workload\" in docs/BENCHMARKS.md); in µs unless the name says otherwise.\n\n| workload | value |\n|---|---|\n";
     for (name, v) in &r.control {
         let st = Stat::of(v);
         s += &format!(
@@ -635,6 +748,16 @@ pub fn markdown(r: &Results) -> String {
     for (count, v) in &r.scale {
         let ratio = r
             .scale_ratios
+            .get(count)
+            .map_or("–".into(), |v| Stat::of(v).ratio_cell());
+        s += &format!("| {count} | {} | {ratio} |\n", num(Stat::of(v).median));
+    }
+
+    s += "\nConnection rate through redirect with its scope one of N scopes of one loaded \
+          program set (ratio to 1 scope, same round):\n\n| scopes | conn/s | ratio to 1 |\n|---|---|---|\n";
+    for (count, v) in &r.scope_scale {
+        let ratio = r
+            .scope_scale_ratios
             .get(count)
             .map_or("–".into(), |v| Stat::of(v).ratio_cell());
         s += &format!("| {count} | {} | {ratio} |\n", num(Stat::of(v).median));

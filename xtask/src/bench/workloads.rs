@@ -431,18 +431,52 @@ const HOLD_TIMEOUT: Duration = Duration::from_secs(20);
 /// Connection rate through `redirect` with `extra` filler mappings
 /// installed besides the measured one.
 pub fn conn_rate_with_mappings(env: &Env, extra: u32, d: Durations) -> anyhow::Result<f64> {
-    use std::io::{BufRead as _, BufReader};
     let agent = env.bench_agent.display().to_string();
     let cgroup = env.cgroup.display().to_string();
     let mapping = format!("{}:{}", ECHO.0, ECHO.1);
     let extra_s = extra.to_string();
+    let what = format!("attaching redirect with {} mappings", extra + 1);
+    conn_rate_holding(
+        env,
+        &[&agent, "hold-mappings", &cgroup, &mapping, &extra_s],
+        &what,
+        d,
+    )
+}
+
+/// Connection rate through `redirect` whose scope is one of `extra` + 1
+/// scopes of one program set (the others on sibling cgroups).
+pub fn conn_rate_with_scopes(env: &Env, extra: u32, d: Durations) -> anyhow::Result<f64> {
+    let agent = env.bench_agent.display().to_string();
+    let cgroup = env.cgroup.display().to_string();
+    let parent = env
+        .cgroup
+        .parent()
+        .context("the bench cgroup has a parent")?
+        .display()
+        .to_string();
+    let mapping = format!("{}:{}", ECHO.0, ECHO.1);
+    let extra_s = extra.to_string();
+    let what = format!("attaching {} scopes", extra + 1);
+    conn_rate_holding(
+        env,
+        &[&agent, "hold-scopes", &cgroup, &mapping, &extra_s, &parent],
+        &what,
+        d,
+    )
+}
+
+/// Starts a `bench-agent hold-*` command, waits (bounded) for its
+/// `ready`, measures the local connection rate, and lets it go.
+fn conn_rate_holding(env: &Env, command: &[&str], what: &str, d: Durations) -> anyhow::Result<f64> {
+    use std::io::{BufRead as _, BufReader};
     let mut holder = env
-        .host_command(&[&agent, "hold-mappings", &cgroup, &mapping, &extra_s])
+        .host_command(command)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
-        .context("starting hold-mappings")?;
-    // Bounded: attaching with many mappings must not hang the run.
+        .with_context(|| format!("starting {}", command[1]))?;
+    // Bounded: attaching must not hang the run.
     let stdout = holder.stdout.take().context("stdout")?;
     let (tx, rx) = std::sync::mpsc::channel();
     thread::spawn(move || {
@@ -450,22 +484,20 @@ pub fn conn_rate_with_mappings(env: &Env, extra: u32, d: Durations) -> anyhow::R
         let _ = BufReader::new(stdout).read_line(&mut line);
         let _ = tx.send(line);
     });
-    let line = match rx.recv_timeout(HOLD_TIMEOUT) {
-        Ok(line) if line.trim() == "ready" => line,
+    match rx.recv_timeout(HOLD_TIMEOUT) {
+        Ok(line) if line.trim() == "ready" => {}
         other => {
             let _ = holder.kill();
             let _ = holder.wait();
             anyhow::bail!(
-                "attaching redirect with {} mappings: {}",
-                extra + 1,
+                "{what}: {}",
                 match other {
-                    Ok(line) => format!("hold-mappings said {line:?}"),
+                    Ok(line) => format!("{} said {line:?}", command[1]),
                     Err(_) => format!("not ready after {} s", HOLD_TIMEOUT.as_secs()),
                 }
             );
         }
-    };
-    let _ = line;
+    }
     let result = conn_rate(env, Side::Local, ECHO.0, d.conn_secs).map(|c| c.rate);
     drop(holder.stdin.take());
     let _ = holder.wait();

@@ -21,6 +21,15 @@
 //! bench-agent add-scope CGROUP N         load the program set once, then time
 //!                                        attaching N scopes (children of
 //!                                        CGROUP) and 200 mapping adds to one
+//! bench-agent hold-scopes CGROUP FROM:TO EXTRA PARENT
+//!                                        one program set: CGROUP's scope and
+//!                                        EXTRA more (children of PARENT);
+//!                                        `ready`, hold until stdin closes
+//! bench-agent daemon REDIRECT PARENT SCOPES CONTAINERS
+//!                                        `REDIRECT daemon`: cold start, SCOPES
+//!                                        scopes and 200 mappings through its
+//!                                        socket, CONTAINERS stand-in
+//!                                        containers through `oci-hook`
 //! ```
 //!
 //! # The TCP protocol
@@ -49,6 +58,8 @@
 //! run sees the same placement: unpinned, the scheduler sometimes puts them
 //! on one CPU and sometimes on two, and the median moved by 13× between
 //! two identical runs.
+
+mod daemon;
 
 use std::{
     io::{self, BufRead as _, ErrorKind, Read as _, Write as _},
@@ -107,6 +118,15 @@ fn main() {
         "hold-mappings" => hold_mappings(arg(1), arg(2), arg(3).parse().expect("EXTRA")),
         "add-mapping" => add_mapping(arg(1), arg(2).parse().expect("N")),
         "add-scope" => add_scope(arg(1), arg(2).parse().expect("N")),
+        "hold-scopes" => {
+            daemon::hold_scopes(arg(1), arg(2), arg(3).parse().expect("EXTRA"), arg(4))
+        }
+        "daemon" => daemon::daemon(
+            arg(1),
+            arg(2),
+            arg(3).parse().expect("SCOPES"),
+            arg(4).parse().expect("CONTAINERS"),
+        ),
         _ => usage(),
     }
 }

@@ -1,0 +1,122 @@
+//! Upgrading the daemon to another build of the programs: the new programs
+//! replace the old ones behind the same links (`BPF_LINK_UPDATE`), with
+//! zero failed connections.
+//!
+//! The other build is the eBPF object with the `upgrade-test` feature
+//! (connect4/6 differ by one harmless helper call), which `cargo xtask
+//! test` builds and names in `REDIRECT_TEST_UPGRADE_OBJECT`; the daemon
+//! loads it through `REDIRECT_EBPF_OBJECT`.
+
+use std::{
+    collections::BTreeMap,
+    ffi::OsString,
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use redirect_tests::{
+    Pair, RedirectProcess, Spawn, binary,
+    daemon::TestDaemon,
+    parse_probe, privileged, probe,
+    redirect::ebpf::{OBJECT_ENV, attached_programs},
+    test_cgroup,
+};
+
+/// The upgrade object `cargo xtask test` built; required under CI.
+fn upgrade_object() -> Option<PathBuf> {
+    let path = std::env::var_os("REDIRECT_TEST_UPGRADE_OBJECT").map(PathBuf::from);
+    match path {
+        Some(p) if p.exists() => Some(p),
+        _ => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true: REDIRECT_TEST_UPGRADE_OBJECT names no file; run `cargo xtask test`"
+            );
+            eprintln!("skipped: REDIRECT_TEST_UPGRADE_OBJECT unset (run `cargo xtask test`)");
+            None
+        }
+    }
+}
+
+/// hook → (program id, tag) of every program attached to `cgroup`.
+fn programs(cgroup: &std::path::Path) -> BTreeMap<&'static str, (u32, u64)> {
+    attached_programs(cgroup)
+        .unwrap()
+        .into_iter()
+        .map(|p| (p.hook, (p.id, p.tag)))
+        .collect()
+}
+
+#[test]
+fn an_upgrade_replaces_the_programs_in_place_without_a_failed_connection() {
+    if !privileged("an_upgrade_replaces_the_programs_in_place_without_a_failed_connection") {
+        return;
+    }
+    let Some(object) = upgrade_object() else {
+        return;
+    };
+    let cg = test_cgroup("daemon-upgrade-build");
+    let pair = Pair::tcp("127.0.0.1");
+    let scopes = format!(
+        "[[scope]]\nname = \"web\"\ncgroup = {:?}\nmaps = [{:?}]\n",
+        cg.path().display().to_string(),
+        pair.mapping()
+    );
+    let mut daemon = TestDaemon::start("upgrade-build", "", &scopes);
+    let links = |d: &TestDaemon| d.status()["scopes"][0]["links"].clone();
+    let (links_before, before) = (links(&daemon), programs(cg.path()));
+
+    // A client loop in the scope, through the upgrade.
+    let mut loop_cmd = Command::new(binary("probe"));
+    loop_cmd
+        .args(["loop", &pair.decoy.addr.to_string(), "2.5"])
+        .stdout(Stdio::piped());
+    Spawn {
+        cgroup: Some(&cg),
+        unprivileged: true,
+    }
+    .apply(&mut loop_cmd);
+    let client = loop_cmd.spawn().expect("start the probe loop");
+    std::thread::sleep(Duration::from_millis(500));
+    daemon.kill();
+    let mut env_arg = OsString::from(format!("{OBJECT_ENV}="));
+    env_arg.push(&object);
+    let mut upgraded = RedirectProcess::start_program(
+        "env",
+        [
+            env_arg,
+            binary("redirect").into_os_string(),
+            "daemon".into(),
+            "--config".into(),
+            daemon.config.clone().into_os_string(),
+        ],
+    );
+    upgraded.wait_ready();
+    daemon.process = Some(upgraded);
+
+    let report = parse_probe(&client.wait_with_output().unwrap());
+    assert_eq!(
+        report.get("failed"),
+        "0",
+        "no connection may fail: {report:?}"
+    );
+    assert_eq!(links(&daemon), links_before, "the same links");
+    let after = programs(cg.path());
+    assert_eq!(
+        after.keys().collect::<Vec<_>>(),
+        before.keys().collect::<Vec<_>>(),
+        "the same hooks, once each"
+    );
+    for (hook, (id, tag)) in &after {
+        let (old_id, old_tag) = before[hook];
+        assert_ne!(*id, old_id, "{hook}: a new program behind the link");
+        if hook.starts_with("connect") {
+            assert_ne!(*tag, old_tag, "{hook}: the other build's code runs");
+        } else {
+            assert_eq!(*tag, old_tag, "{hook}: the same code as before");
+        }
+    }
+    let r = probe(Some(&cg), "tcp", pair.decoy.addr);
+    assert!(r.reply().starts_with("to:"), "still redirected: {r:?}");
+}
