@@ -18,14 +18,17 @@
 //!
 //! The common case costs a few syscalls per namespace: a bind of TO on
 //! the wildcard address (no `SO_REUSEADDR`) that succeeds proves nothing
-//! holds it. Only when it fails are `/proc/net/{tcp,udp}{,6}` read (for
-//! listening TCP and bound UDP sockets) and the processes' fds walked; a
-//! TCP socket that is bound but not listening is in none of those
-//! tables, so an inet socket found in no table is duplicated
-//! (`pidfd_getfd`) and asked its address.
+//! holds it (the probe socket holds the port for the length of a `bind`
+//! and a `close`). Only when it fails are the fds of the namespace's
+//! processes walked, the owner's skipped: each inet socket among them
+//! (`/proc/net/{unix,netlink}` name the others) is duplicated with
+//! `pidfd_getfd` and asked its address and state. `/proc/net/tcp` is not
+//! read: the kernel lists every connection there, which on a busy host
+//! takes longer than asking the few sockets of the processes that are not
+//! the owner.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashSet},
     fmt,
     fs::{self, File},
     io,
@@ -125,11 +128,17 @@ pub struct Findings {
 }
 
 /// The sockets on the TO ports of `mappings` held in the network
-/// namespaces the scope serves: `netns` if given, and those of the
-/// processes of `cgroup` (with neither, this process's own); and the TO
-/// ports autobind may hand out there. A namespace that cannot be entered
-/// is skipped with a warning.
-pub fn find(cgroup: &Path, netns: Option<&Path>, mappings: &MappingSet) -> Findings {
+/// namespaces the scope serves (`netns` if given, and those of the
+/// processes of `cgroup`; with neither, this process's own) by processes
+/// for which `skip` (the owner) is false; and the TO ports autobind may
+/// hand out there. A namespace that cannot be entered is skipped with a
+/// warning.
+pub fn find(
+    cgroup: &Path,
+    netns: Option<&Path>,
+    mappings: &MappingSet,
+    skip: &dyn Fn(i32) -> bool,
+) -> Findings {
     let mut targets: BTreeMap<u16, (bool, bool)> = BTreeMap::new();
     for m in mappings.iter() {
         let (tcp, udp) = targets.entry(m.to).or_default();
@@ -141,7 +150,7 @@ pub fn find(cgroup: &Path, netns: Option<&Path>, mappings: &MappingSet) -> Findi
         return found;
     }
     for (ino, path) in served_namespaces(cgroup, netns) {
-        match in_namespace(&path, ino, &targets) {
+        match in_namespace(&path, ino, &targets, skip) {
             Ok((holders, autobind)) => {
                 found.holders.extend(holders);
                 found.autobind.extend(autobind);
@@ -186,12 +195,8 @@ fn served_namespaces(cgroup: &Path, netns: Option<&Path>) -> BTreeMap<u64, PathB
 struct Tables {
     /// (port, proto) of each TO port that a probe bind found taken.
     taken: Vec<(u16, &'static str)>,
-    /// Socket inode → (port, proto, listening) of sockets on a taken TO
-    /// port found in `/proc/net`.
-    on_target: HashMap<u64, (u16, &'static str, bool)>,
-    /// Every socket inode `/proc/net` lists (any port, tcp/udp/unix/
-    /// netlink): these need no closer look.
-    known: HashSet<u64>,
+    /// The unix and netlink sockets' inodes: no closer look needed.
+    not_inet: HashSet<u64>,
     /// TO ports autobind may pick, with `ip_local_port_range`.
     autobind: Vec<(u16, (u16, u16))>,
 }
@@ -200,6 +205,7 @@ fn in_namespace(
     path: &Path,
     ino: u64,
     targets: &BTreeMap<u16, (bool, bool)>,
+    skip: &dyn Fn(i32) -> bool,
 ) -> io::Result<(Vec<Holder>, Vec<Autobind>)> {
     let file = File::open(path)?;
     let tables = std::thread::scope(|s| {
@@ -230,6 +236,9 @@ fn in_namespace(
     let mut holders = Vec::new();
     let mut seen: HashSet<u64> = HashSet::new();
     for pid in namespace_pids(ino) {
+        if skip(pid) {
+            continue;
+        }
         let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
             continue;
         };
@@ -240,16 +249,15 @@ fn in_namespace(
             else {
                 continue;
             };
-            let found = match tables.on_target.get(&inode) {
-                Some(&hit) => Some(hit),
-                None if !tables.known.contains(&inode) => entry
-                    .file_name()
-                    .to_str()
-                    .and_then(|fd| fd.parse::<i32>().ok())
-                    .and_then(|fd| bound_only(pid, fd))
-                    .filter(|(port, proto, _)| taken.contains(&(*port, *proto))),
-                None => None,
-            };
+            if tables.not_inet.contains(&inode) || seen.contains(&inode) {
+                continue;
+            }
+            let found = entry
+                .file_name()
+                .to_str()
+                .and_then(|fd| fd.parse::<i32>().ok())
+                .and_then(|fd| holding(pid, fd))
+                .filter(|(port, proto, _)| taken.contains(&(*port, *proto)));
             let Some((port, proto, listening)) = found else {
                 continue;
             };
@@ -271,8 +279,8 @@ fn in_namespace(
         }
     }
     if holders.is_empty() {
-        // TIME_WAIT connections of an earlier server, or a socket held by
-        // a process of another namespace: nobody of this one to name.
+        // The owner, TIME_WAIT connections of an earlier server, or a
+        // socket held by a process of another namespace: nobody to name.
         log::debug!(
             "target ports {:?} are taken in {} by no process found there",
             tables.taken,
@@ -282,8 +290,8 @@ fn in_namespace(
     Ok((holders, autobind))
 }
 
-/// Run inside the namespace: which TO ports are taken, and what
-/// `/proc/net` says about them.
+/// Run inside the namespace: which TO ports are taken, which autobind may
+/// hand out, and which sockets are not inet ones.
 fn look_inside(targets: &BTreeMap<u16, (bool, bool)>) -> Tables {
     let mut tables = Tables::default();
     // Per-namespace sysctls: read from inside it.
@@ -311,30 +319,9 @@ fn look_inside(targets: &BTreeMap<u16, (bool, bool)>) -> Tables {
     if tables.taken.is_empty() {
         return tables;
     }
-    let taken: HashSet<(u16, &'static str)> = tables.taken.iter().copied().collect();
-    for (file, proto) in [
-        ("tcp", "tcp"),
-        ("tcp6", "tcp"),
-        ("udp", "udp"),
-        ("udp6", "udp"),
-    ] {
-        let Ok(text) = fs::read_to_string(format!("/proc/thread-self/net/{file}")) else {
-            continue;
-        };
-        for (inode, port, state) in parse_inet_table(&text) {
-            tables.known.insert(inode);
-            // TCP: listening (0A) only; a connection whose local port is
-            // TO (accepted by a listener, which is found itself) holds
-            // nothing of its own. UDP: bound, connected or not.
-            let listening = state == 0x0A;
-            if taken.contains(&(port, proto)) && (proto == "udp" || listening) {
-                tables.on_target.insert(inode, (port, proto, listening));
-            }
-        }
-    }
     for file in ["unix", "netlink"] {
         if let Ok(text) = fs::read_to_string(format!("/proc/thread-self/net/{file}")) {
-            tables.known.extend(parse_inode_column(&text));
+            tables.not_inet.extend(parse_inode_column(&text));
         }
     }
     tables
@@ -379,10 +366,11 @@ fn socket_inode(link: &str) -> Option<u64> {
         .ok()
 }
 
-/// A TCP socket that is bound but neither listening nor connected, or a
-/// UDP socket that is bound, as `(port, proto, listening)`: asked on a
-/// duplicate of fd `fd` of process `pid`.
-fn bound_only(pid: i32, fd: i32) -> Option<(u16, &'static str, bool)> {
+/// What an inet socket holds, as `(port, proto, listening)`: a TCP socket
+/// that listens or is bound but not connected (a connection's local port
+/// is its listener's, or a client's, not a hold of its own), or a bound
+/// UDP socket. Asked on a duplicate of fd `fd` of process `pid`.
+fn holding(pid: i32, fd: i32) -> Option<(u16, &'static str, bool)> {
     let socket = Socket::from(dup_from(pid, fd).ok()?);
     let domain = socket.domain().ok()?;
     if domain != Domain::IPV4 && domain != Domain::IPV6 {
@@ -419,20 +407,6 @@ fn parse_port_list(text: &str) -> HashSet<u16> {
     out
 }
 
-/// `(inode, local port, state)` of each line of `/proc/net/{tcp,udp}{,6}`:
-/// `sl local_address rem_address st … uid timeout inode`.
-fn parse_inet_table(text: &str) -> Vec<(u64, u16, u8)> {
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let port = u16::from_str_radix(f.get(1)?.rsplit_once(':')?.1, 16).ok()?;
-            let state = u8::from_str_radix(f.get(3)?, 16).ok()?;
-            Some((f.get(9)?.parse().ok()?, port, state))
-        })
-        .collect()
-}
-
 /// The `Inode` column of `/proc/net/{unix,netlink}`, found by its header.
 fn parse_inode_column(text: &str) -> Vec<u64> {
     let mut lines = text.lines();
@@ -453,14 +427,6 @@ mod tests {
 
     #[test]
     fn parses_the_tables_proc_net_keeps() {
-        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-   0: 00000000:20FB 00000000:0000 0A 00000000:00000000 00:00000000 00000000 65534        0 4242 1 0000000000000000 100 0 0 10 0
-   1: 0100007F:20FB 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 4243 1 0000000000000000 100 0 0 10 0
-";
-        assert_eq!(
-            parse_inet_table(tcp),
-            vec![(4242, 8443, 0x0A), (4243, 8443, 0x01)]
-        );
         let unix = "Num       RefCount Protocol Flags    Type St Inode Path
 0000000000000000: 00000002 00000000 00010000 0001 01 17090 /run/systemd/notify
 0000000000000000: 00000003 00000000 00000000 0001 03 17101

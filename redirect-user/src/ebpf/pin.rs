@@ -31,8 +31,8 @@ use std::{
 };
 
 use redirect_common::{
-    LAYOUT_VERSION, MappingKey, MappingStats, MappingValue, Owner, RevNatKey, RevNatValue, Reverse,
-    ScopePort, SteerConfig, Target, UdpBind, maps,
+    GuardKey, LAYOUT_VERSION, MappingKey, MappingStats, MappingValue, Owner, RevNatKey,
+    RevNatValue, Reverse, ScopePort, SteerConfig, Target, UdpBind, maps,
 };
 
 use crate::{Error, Result};
@@ -144,6 +144,7 @@ pub fn expected_sizes(name: &str) -> Option<(u32, u32)> {
         maps::STATS => s(size_of::<u32>(), size_of::<MappingStats>()),
         maps::COUNTERS => s(size_of::<u32>(), size_of::<u64>()),
         maps::LISTENERS => s(size_of::<u32>(), size_of::<u64>()),
+        maps::GUARDS => s(size_of::<GuardKey>(), size_of::<u32>()),
         maps::STEER => s(size_of::<u32>(), size_of::<SteerConfig>()),
         _ => None,
     }

@@ -195,9 +195,12 @@ impl ScopeBuilder {
         let Some(owner) = &self.owner else {
             return Findings::default();
         };
-        let mut found = super::holders::find(&self.cgroup, self.netns.as_deref(), &self.mappings);
-        found.holders.retain(|h| !owner.owns(h.pid));
-        found
+        super::holders::find(
+            &self.cgroup,
+            self.netns.as_deref(),
+            &self.mappings,
+            &|pid| owner.owns(pid),
+        )
     }
 }
 
