@@ -292,27 +292,63 @@ impl Client {
 
     /// Sends `request`, returns the daemon's result (`None` when the
     /// request returns nothing), or its refusal as [`ControlError::Remote`].
+    /// One connection per request; for many in a row, see
+    /// [`Client::session`].
     pub fn request(&self, request: &Request) -> Result<Option<serde_json::Value>, ControlError> {
-        let unavailable = |source| ControlError::Unavailable {
+        self.session()?.request(request)
+    }
+
+    /// Opens a connection for several requests in a row (a runtime adding
+    /// many mappings, a benchmark): each then costs one exchange, not a
+    /// connection, the daemon's peer check and a task. The daemon closes a
+    /// session that stays silent for 30 s.
+    pub fn session(&self) -> Result<Session, ControlError> {
+        let stream =
+            UnixStream::connect(&self.path).map_err(|source| ControlError::Unavailable {
+                path: self.path.clone(),
+                source,
+            })?;
+        stream
+            .set_read_timeout(Some(self.timeout))
+            .and_then(|()| stream.set_write_timeout(Some(self.timeout)))
+            .map_err(|e| ControlError::Protocol {
+                path: self.path.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Session {
             path: self.path.clone(),
-            source,
-        };
+            stream: BufReader::new(stream),
+        })
+    }
+}
+
+/// An open connection to the daemon's control socket (see
+/// [`Client::session`]); closed when dropped.
+#[derive(Debug)]
+pub struct Session {
+    path: PathBuf,
+    stream: BufReader<UnixStream>,
+}
+
+impl Session {
+    /// Sends `request` and waits for its answer, as [`Client::request`].
+    pub fn request(
+        &mut self,
+        request: &Request,
+    ) -> Result<Option<serde_json::Value>, ControlError> {
         let protocol = |reason: String| ControlError::Protocol {
             path: self.path.clone(),
             reason,
         };
-        let mut stream = UnixStream::connect(&self.path).map_err(unavailable)?;
-        stream
-            .set_read_timeout(Some(self.timeout))
-            .and_then(|()| stream.set_write_timeout(Some(self.timeout)))
-            .map_err(|e| protocol(e.to_string()))?;
         let mut line = serde_json::to_vec(request).map_err(|e| protocol(e.to_string()))?;
         line.push(b'\n');
-        stream
+        self.stream
+            .get_mut()
             .write_all(&line)
             .map_err(|e| protocol(format!("sending the request: {e}")))?;
         let mut answer = String::new();
-        BufReader::new(stream.take(MAX_LINE as u64))
+        (&mut self.stream)
+            .take(MAX_LINE as u64)
             .read_line(&mut answer)
             .map_err(|e| protocol(format!("reading the answer: {e}")))?;
         if answer.is_empty() {

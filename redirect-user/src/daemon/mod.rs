@@ -83,6 +83,9 @@ enum Job {
 
 /// How often scopes whose cgroup vanished are looked for.
 const GC_INTERVAL: Duration = Duration::from_secs(2);
+/// How long a control connection may stay silent between requests (and
+/// take to read an answer).
+const CONTROL_IDLE: Duration = Duration::from_secs(30);
 
 /// Where the runtime scopes are kept: beside the control socket, in /run
 /// (cleared at reboot, like bpffs).
@@ -241,21 +244,27 @@ async fn ask(tx: &mpsc::Sender<Job>, request: Request) -> Response {
         .unwrap_or_else(|_| Response::failure(ErrorKind::Internal, "the daemon's core stopped"))
 }
 
-/// One control connection: root only, one bounded request line, one
-/// answer, within a deadline.
+/// One control connection: root only; bounded request lines, each
+/// answered by one line, until the peer closes its side (one request per
+/// connection, as the CLI and the OCI hook send, or a session of many, as
+/// [`crate::control::Session`] sends); each request must arrive within
+/// [`CONTROL_IDLE`] of the previous answer.
 async fn serve_control(stream: UnixStream, tx: mpsc::Sender<Job>) {
-    let deadline = Duration::from_secs(30);
-    let _ = tokio::time::timeout(deadline, async move {
-        let mut stream = stream;
-        let root = stream.peer_cred().is_ok_and(|c| c.uid() == 0);
+    let root = stream.peer_cred().is_ok_and(|c| c.uid() == 0);
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read);
+    loop {
         // The request is read in every case, so that the peer is never
         // answered while it still writes (it would see EPIPE, not why).
         let mut line = String::new();
-        let read = {
-            let (read, _) = stream.split();
-            BufReader::new(read.take(MAX_LINE as u64))
-                .read_line(&mut line)
-                .await
+        let read = tokio::time::timeout(
+            CONTROL_IDLE,
+            (&mut lines).take(MAX_LINE as u64).read_line(&mut line),
+        )
+        .await;
+        let read = match read {
+            Err(_) | Ok(Ok(0)) => break, // idle, or closed by the peer
+            Ok(r) => r,
         };
         let response = if !root {
             Response::failure(
@@ -277,10 +286,12 @@ async fn serve_control(stream: UnixStream, tx: mpsc::Sender<Job>) {
         };
         let mut out = serde_json::to_vec(&response).unwrap_or_default();
         out.push(b'\n');
-        let _ = stream.write_all(&out).await;
-        let _ = stream.shutdown().await;
-    })
-    .await;
+        let written = tokio::time::timeout(CONTROL_IDLE, write.write_all(&out)).await;
+        if !root || !matches!(written, Ok(Ok(()))) || !line.ends_with('\n') {
+            break;
+        }
+    }
+    let _ = write.shutdown().await;
 }
 
 /// One HTTP request on the metrics endpoint: `GET /metrics` (or `/`).

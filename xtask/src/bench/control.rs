@@ -60,9 +60,17 @@ impl ControlWorkload for Daemon {
                 "daemon: add a scope via the control socket (p99, µs)",
                 field(&line, "scope_p99")?,
             ),
-            (DAEMON_ADD, field(&line, "add_p50")?),
+            (DAEMON_ADD, field(&line, "session_add_p50")?),
             (
-                "daemon: add a mapping via the control socket (p99, µs)",
+                "daemon: add a mapping in a control session (p99, µs)",
+                field(&line, "session_add_p99")?,
+            ),
+            (
+                "daemon: add a mapping, one connection each (p50, µs)",
+                field(&line, "add_p50")?,
+            ),
+            (
+                "daemon: add a mapping, one connection each (p99, µs)",
                 field(&line, "add_p99")?,
             ),
             (DAEMON_RSS, field(&line, "rss_scopes_kib")?),

@@ -502,7 +502,7 @@ pub fn targets(r: &Results) -> Vec<Target> {
         (
             DAEMON_ADD,
             100.0,
-            "adding a mapping to a running daemon ≤ 100 µs (p50, control socket)",
+            "adding a mapping to a running daemon ≤ 100 µs (p50, in a control session)",
         ),
         (
             HOOK_CREATE,
@@ -571,7 +571,7 @@ pub const DAEMON_COLD: &str = "daemon: cold start, load + one scope (µs)";
 /// See [`DAEMON_COLD`].
 pub const DAEMON_SCOPE: &str = "daemon: add a scope via the control socket (p50, µs)";
 /// See [`DAEMON_COLD`].
-pub const DAEMON_ADD: &str = "daemon: add a mapping via the control socket (p50, µs)";
+pub const DAEMON_ADD: &str = "daemon: add a mapping in a control session (p50, µs)";
 /// See [`DAEMON_COLD`].
 pub const DAEMON_RSS: &str = "daemon: RSS with 101 scopes (KiB)";
 /// See [`DAEMON_COLD`].

@@ -98,6 +98,21 @@ pub fn daemon(redirect: &str, parent: &str, scopes: u32, containers: u32) {
             .expect("add a mapping");
         add_times.push(t.elapsed());
     }
+    // The same through one open session (Client::session), as a runtime
+    // adding many mappings would.
+    let mut session = client.session().expect("a control session");
+    let mut session_times = Vec::new();
+    for i in 0..200u16 {
+        let t = Instant::now();
+        session
+            .request(&Request::Add {
+                scope: "bench".into(),
+                mapping: format!("{}:{}/tcp", 10_200 + i, 20_200 + i),
+            })
+            .expect("add a mapping in a session");
+        session_times.push(t.elapsed());
+    }
+    drop(session);
     let rss_scopes = rss_kib(pid);
 
     // Containers through the OCI hook.
@@ -153,6 +168,7 @@ pub fn daemon(redirect: &str, parent: &str, scopes: u32, containers: u32) {
     };
     println!(
         "cold_us={:.0} scope_p50={:.1} scope_p99={:.1} add_p50={:.1} add_p99={:.1} \
+         session_add_p50={:.1} session_add_p99={:.1} \
          rss_scopes_kib={rss_scopes} hook_p50={:.1} hook_p99={:.1} rss_before_kib={rss_before} \
          rss_after_kib={rss_after} links_before={links_before} links_after={links_after} \
          fds_before={fds_before} fds_after={fds_after}",
@@ -161,6 +177,8 @@ pub fn daemon(redirect: &str, parent: &str, scopes: u32, containers: u32) {
         p(scope_times, 0.99),
         p(add_times.clone(), 0.5),
         p(add_times, 0.99),
+        p(session_times.clone(), 0.5),
+        p(session_times, 0.99),
         p(hook_times.clone(), 0.5),
         p(hook_times, 0.99),
     );
