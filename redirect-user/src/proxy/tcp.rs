@@ -293,7 +293,8 @@ async fn forward(
                 start,
                 &activity,
                 &stats.bytes_up,
-                &one_done
+                &one_done,
+                true
             ),
             direction(
                 upstream,
@@ -302,7 +303,8 @@ async fn forward(
                 start,
                 &activity,
                 &stats.bytes_down,
-                &one_done
+                &one_done,
+                false
             ),
         )
     };
@@ -356,6 +358,7 @@ async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
 /// already: both sockets are about to be closed, which sends the FIN
 /// anyway (no unread data is left on `to`, whose reading side is done), so
 /// the syscall is saved.
+#[allow(clippy::too_many_arguments)]
 async fn direction(
     from: &TcpStream,
     to: &TcpStream,
@@ -364,8 +367,9 @@ async fn direction(
     activity: &AtomicU64,
     bytes: &AtomicU64,
     one_done: &AtomicBool,
+    eager: bool,
 ) -> io::Result<()> {
-    pump(from, to, options, start, activity, bytes).await?;
+    pump(from, to, options, start, activity, bytes, eager).await?;
     if !one_done.swap(true, Ordering::AcqRel) {
         SockRef::from(to)
             .shutdown(Shutdown::Write)
@@ -402,12 +406,23 @@ async fn pump(
     start: Instant,
     activity: &AtomicU64,
     bytes: &AtomicU64,
+    mut eager: bool,
 ) -> io::Result<()> {
     loop {
-        from.readable().await?;
+        if !eager {
+            from.readable().await?;
+        }
         let mut pending: Vec<u8> = Vec::new();
         let read = SCRATCH.with_borrow_mut(|buf| {
-            let n = match from.try_read(buf) {
+            let read = if eager {
+                // The runtime has not seen `from` readable yet, but the
+                // data may be there: try without waiting for its event.
+                io::Read::read(&mut &*SockRef::from(from), buf)
+            } else {
+                from.try_read(buf)
+            };
+            eager = false;
+            let n = match read {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
                 Err(e) => return Err(e),
