@@ -56,6 +56,12 @@ pub struct BackendArgs {
     /// Proxy only: copy through a buffer instead of splice(2) (Linux).
     #[arg(long)]
     pub no_splice: bool,
+
+    /// Proxy only: threads accepting and serving TCP connections, each
+    /// with its own SO_REUSEPORT listener per mapping (Linux; elsewhere
+    /// 1). Default: one per CPU, at most 4.
+    #[arg(long, value_name = "N", default_value_t = redirect::proxy::default_workers())]
+    pub workers: usize,
 }
 
 impl BackendArgs {
@@ -67,6 +73,7 @@ impl BackendArgs {
             idle_timeout: (self.idle_timeout > 0).then(|| Duration::from_secs(self.idle_timeout)),
             drain_timeout: Duration::from_secs(self.drain_timeout),
             splice: cfg!(target_os = "linux") && !self.no_splice,
+            workers: self.workers.max(1),
             ..ProxyOptions::default()
         }
     }

@@ -75,7 +75,21 @@ struct ProxyScope {
     stats: Arc<Stats>,
     /// Dropping it stops the proxy: its listeners close at once, and the
     /// connections in flight drain in the background.
-    _stop: tokio::sync::oneshot::Sender<()>,
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl ProxyScope {
+    /// Stops the proxy and waits (up to [`REBIND_PATIENCE`]) until it no
+    /// longer holds FROM, so that FROM can be bound again at once (the
+    /// listeners are `SO_REUSEPORT`: a new one beside a closing one would
+    /// share its connections, and those queued on the old one be reset).
+    fn stop(self) {
+        drop(self.stop);
+        let deadline = Instant::now() + REBIND_PATIENCE;
+        while self.stats.listening.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
 }
 
 impl Runner {
@@ -337,6 +351,7 @@ impl Core {
         let _entered = runtime.enter();
         let options = ProxyOptions {
             splice: cfg!(target_os = "linux"),
+            workers: crate::proxy::default_workers(),
             ..ProxyOptions::default()
         };
         let deadline = Instant::now() + REBIND_PATIENCE;
@@ -367,7 +382,7 @@ impl Core {
         Ok(Runner::Proxy(ProxyScope {
             mappings,
             stats,
-            _stop: stop,
+            stop,
         }))
     }
 
@@ -377,8 +392,10 @@ impl Core {
         })?;
         match managed.runner {
             Runner::Ebpf(scope) => scope.detach(),
-            // Dropping it stops it.
-            Runner::Proxy(_) => Ok(()),
+            Runner::Proxy(p) => {
+                p.stop();
+                Ok(())
+            }
         }
     }
 
@@ -395,11 +412,13 @@ impl Core {
             Runner::Proxy(ProxyScope {
                 mappings: MappingSet::default(),
                 stats: Arc::default(),
-                _stop: tokio::sync::oneshot::channel().0,
+                stop: tokio::sync::oneshot::channel().0,
             }),
         );
         let old_mappings = old.mappings();
-        drop(old);
+        if let Runner::Proxy(p) = old {
+            p.stop();
+        }
         match self.start_proxy(name, mappings) {
             Ok(runner) => {
                 self.scopes.get_mut(name).expect("present").runner = runner;

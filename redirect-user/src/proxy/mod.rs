@@ -44,7 +44,7 @@ pub use proxy_protocol::ProxyProtocol;
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::{
     net::{TcpListener, UdpSocket},
-    sync::watch,
+    sync::{Semaphore, watch},
 };
 
 use crate::mapping::{Mapping, MappingSet, Proto};
@@ -76,9 +76,22 @@ pub struct ProxyOptions {
     /// At most this many UDP clients per listener; the one idle the
     /// longest is forgotten to make room for a new one.
     pub max_udp_sessions: usize,
-    /// Copy with `splice(2)` through a pipe instead of through a buffer
-    /// (Linux; ignored elsewhere).
+    /// Copy bulk transfers with `splice(2)` through a pipe instead of
+    /// through a buffer (Linux; ignored elsewhere).
     pub splice: bool,
+    /// Threads that accept and serve TCP connections. With more than one
+    /// (Linux), every TCP mapping gets one listener per thread on
+    /// `SO_REUSEPORT`, and the kernel spreads new connections over them;
+    /// the first runs on the caller's runtime, each other one on a thread
+    /// with a single-threaded runtime of its own, so a connection never
+    /// moves between threads. Elsewhere, and with 1, everything runs on
+    /// the caller's runtime.
+    pub workers: usize,
+}
+
+/// The default [`ProxyOptions::workers`]: one per CPU, at most 4.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
 }
 
 impl Default for ProxyOptions {
@@ -93,6 +106,7 @@ impl Default for ProxyOptions {
             udp_idle_timeout: Duration::from_secs(60),
             max_udp_sessions: 4096,
             splice: false,
+            workers: 1,
         }
     }
 }
@@ -140,6 +154,36 @@ pub struct Stats {
     pub udp_sessions: AtomicU64,
     /// UDP sessions ended by the idle timeout or to make room.
     pub udp_expired: AtomicU64,
+    /// Sockets of a [`Proxy`] bound on FROM and not closed yet (every
+    /// worker's listener counts).
+    pub listening: AtomicU64,
+}
+
+/// One socket of a [`Proxy`] bound on FROM: counted in
+/// [`Stats::listening`] until dropped.
+#[derive(Debug)]
+pub(crate) struct Listening(Arc<Stats>);
+
+impl Listening {
+    fn new(stats: &Arc<Stats>) -> Self {
+        Stats::add(&stats.listening, 1);
+        Listening(stats.clone())
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.0.listening.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One TCP mapping's listeners: the first for the caller's runtime, the
+/// others (`SO_REUSEPORT` siblings) for worker threads.
+#[derive(Debug)]
+struct TcpListeners {
+    first: TcpListener,
+    siblings: Vec<std::net::TcpListener>,
+    target: Target,
 }
 
 impl Stats {
@@ -187,7 +231,7 @@ impl ProxyError {
 /// A set of bound listeners, one per mapping and protocol, ready to run.
 #[derive(Debug)]
 pub struct Proxy {
-    tcp: Vec<(TcpListener, Target)>,
+    tcp: Vec<TcpListeners>,
     udp: Vec<(UdpSocket, SocketAddr)>,
     options: Arc<ProxyOptions>,
     stats: Arc<Stats>,
@@ -200,11 +244,38 @@ impl Proxy {
     pub fn bind(mappings: &MappingSet, options: ProxyOptions) -> Result<Self, ProxyError> {
         let mut tcp = Vec::new();
         let mut udp = Vec::new();
+        let workers = if cfg!(target_os = "linux") {
+            options.workers.max(1)
+        } else {
+            1
+        };
         for m in mappings.iter() {
             let addr = listen_addr(&m);
             if m.proto != Proto::Udp {
-                let listener = bind_tcp(addr).map_err(|e| bind_error(m, "tcp", addr, e))?;
-                tcp.push((listener, Target::Port(m.to)));
+                let bind = |addr| {
+                    let socket = bind_tcp_socket(addr, workers > 1)?;
+                    socket.set_nonblocking(true)?;
+                    Ok::<_, io::Error>(std::net::TcpListener::from(socket))
+                };
+                let first = bind(addr).map_err(|e| bind_error(m, "tcp", addr, e))?;
+                // The siblings take the address the first one got (its
+                // port, when FROM is 0; IPv4, when IPv6 is off).
+                let bound = first
+                    .local_addr()
+                    .map_err(|e| bind_error(m, "tcp", addr, e))?;
+                let siblings = (1..workers)
+                    .map(|_| bind(bound))
+                    .collect::<io::Result<Vec<_>>>()
+                    .map_err(|e| bind_error(m, "tcp", bound, e))?;
+                let first = TcpListener::from_std(first).map_err(|e| ProxyError::Io {
+                    op: "registering a listener",
+                    source: e,
+                })?;
+                tcp.push(TcpListeners {
+                    first,
+                    siblings,
+                    target: Target::Port(m.to),
+                });
             }
             if m.proto != Proto::Tcp {
                 let socket = bind_udp(addr).map_err(|e| bind_error(m, "udp", addr, e))?;
@@ -224,7 +295,7 @@ impl Proxy {
 
     /// The addresses bound, with their protocol.
     pub fn local_addrs(&self) -> Vec<(Proto, SocketAddr)> {
-        let tcp = self.tcp.iter().filter_map(|(l, _)| l.local_addr().ok());
+        let tcp = self.tcp.iter().filter_map(|l| l.first.local_addr().ok());
         let udp = self.udp.iter().filter_map(|(s, _)| s.local_addr().ok());
         tcp.map(|a| (Proto::Tcp, a))
             .chain(udp.map(|a| (Proto::Udp, a)))
@@ -240,30 +311,66 @@ impl Proxy {
     /// TCP connections for up to [`ProxyOptions::drain_timeout`].
     pub async fn run(self, shutdown: impl Future) -> Result<(), ProxyError> {
         let (tx, rx) = watch::channel(false);
+        let stop = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
         let mut tasks = tokio::task::JoinSet::new();
-        for (listener, target) in self.tcp {
-            let mut rx = rx.clone();
-            tasks.spawn(tcp::run(
-                listener,
-                target,
+        // Worker i (1..) gets the i-th sibling of every mapping.
+        let mut workers: Vec<Vec<WorkerListener>> = Vec::new();
+        for set in self.tcp {
+            let limit = Arc::new(Semaphore::new(self.options.max_connections));
+            for (i, sibling) in set.siblings.into_iter().enumerate() {
+                if workers.len() <= i {
+                    workers.push(Vec::new());
+                }
+                let guard = Listening::new(&self.stats);
+                workers[i].push((sibling, guard, set.target, limit.clone()));
+            }
+            tasks.spawn(tcp::serve(
+                set.first,
+                Some(Listening::new(&self.stats)),
+                set.target,
                 self.options.clone(),
                 self.stats.clone(),
-                async move {
-                    let _ = rx.wait_for(|stop| *stop).await;
-                },
+                limit,
+                stop(rx.clone()),
             ));
         }
         for (socket, target) in self.udp {
-            let mut rx = rx.clone();
-            tasks.spawn(udp::run(
+            let guard = Listening::new(&self.stats);
+            let run = udp::run(
                 socket,
                 target,
                 self.options.clone(),
                 self.stats.clone(),
-                async move {
-                    let _ = rx.wait_for(|stop| *stop).await;
-                },
-            ));
+                stop(rx.clone()),
+            );
+            tasks.spawn(async move {
+                let res = run.await;
+                drop(guard);
+                res
+            });
+        }
+        for (i, listeners) in workers.into_iter().enumerate() {
+            let (done, finished) = tokio::sync::oneshot::channel();
+            let (options, stats, rx) = (self.options.clone(), self.stats.clone(), rx.clone());
+            std::thread::Builder::new()
+                .name(format!("redirect-proxy-{}", i + 1))
+                .spawn(move || {
+                    let _ = done.send(worker(listeners, options, stats, rx));
+                })
+                .map_err(|e| ProxyError::Io {
+                    op: "starting a proxy worker thread",
+                    source: e,
+                })?;
+            tasks.spawn(async move {
+                finished.await.unwrap_or_else(|_| {
+                    Err(ProxyError::Io {
+                        op: "proxy worker thread",
+                        source: io::Error::other("it stopped without a result"),
+                    })
+                })
+            });
         }
         tokio::select! {
             _ = shutdown => {}
@@ -285,13 +392,63 @@ impl Proxy {
     }
 }
 
+/// A listener for a worker thread: the socket, its count in
+/// [`Stats::listening`], where it forwards, and the connection limit it
+/// shares with the other listeners of its mapping.
+type WorkerListener = (std::net::TcpListener, Listening, Target, Arc<Semaphore>);
+
+/// A worker thread: a single-threaded runtime serving one listener of
+/// every TCP mapping until `rx` says stop, then draining.
+fn worker(
+    listeners: Vec<WorkerListener>,
+    options: Arc<ProxyOptions>,
+    stats: Arc<Stats>,
+    rx: watch::Receiver<bool>,
+) -> Result<(), ProxyError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ProxyError::Io {
+            op: "starting a proxy worker's runtime",
+            source: e,
+        })?;
+    runtime.block_on(async move {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (listener, guard, target, limit) in listeners {
+            let listener = TcpListener::from_std(listener).map_err(|e| ProxyError::Io {
+                op: "registering a listener",
+                source: e,
+            })?;
+            let mut rx = rx.clone();
+            tasks.spawn(tcp::serve(
+                listener,
+                Some(guard),
+                target,
+                options.clone(),
+                stats.clone(),
+                limit,
+                async move {
+                    let _ = rx.wait_for(|stop| *stop).await;
+                },
+            ));
+        }
+        while let Some(res) = tasks.join_next().await {
+            res.map_err(|e| ProxyError::Io {
+                op: "proxy task",
+                source: io::Error::other(e),
+            })??;
+        }
+        Ok(())
+    })
+}
+
 /// A tokio runtime for proxies that run beside other work (the daemon's
-/// proxy-backed scopes): its own worker threads, named `redirect-proxy`,
-/// with I/O and timers.
+/// proxy-backed scopes): one thread of its own, named `redirect-proxy`,
+/// with I/O and timers; a [`Proxy`] with more
+/// [`workers`](ProxyOptions::workers) starts their threads itself.
 pub fn runtime() -> io::Result<tokio::runtime::Runtime> {
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
+        .worker_threads(1)
         .thread_name("redirect-proxy")
         .enable_all()
         .build()
@@ -307,18 +464,34 @@ fn listen_addr(m: &Mapping) -> SocketAddr {
 /// (IPv4 clients arrive as `::ffff:a.b.c.d`), or falls back to `0.0.0.0`
 /// where IPv6 is disabled.
 pub fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+    TcpListener::from_std(bind_tcp_socket(addr, false)?.into())
+}
+
+/// A nonblocking listening socket on `addr` (see [`bind_tcp`]), with
+/// `SO_REUSEPORT` when `reuse_port` (Linux: more listeners on the same
+/// address, by the same user, share its connections).
+fn bind_tcp_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
     let socket = new_socket(addr, Type::STREAM, Protocol::TCP)?;
     #[cfg(not(windows))]
     socket.set_reuse_address(true)?;
+    #[cfg(target_os = "linux")]
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = reuse_port;
     match socket.bind(&addr.into()) {
         Ok(()) => {}
         Err(e) if is_v6_wildcard(addr) && e.kind() == io::ErrorKind::AddrNotAvailable => {
-            return bind_tcp(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), addr.port()));
+            return bind_tcp_socket(
+                SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), addr.port()),
+                reuse_port,
+            );
         }
         Err(e) => return Err(e),
     }
     socket.listen(4096)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket)
 }
 
 /// Binds a UDP socket on `addr` (dual-stack for the IPv6 wildcard).

@@ -15,11 +15,11 @@ use std::{
 
 use socket2::SockRef;
 use tokio::{
-    io::AsyncWriteExt as _,
+    io::{AsyncWriteExt as _, Interest},
     net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore},
     task::JoinSet,
-    time::{Instant, sleep, sleep_until, timeout},
+    time::{Instant, Sleep, sleep, timeout},
 };
 
 use super::{ProxyError, ProxyOptions, Stats, Target, canonical, reset_on_close};
@@ -47,6 +47,21 @@ pub async fn run(
     shutdown: impl Future,
 ) -> Result<(), ProxyError> {
     let limit = Arc::new(Semaphore::new(options.max_connections));
+    serve(listener, None, target, options, stats, limit, shutdown).await
+}
+
+/// [`run`] with the connection limit shared with other listeners of the
+/// same mapping (one per worker thread); `guard` is dropped as soon as the
+/// listener is closed.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    guard: Option<super::Listening>,
+    target: Target,
+    options: Arc<ProxyOptions>,
+    stats: Arc<Stats>,
+    limit: Arc<Semaphore>,
+    shutdown: impl Future,
+) -> Result<(), ProxyError> {
     let mut conns = JoinSet::new();
     // Accepted sockets inherit TCP_NODELAY from the listener (Linux and the
     // BSDs): one setsockopt here instead of one per connection.
@@ -58,6 +73,34 @@ pub async fn run(
         .local_addr()
         .ok()
         .filter(|a| !a.ip().is_unspecified());
+    // Takes on an accepted connection, or closes it at once beyond the
+    // limit.
+    let admit = |conns: &mut JoinSet<()>, client: TcpStream, peer: SocketAddr| {
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            let n = stats.refused.fetch_add(1, Ordering::Relaxed);
+            if n.is_power_of_two() || n == 0 {
+                log::warn!(
+                    "refusing {peer}: {} connections open (the limit); {} refused so far",
+                    options.max_connections,
+                    n + 1
+                );
+            }
+            return;
+        };
+        Stats::add(&stats.accepted, 1);
+        if !inherit_nodelay {
+            let _ = client.set_nodelay(true);
+        }
+        conns.spawn(connection(
+            client,
+            peer,
+            fixed_local,
+            target,
+            options.clone(),
+            stats.clone(),
+            permit,
+        ));
+    };
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -76,35 +119,26 @@ pub async fn run(
                         continue;
                     }
                 };
-                let Ok(permit) = limit.clone().try_acquire_owned() else {
-                    let n = stats.refused.fetch_add(1, Ordering::Relaxed);
-                    if n.is_power_of_two() || n == 0 {
-                        log::warn!(
-                            "refusing {peer}: {} connections open (the limit); {} refused so far",
-                            options.max_connections,
-                            n + 1
-                        );
-                    }
-                    drop(client);
-                    continue;
-                };
-                Stats::add(&stats.accepted, 1);
-                if !inherit_nodelay {
-                    let _ = client.set_nodelay(true);
-                }
-                conns.spawn(connection(
-                    client,
-                    peer,
-                    fixed_local,
-                    target,
-                    options.clone(),
-                    stats.clone(),
-                    permit,
-                ));
+                admit(&mut conns, client, peer);
             }
         }
     }
+    // Connections the kernel completed before the stop are established
+    // for their clients: serve them too rather than reset them with the
+    // listener.
+    while let Ok((socket, addr)) = SockRef::from(&listener).accept() {
+        let Some(peer) = addr.as_socket() else {
+            continue;
+        };
+        if socket.set_nonblocking(true).is_err() {
+            continue;
+        }
+        if let Ok(client) = TcpStream::from_std(socket.into()) {
+            admit(&mut conns, client, peer);
+        }
+    }
     drop(listener);
+    drop(guard);
     let open = conns.len();
     if open > 0 {
         log::info!(
@@ -166,16 +200,42 @@ async fn connection(
         }
     };
     let backend = target.resolve(local);
-    let mut upstream = match timeout(options.connect_timeout, connect(backend)).await {
-        Ok(Ok(upstream)) => upstream,
-        Ok(Err(e)) => {
+    // One timer per connection serves the connect timeout and then the
+    // idle timeout. It first expires no later than the connect deadline,
+    // so no earlier than the timers of the connections made before it:
+    // registering it never has to wake the runtime's driver (a timer due
+    // before every other one does, with a write to its eventfd).
+    let connect_deadline = Instant::now() + options.connect_timeout;
+    let first = options
+        .idle_timeout
+        .map_or(options.connect_timeout, |idle| {
+            idle.min(options.connect_timeout)
+        });
+    let timer = sleep(first);
+    tokio::pin!(timer);
+    let connecting = connect(backend);
+    tokio::pin!(connecting);
+    let connected = loop {
+        tokio::select! {
+            res = &mut connecting => break Some(res),
+            () = &mut timer => {
+                if Instant::now() >= connect_deadline {
+                    break None;
+                }
+                timer.as_mut().reset(connect_deadline);
+            }
+        }
+    };
+    let mut upstream = match connected {
+        Some(Ok(upstream)) => upstream,
+        Some(Err(e)) => {
             Stats::add(&stats.connect_failed, 1);
             log::debug!("{peer}: connecting to {backend}: {e}");
             // The backend refused: refuse the client the same way.
             reset_on_close(&client);
             return;
         }
-        Err(_) => {
+        None => {
             Stats::add(&stats.connect_failed, 1);
             log::debug!("{peer}: connecting to {backend}: timed out");
             return;
@@ -188,7 +248,7 @@ async fn connection(
             return;
         }
     }
-    match forward(&client, &upstream, &options, &stats).await {
+    match forward(&client, &upstream, &options, &stats, timer).await {
         Ok(Ended::Closed) => {}
         Ok(Ended::Idle) => {
             Stats::add(&stats.idle_closed, 1);
@@ -219,6 +279,7 @@ async fn forward(
     upstream: &TcpStream,
     options: &ProxyOptions,
     stats: &Stats,
+    timer: std::pin::Pin<&mut Sleep>,
 ) -> io::Result<Ended> {
     let start = Instant::now();
     let activity = AtomicU64::new(0);
@@ -232,7 +293,8 @@ async fn forward(
                 start,
                 &activity,
                 &stats.bytes_up,
-                &one_done
+                &one_done,
+                true
             ),
             direction(
                 upstream,
@@ -241,28 +303,36 @@ async fn forward(
                 start,
                 &activity,
                 &stats.bytes_down,
-                &one_done
+                &one_done,
+                false
             ),
         )
     };
     tokio::select! {
         res = both => res.map(|_| Ended::Closed),
-        () = idle(options.idle_timeout, start, &activity) => Ok(Ended::Idle),
+        () = idle(options.idle_timeout, start, &activity, timer) => Ok(Ended::Idle),
     }
 }
 
-/// Resolves once nothing has moved for `limit` (never, for `None`).
-async fn idle(limit: Option<Duration>, start: Instant, activity: &AtomicU64) {
+/// Resolves once nothing has moved for `limit` (never, for `None`),
+/// checking whenever `timer` expires and setting it to the next deadline.
+async fn idle(
+    limit: Option<Duration>,
+    start: Instant,
+    activity: &AtomicU64,
+    mut timer: std::pin::Pin<&mut Sleep>,
+) {
     let Some(limit) = limit else {
         return std::future::pending().await;
     };
     loop {
+        timer.as_mut().await;
         let last = start + Duration::from_millis(activity.load(Ordering::Relaxed));
         let deadline = last + limit;
         if Instant::now() >= deadline {
             return;
         }
-        sleep_until(deadline).await;
+        timer.as_mut().reset(deadline);
     }
 }
 
@@ -288,6 +358,7 @@ async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
 /// already: both sockets are about to be closed, which sends the FIN
 /// anyway (no unread data is left on `to`, whose reading side is done), so
 /// the syscall is saved.
+#[allow(clippy::too_many_arguments)]
 async fn direction(
     from: &TcpStream,
     to: &TcpStream,
@@ -296,8 +367,9 @@ async fn direction(
     activity: &AtomicU64,
     bytes: &AtomicU64,
     one_done: &AtomicBool,
+    eager: bool,
 ) -> io::Result<()> {
-    pump(from, to, options, start, activity, bytes).await?;
+    pump(from, to, options, start, activity, bytes, eager).await?;
     if !one_done.swap(true, Ordering::AcqRel) {
         SockRef::from(to)
             .shutdown(Shutdown::Write)
@@ -334,12 +406,23 @@ async fn pump(
     start: Instant,
     activity: &AtomicU64,
     bytes: &AtomicU64,
+    mut eager: bool,
 ) -> io::Result<()> {
     loop {
-        from.readable().await?;
+        if !eager {
+            from.readable().await?;
+        }
         let mut pending: Vec<u8> = Vec::new();
         let read = SCRATCH.with_borrow_mut(|buf| {
-            let n = match from.try_read(buf) {
+            let read = if eager {
+                // The runtime has not seen `from` readable yet, but the
+                // data may be there: try without waiting for its event.
+                io::Read::read(&mut &*SockRef::from(from), buf)
+            } else {
+                from.try_read(buf)
+            };
+            eager = false;
+            let n = match read {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
                 Err(e) => return Err(e),
@@ -366,6 +449,15 @@ async fn pump(
             touch(start, activity);
         }
         Stats::add(bytes, n as u64);
+        if n < SMALL {
+            // A short read emptied the socket: forget its readiness now
+            // instead of learning it from one more read that fails with
+            // EAGAIN. Safe because new data (or a FIN or reset: tokio keeps
+            // the closed states) raises a new edge-triggered event.
+            let _ = from.try_io(Interest::READABLE, || {
+                Err::<(), _>(io::ErrorKind::WouldBlock.into())
+            });
+        }
         if n == SMALL {
             #[cfg(target_os = "linux")]
             if options.splice {
