@@ -560,3 +560,54 @@ fn auto_falls_back_to_the_proxy_for_a_host_wide_scope_without_bpf_capabilities()
     );
     assert!(err.to_string().contains("needs the eBPF backend"), "{err}");
 }
+
+#[test]
+fn open_pinned_adopts_every_pinned_scope_as_it_is() {
+    if !privileged("open_pinned_adopts_every_pinned_scope_as_it_is") {
+        return;
+    }
+    let cg = test_cgroup("open-pinned");
+    let pair = Pair::tcp("127.0.0.1");
+    let pin_dir = std::path::PathBuf::from("/sys/fs/bpf")
+        .join(format!("redirect-test-open-pinned-{}", std::process::id()));
+    let options = redirect::LoadOptions {
+        pin_dir: Some(pin_dir.clone()),
+        ..redirect::LoadOptions::default()
+    };
+    let mappings = redirect::MappingSet::parse([pair.mapping()]).unwrap();
+    let links_before = {
+        let programs = redirect::Programs::load(&options).unwrap();
+        let scope = programs
+            .scope(cg.path())
+            .mappings(mappings.clone())
+            .attach()
+            .unwrap();
+        scope.stats().unwrap().link_ids
+        // Dropped here: a pinned scope stays attached.
+    };
+    let r = probe(Some(&cg), "tcp", pair.decoy.addr);
+    assert!(r.reply().starts_with("to:"), "still redirected: {r:?}");
+
+    // A process that knows nothing of it adopts it as it is.
+    let (programs, scopes) = redirect::Programs::open_pinned(&options).unwrap();
+    assert_eq!(scopes.len(), 1, "one pinned scope");
+    assert_eq!(scopes[0].cgroup(), cg.path());
+    assert_eq!(scopes[0].mappings(), mappings);
+    assert_eq!(
+        scopes[0].stats().unwrap().link_ids,
+        links_before,
+        "the same links: nothing detached or attached again"
+    );
+    let r = probe(Some(&cg), "tcp", pair.decoy.addr);
+    assert!(
+        r.reply().starts_with("to:"),
+        "redirected after adoption: {r:?}"
+    );
+
+    for scope in scopes {
+        scope.detach().unwrap();
+    }
+    drop(programs);
+    redirect::ebpf::pin::reset(&pin_dir).unwrap();
+    let _ = std::fs::remove_dir(&pin_dir);
+}

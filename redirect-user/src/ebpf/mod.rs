@@ -16,6 +16,7 @@
 //! detaches the programs at once. With [`LoadOptions::pin_dir`], links and
 //! maps are pinned on bpffs and outlive the process (see [`pin`]).
 
+mod adopt;
 mod attached;
 mod established;
 pub mod holders;

@@ -40,7 +40,7 @@ use aya_log::EbpfLogger;
 use redirect_common::{
     ADDR_ANY, Addr, Counter, FLAG_SHARED_TO, FLAG_UDP_BIND, GLOBAL_UDP, GuardKey, MAX_LEVEL,
     MAX_MAPPINGS, MAX_SCOPE_DEPTHS, MAX_SCOPES, MappingKey, MappingStats, MappingValue, Owner,
-    PROTO_ANY, PROTO_TCP, PROTO_UDP, REVERSE_SHARED, Reverse, SHAPE_TARGET, ScopePort,
+    PROTO_ANY, PROTO_TCP, PROTO_UDP, REVERSE_SHARED, Reverse, SHAPE_TARGET, ScopePort, SteerConfig,
     TO_PORT_WORDS, Target, UdpBind, globals, listener_key, maps, programs, shape,
 };
 
@@ -438,6 +438,62 @@ impl Programs {
                 to_refs,
             })),
         })
+    }
+
+    /// Loads the program set from the pin directory of `options` (which
+    /// must name one) and adopts every scope pinned there, as it is: each
+    /// keeps its links (their programs are swapped for this build's with
+    /// `BPF_LINK_UPDATE`, never detached), its maps and counters; nothing
+    /// is written that the pins do not already say. For a process that
+    /// restarts without a record of its scopes; one that has one (the
+    /// daemon) declares them with [`Programs::scope`] instead.
+    ///
+    /// A pinned scope whose cgroup is gone is removed; one whose steered
+    /// namespace can no longer be named is adopted without steering being
+    /// re-created (its pinned links stay). Scope names are not pinned: each
+    /// adopted scope is named after its cgroup.
+    pub fn open_pinned(options: &LoadOptions) -> Result<(Programs, Vec<super::Scope>)> {
+        let Some(dir) = &options.pin_dir else {
+            return Err(Error::PinDir {
+                path: PathBuf::new(),
+                reason: "open_pinned needs a pin directory".into(),
+                hint: "set LoadOptions::pin_dir".into(),
+            });
+        };
+        let programs = Programs::load(options)?;
+        let root = crate::cgroup::cgroup2_root()?;
+        let pinned = programs.lock().pinned_scopes()?;
+        let mut scopes = Vec::with_capacity(pinned.len());
+        for (cgroup_id, id) in pinned {
+            let Some(cgroup) = super::adopt::cgroup_by_id(&root, cgroup_id) else {
+                log::info!("pinned scope {id}: its cgroup is gone; removing it");
+                programs.remove_pinned_scope(id)?;
+                continue;
+            };
+            let (mappings, grants, owner) = programs.lock().pinned_spec(id, &root)?;
+            let mut builder = programs
+                .scope(&cgroup)
+                .mappings(mappings)
+                .allow_held_target(true);
+            for port in grants {
+                builder = builder.grant(port);
+            }
+            if let Some(owner) = owner {
+                builder = builder.owner(owner);
+            }
+            let steer = pin::scope_dir(dir, id).join("steer/maps").join(maps::STEER);
+            if let Some(cookie) = pinned_steer_cookie(&steer) {
+                match super::adopt::netns_by_cookie(cookie) {
+                    Some(netns) => builder = builder.netns(netns),
+                    None => log::warn!(
+                        "pinned scope {id}: its network namespace cannot be named any more; \
+                         adopted without steering"
+                    ),
+                }
+            }
+            scopes.push(builder.attach()?);
+        }
+        Ok((programs, scopes))
     }
 
     /// Starts describing a scope on the cgroup v2 directory `cgroup`.
@@ -1311,6 +1367,37 @@ impl Shared {
             .collect())
     }
 
+    /// Every (cgroup id, scope id) of the pinned SCOPES map.
+    fn pinned_scopes(&self) -> Result<Vec<(u64, u32)>> {
+        let scopes = map::<HashMap<_, u64, u32>>(&self.ebpf, maps::SCOPES)?;
+        let mut all: Vec<(u64, u32)> = scopes.iter().filter_map(|r| r.ok()).collect();
+        all.sort_unstable_by_key(|(_, id)| *id);
+        Ok(all)
+    }
+
+    /// What the pins say of scope `id`: its mappings, grants and owner.
+    fn pinned_spec(
+        &self,
+        id: u32,
+        root: &Path,
+    ) -> Result<(MappingSet, Vec<u16>, Option<PortOwner>)> {
+        let mut mappings = MappingSet::default();
+        for (key, value) in self.pinned_mappings(id)? {
+            mappings.insert(mapping_of(&key, &value))?;
+        }
+        let owner = map::<HashMap<_, u32, Owner>>(&self.ebpf, maps::OWNERS)?
+            .get(&id, 0)
+            .ok()
+            .and_then(|o| match o.kind {
+                redirect_common::OWNER_UID => Some(PortOwner::Uid(o.uid)),
+                redirect_common::OWNER_CGROUP => {
+                    super::adopt::cgroup_by_id(root, o.cgroup_id).map(PortOwner::Cgroup)
+                }
+                _ => None,
+            });
+        Ok((mappings, self.pinned_grants(id)?, owner))
+    }
+
     fn pinned_grants(&self, id: u32) -> Result<Vec<u16>> {
         let g = map::<HashMap<_, ScopePort, u8>>(&self.ebpf, maps::GRANTS)?;
         Ok(g.keys()
@@ -1425,6 +1512,16 @@ impl Shared {
             .insert(slot.index, values, 0)
             .map_err(|e| map_error("writing", name, e))
     }
+}
+
+/// The namespace cookie in a steering instance's pinned STEER map.
+fn pinned_steer_cookie(path: &Path) -> Option<u64> {
+    if !path.exists() {
+        return None;
+    }
+    let data = aya::maps::MapData::from_pin(path).ok()?;
+    let array = Array::<_, SteerConfig>::try_from(aya::maps::Map::Array(data)).ok()?;
+    array.get(&0, 0).ok().map(|c| c.netns).filter(|c| *c != 0)
 }
 
 /// Rewrites, from the scope's current mappings, PORTS for `from` and `to`,
