@@ -39,7 +39,8 @@ pub mod maps {
     /// socket whose connect was rewritten, without any per-socket state.
     pub const REVERSE: &str = "REVERSE";
     /// Array of [`TO_PORT_WORDS`](crate::TO_PORT_WORDS) `u32`: bit `p` is
-    /// set when some scope has a `REVERSE` entry for port `p`, so that
+    /// set whenever some scope has a `REVERSE` entry for port `p` (a bit
+    /// left over from an earlier process may stay set: harmless), so that
     /// getpeername on any other port (every accept in a scope asks it)
     /// returns after one array read instead of finding its scope first.
     pub const TO_PORTS: &str = "TO_PORTS";

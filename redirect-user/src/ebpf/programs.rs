@@ -1574,14 +1574,16 @@ fn write_to_ports(ebpf: &mut Ebpf, refs: &StdHashMap<u16, u32>) -> Result<()> {
         }
     }
     let mut array = map_mut::<Array<_, u32>>(ebpf, maps::TO_PORTS)?;
-    for (i, w) in words.into_iter().enumerate() {
-        // Only set words are written: a fresh array is all zeroes, and a
-        // pinned one is cleared where it is not.
-        if w != 0 || array.get(&(i as u32), 0).is_ok_and(|old| old != 0) {
-            array
-                .set(i as u32, w, 0)
-                .map_err(|e| map_error("writing", maps::TO_PORTS, e))?;
-        }
+    // Only words with a bit to set are written. The other words are not
+    // read back to be cleared (that was 2,048 lookups on every load): a
+    // fresh array is all zeroes, and a bit a previous process left set
+    // for a port with no REVERSE entry any more only sends getpeername on
+    // to its REVERSE lookup, which misses. A missing bit would be wrong;
+    // an extra one costs a lookup.
+    for (i, w) in words.into_iter().enumerate().filter(|(_, w)| *w != 0) {
+        array
+            .set(i as u32, w, 0)
+            .map_err(|e| map_error("writing", maps::TO_PORTS, e))?;
     }
     Ok(())
 }
