@@ -611,3 +611,60 @@ fn open_pinned_adopts_every_pinned_scope_as_it_is() {
     redirect::ebpf::pin::reset(&pin_dir).unwrap();
     let _ = std::fs::remove_dir(&pin_dir);
 }
+
+#[test]
+fn runtime_scopes_survive_a_restart_and_removal_forgets_them() {
+    if !privileged("runtime_scopes_survive_a_restart_and_removal_forgets_them") {
+        return;
+    }
+    use redirect::control::{Client, Request, ScopeSpec};
+    let (cg_a, cg_b) = (test_cgroup("runtime-a"), test_cgroup("runtime-b"));
+    let (a, b) = (Pair::tcp("127.0.0.1"), Pair::tcp("127.0.0.1"));
+    let mut daemon = TestDaemon::start("runtime", "", "");
+    let spec = |name: &str, cg: &redirect::cgroup::ChildCgroup, mapping: String| ScopeSpec {
+        name: Some(name.into()),
+        cgroup: cg.path().to_path_buf(),
+        maps: vec![mapping],
+        ..Default::default()
+    };
+    Client::new(&daemon.control)
+        .request(&Request::AddScope {
+            scope: spec("rt-a", &cg_a, a.mapping()),
+        })
+        .expect("add rt-a");
+    // An earlier version kept every runtime scope in one scopes.json: a
+    // scope only it names is restored too.
+    daemon.kill();
+    let legacy = daemon.control.with_file_name("scopes.json");
+    std::fs::write(
+        &legacy,
+        serde_json::to_vec(&[spec("rt-b", &cg_b, b.mapping())]).unwrap(),
+    )
+    .unwrap();
+    daemon.restart();
+    for (cg, pair, name) in [(&cg_a, &a, "rt-a"), (&cg_b, &b, "rt-b")] {
+        let r = probe(Some(cg), "tcp", pair.decoy.addr);
+        assert!(r.reply().starts_with("to:"), "{name} restored: {r:?}");
+    }
+    assert!(!legacy.exists(), "the old file is folded into scopes.d");
+
+    // Removed, then a restart: it stays removed, the other stays.
+    Client::new(&daemon.control)
+        .request(&Request::RemoveScope {
+            name: "rt-a".into(),
+        })
+        .expect("remove rt-a");
+    daemon.kill();
+    daemon.restart();
+    let r = probe(Some(&cg_a), "tcp", a.decoy.addr);
+    assert!(r.reply().starts_with("decoy:"), "rt-a stays removed: {r:?}");
+    let r = probe(Some(&cg_b), "tcp", b.decoy.addr);
+    assert!(r.reply().starts_with("to:"), "rt-b stays: {r:?}");
+    let names: Vec<String> = daemon.status()["scopes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["rt-b"]);
+}

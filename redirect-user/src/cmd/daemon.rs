@@ -210,7 +210,14 @@ pub fn reset(args: ResetArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let removed = pin::reset(&pin_dir)?;
-    let _ = std::fs::remove_file(daemon::state_path(&control));
+    daemon::state::RuntimeStore::new(&control)
+        .remove_all()
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "removing the runtime scopes saved beside {}: {e}",
+                control.display()
+            )
+        })?;
     println!(
         "removed {removed} pin(s) under {}: nothing redirect attached there remains",
         pin_dir.display()

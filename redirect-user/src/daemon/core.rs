@@ -32,7 +32,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::config::Config;
+use super::{config::Config, state::RuntimeStore};
 use crate::{
     Error, Mapping, MappingSet, PortOwner, Programs, Proxy, ProxyOptions, Scope,
     control::{Backend, ErrorKind, Request, Response, ScopeSpec},
@@ -117,7 +117,7 @@ pub struct Core {
     /// Where proxy-backed scopes run; made for the first one.
     proxy_runtime: Option<tokio::runtime::Runtime>,
     config_path: PathBuf,
-    state_path: PathBuf,
+    store: RuntimeStore,
     scopes: BTreeMap<String, Managed>,
 }
 
@@ -180,13 +180,13 @@ fn netns_still_names_the_scope(spec: &ScopeSpec) -> bool {
 
 impl Core {
     /// Loads (or adopts) the pinned program set and makes the scopes match
-    /// the config plus the runtime scopes saved at `state_path`; pinned
+    /// the config plus the runtime scopes saved in `store`; pinned
     /// scopes that neither names are detached.
     ///
     /// When the programs cannot be loaded and no config scope insists on
     /// `backend = "ebpf"`, the daemon starts anyway: `auto` scopes run on
     /// the proxy, saying why.
-    pub fn start(config_path: &Path, config: &Config, state_path: PathBuf) -> Result<Core, Error> {
+    pub fn start(config_path: &Path, config: &Config, store: RuntimeStore) -> Result<Core, Error> {
         let programs = match Programs::load(&LoadOptions {
             pin_dir: Some(config.pin_dir.clone()),
             ebpf_debug_log: false,
@@ -208,13 +208,13 @@ impl Core {
             pin_dir: config.pin_dir.clone(),
             proxy_runtime: None,
             config_path: config_path.to_path_buf(),
-            state_path,
+            store,
             scopes: BTreeMap::new(),
         };
         for spec in &config.scopes {
             core.attach(spec.clone(), Origin::Config)?;
         }
-        for spec in core.saved_runtime_scopes() {
+        for spec in core.store.load() {
             if core.scopes.contains_key(&spec.name()) {
                 continue;
             }
@@ -439,13 +439,22 @@ impl Core {
         let result = match request {
             Request::Status => Ok(Some(self.status())),
             Request::AddScope { scope } => {
+                let name = scope.name();
                 let r = self.attach(scope, Origin::Runtime).map_err(failure);
-                self.save_runtime_scopes();
+                if r.is_ok() {
+                    self.save_runtime_scope(&name);
+                }
                 r.map(|()| None)
             }
             Request::RemoveScope { name } => {
+                let runtime = self
+                    .scopes
+                    .get(&name)
+                    .is_some_and(|m| m.origin == Origin::Runtime);
                 let r = self.detach(&name).map_err(failure);
-                self.save_runtime_scopes();
+                if runtime {
+                    self.store.forget(&name);
+                }
                 r.map(|()| None)
             }
             Request::Add { scope, mapping } => self.edit(&scope, &mapping, true),
@@ -509,7 +518,7 @@ impl Core {
         }
         managed.edited = true;
         if managed.origin == Origin::Runtime {
-            self.save_runtime_scopes();
+            self.save_runtime_scope(scope);
         }
         Ok(None)
     }
@@ -790,42 +799,21 @@ impl Core {
             .collect()
     }
 
-    fn saved_runtime_scopes(&self) -> Vec<ScopeSpec> {
-        let Ok(text) = std::fs::read_to_string(&self.state_path) else {
-            return Vec::new();
-        };
-        match serde_json::from_str(&text) {
-            Ok(specs) => specs,
-            Err(e) => {
-                log::warn!("ignoring {}: {e}", self.state_path.display());
-                Vec::new()
-            }
+    /// Saves one runtime scope (the store's file for it).
+    fn save_runtime_scope(&self, name: &str) {
+        if let Some(m) = self.scopes.get(name) {
+            self.store.save(&m.spec);
         }
     }
 
-    /// Writes the runtime scopes atomically (a temp file renamed over the
-    /// old one), so a crash never leaves half a file.
+    /// Makes the store hold exactly the runtime scopes.
     fn save_runtime_scopes(&self) {
-        let specs: Vec<&ScopeSpec> = self
-            .scopes
-            .values()
-            .filter(|m| m.origin == Origin::Runtime)
-            .map(|m| &m.spec)
-            .collect();
-        let tmp = self.state_path.with_extension("json.tmp");
-        let write = || -> io::Result<()> {
-            if let Some(dir) = self.state_path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            std::fs::write(&tmp, serde_json::to_vec_pretty(&specs)?)?;
-            std::fs::rename(&tmp, &self.state_path)
-        };
-        if let Err(e) = write() {
-            log::warn!(
-                "saving runtime scopes to {}: {e}",
-                self.state_path.display()
-            );
-        }
+        self.store.sync(
+            self.scopes
+                .values()
+                .filter(|m| m.origin == Origin::Runtime)
+                .map(|m| &m.spec),
+        );
     }
 }
 

@@ -23,14 +23,9 @@
 pub mod config;
 pub mod core;
 pub mod metrics;
+pub mod state;
 
-use std::{
-    io,
-    os::unix::fs::PermissionsExt as _,
-    path::{Path, PathBuf},
-    sync::mpsc,
-    time::Duration,
-};
+use std::{io, os::unix::fs::PermissionsExt as _, path::Path, sync::mpsc, time::Duration};
 
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
@@ -87,12 +82,6 @@ const GC_INTERVAL: Duration = Duration::from_secs(2);
 /// take to read an answer).
 const CONTROL_IDLE: Duration = Duration::from_secs(30);
 
-/// Where the runtime scopes are kept: beside the control socket, in /run
-/// (cleared at reboot, like bpffs).
-pub fn state_path(control: &Path) -> PathBuf {
-    control.with_file_name("scopes.json")
-}
-
 /// Runs the daemon until SIGTERM or SIGINT. `ready` is called once the
 /// config's scopes are attached and the control socket listens (the
 /// binary sends systemd `READY=1` there).
@@ -107,7 +96,7 @@ pub async fn run(config_path: &Path, ready: impl FnOnce(&Config)) -> Result<(), 
     // Attaching may take a moment: keep it off the runtime's thread.
     let (tx, rx) = mpsc::channel::<Job>();
     let (started_tx, started_rx) = oneshot::channel();
-    let state = state_path(&config.control);
+    let state = state::RuntimeStore::new(&config.control);
     let core_config = config.clone();
     let core_path = config_path.to_path_buf();
     std::thread::Builder::new()
