@@ -153,7 +153,8 @@ pub(super) fn scope_pids(scope: &Path) -> Vec<i32> {
             dirs.extend(
                 entries
                     .flatten()
-                    .filter(|e| e.path().is_dir())
+                    // d_type from getdents: no statx per control file.
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
                     .map(|e| e.path()),
             );
         }

@@ -1895,7 +1895,11 @@ fn pin_link(link: FdLink, path: Option<PathBuf>) -> Result<ScopeLink> {
     match path {
         None => Ok(ScopeLink::Owned(link)),
         Some(path) => {
-            if let Some(parent) = path.parent() {
+            // Exists for all but a scope's first link: one statx, not a
+            // mkdir and a statx.
+            if let Some(parent) = path.parent()
+                && !parent.is_dir()
+            {
                 std::fs::create_dir_all(parent).map_err(|e| Error::io("creating", parent, e))?;
             }
             link.pin(&path).map_err(|e| Error::PinDir {
