@@ -82,21 +82,22 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     toolchain::ensure()?;
     toolchain::ensure_tools(&BENCH_TOOLS, "the bench")?;
     // At the lowest priority: this machine may be building other things.
-    let mut build = std::process::Command::new("nice");
-    build.args(["-n", "19"]).arg(cargo().get_program()).args([
+    let nice_cargo = || {
+        let mut c = std::process::Command::new("nice");
+        c.args(["-n", "19"]).arg(cargo().get_program());
+        c
+    };
+    // The binary users run (`cargo xtask run` builds the same).
+    crate::run::build_release(nice_cargo())?;
+    status(nice_cargo().args([
         "build",
         "--locked",
         "--release",
         "--package",
-        "redirect-user",
-        "--bin",
-        "redirect",
-        "--package",
         "redirect-tests",
         "--bin",
         "bench-agent",
-    ]);
-    status(&mut build)?;
+    ]))?;
     let target = crate::run::target_dir()?;
     let out_dir = target.join("bench");
     std::fs::create_dir_all(&out_dir)?;
