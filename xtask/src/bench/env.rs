@@ -150,6 +150,39 @@ impl Env {
         std::mem::swap(&mut self.cgroup, &mut self.base_cgroup);
     }
 
+    /// Destroys every TIME_WAIT socket in both worlds' namespaces
+    /// (`ss -K`, sock_diag's SOCK_DESTROY), so that each visit starts with
+    /// none, whatever the path before it did.
+    ///
+    /// Why: a path leaves tens of thousands of them on the server side
+    /// (the server closes first), and a later connection that reuses one's
+    /// ports is refused by it when its initial sequence number is older,
+    /// which happens when the two were dialled differently: a client
+    /// behind iptables REDIRECT computed its ISN for port 443, one dialling
+    /// 8443 (direct, or redirect's connect-time rewrite) for 8443. The
+    /// SYN is then retransmitted after 1 s: measured, the direct
+    /// connection rate fell to 2,000/s after the iptables path and took
+    /// ~6 s to recover, the A/A control's 17 % band (and iptables' own
+    /// 0.12×, after the other paths) came from that.
+    pub fn forget_time_wait(&self) {
+        for ns in [&self.srv, &self.cli, &self.base_ns.0, &self.base_ns.1] {
+            let _ = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    ns,
+                    "ss",
+                    "-K",
+                    "-tan",
+                    "state",
+                    "time-wait",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+
     /// The (server, client) namespaces of `world`.
     fn ns(&self, world: World) -> (&str, &str) {
         match world {

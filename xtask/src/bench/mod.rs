@@ -110,10 +110,15 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         };
         (d, opts.rounds.unwrap_or(3) as usize, 1)
     } else {
+        // Long enough for the A/A control to fit a 3 % band: this VM's
+        // connection rate moves by ±5–25 % from one 100 ms turn to the
+        // next, and a visit averages 40 turns per side (docs/BENCHMARKS.md,
+        // "Where the connection-rate A/A noise comes from"); 1 s of
+        // turns left a 13–17 % band.
         let d = Durations {
             iperf_secs: 1,
-            conn_secs: 1.0,
-            lat_secs: 0.5,
+            conn_secs: 4.0,
+            lat_secs: 1.5,
         };
         (d, opts.rounds.unwrap_or(7) as usize, 3)
     };
@@ -224,6 +229,7 @@ fn measure_all(
             if results.skipped.iter().any(|(n, _)| *n == path.name()) {
                 continue;
             }
+            env.forget_time_wait();
             results.load.push(load1());
             // A path that fails to start (a bug in what it runs, say) is
             // dropped from the rest of the run with the reason in the
