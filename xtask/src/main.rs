@@ -27,6 +27,9 @@ enum Command {
     /// Build and run `redirect run ARGS…` in the foreground (as root; through
     /// `sudo -E` when not root). Example: cargo xtask run --map 443:8443
     Run(run::Options),
+    /// Build the release `redirect` (linked static-pie, the binary to
+    /// install or put in an image) and print its path.
+    Build,
     /// Install what the build needs, build everything and run the whole test
     /// suite, the privileged eBPF tests included (in a qemu guest with
     /// `--kernel 6.1`).
@@ -44,6 +47,11 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run(opts) => run::run(opts),
+        Command::Build => {
+            toolchain::ensure()?;
+            println!("{}", run::build_release(cargo())?.display());
+            Ok(())
+        }
         Command::Test(opts) => test::run(opts),
         Command::Lint => lint::run(),
         Command::Portable(opts) => portable::run(opts),
