@@ -243,6 +243,10 @@ struct ExecArgs {
 }
 
 fn main() -> ExitCode {
+    // The release binary is static-pie (`cargo xtask build`): user names
+    // come from /etc/passwd and /etc/group only (see `use_files_only`).
+    #[cfg(all(target_os = "linux", target_env = "gnu", target_feature = "crt-static"))]
+    redirect::user::use_files_only();
     // The hook runs on every container start: it parses only its own
     // options (see `cmd::oci_hook::main`).
     #[cfg(with_ebpf)]

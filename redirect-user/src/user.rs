@@ -8,6 +8,29 @@ use std::ffi::{CStr, CString};
 
 use crate::MappingError;
 
+/// Makes user and group lookups read `/etc/passwd` and `/etc/group` only,
+/// never loading an NSS module. For statically linked binaries (the
+/// release `redirect` is static-pie): a static glibc cannot load NSS
+/// modules safely, and a name missing from `/etc/passwd` made it load
+/// `nss_systemd` and crash. Names from LDAP, SSSD or systemd's dynamic
+/// users are then unknown; numeric ids always work. Call it first thing in
+/// `main`, before any lookup.
+#[cfg(target_env = "gnu")]
+pub fn use_files_only() {
+    unsafe extern "C" {
+        // glibc (nsswitch.c): replaces a database's nsswitch.conf line.
+        fn __nss_configure_lookup(
+            db: *const std::ffi::c_char,
+            service_line: *const std::ffi::c_char,
+        ) -> std::ffi::c_int;
+    }
+    for db in [c"passwd", c"group"] {
+        // SAFETY: two NUL-terminated static strings; called before any
+        // thread or lookup exists.
+        unsafe { __nss_configure_lookup(db.as_ptr(), c"files".as_ptr()) };
+    }
+}
+
 /// A user to run as: ids, supplementary groups, name and home.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct User {

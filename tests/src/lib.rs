@@ -111,21 +111,33 @@ pub fn wait_detached(cgroup: &Path) -> Vec<String> {
     }
 }
 
+/// The `redirect` binary the tests run, when not the one built beside
+/// them: `cargo xtask test` runs part of the suite a second time against
+/// the static-pie release binary, the one users install.
+pub const REDIRECT_BIN_ENV: &str = "REDIRECT_TEST_BINARY";
+
 /// A workspace binary that `nobody` can run wherever the checkout lives:
 /// a copy in `$TMPDIR/redirect-tests-bin-<checkout>` (one fixed directory
 /// per checkout, refreshed once per test process, so runs do not
 /// accumulate copies and two checkouts tested at once never run each
 /// other's binaries).
+///
+/// With [`REDIRECT_BIN_ENV`] set, `redirect` is that file instead of the
+/// one built beside the tests.
 pub fn binary(name: &str) -> PathBuf {
     use std::hash::{Hash as _, Hasher as _};
     static COPIED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let chosen = std::env::var_os(REDIRECT_BIN_ENV)
+        .filter(|_| name == "redirect")
+        .map(PathBuf::from);
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     target_dir().hash(&mut hasher);
+    chosen.hash(&mut hasher);
     let dir = std::env::temp_dir().join(format!("redirect-tests-bin-{:016x}", hasher.finish()));
     let copy = dir.join(name);
     let mut copied = COPIED.lock().unwrap();
     if !copied.iter().any(|n| n == name) {
-        let built = target_dir().join(name);
+        let built = chosen.unwrap_or_else(|| target_dir().join(name));
         assert!(
             built.exists(),
             "{} not found: build the binaries first (`cargo build --bins`; \

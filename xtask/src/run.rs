@@ -45,10 +45,11 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
 /// symbols to bind. It matters for `redirect oci-hook`, which runs on every
 /// container start. Only the binary's own link step differs (`cargo rustc`
 /// passes the flag to it alone), so the library, the tests and the
-/// proc-macros build as usual. glibc's user lookup (`--owner NAME`,
-/// `--user NAME`) still works: a static glibc loads the host's NSS modules
-/// at run time, which must be the glibc the binary was built against (the
-/// case for a binary built on the host or in the image it runs in).
+/// proc-macros build as usual. A static glibc cannot load NSS modules
+/// safely, so this binary resolves user names (`--owner NAME`, `--user
+/// NAME`) from /etc/passwd and /etc/group only
+/// (`redirect::user::use_files_only`); numeric ids always work.
+/// `cargo xtask test` runs the process-level tests against it too.
 pub fn build_release(mut cargo: Command) -> anyhow::Result<std::path::PathBuf> {
     status(cargo.args([
         "rustc",

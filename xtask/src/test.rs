@@ -57,11 +57,42 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         totals.add(&line);
     }
     let status = child.wait()?;
+    let mut ok = status.success();
+    if opts.filter.is_none() {
+        // The binary users install is the static-pie release build: the
+        // tests that run `redirect` as a process (the CLI, user lookups by
+        // name, the daemon, the OCI hook with runc and podman) again,
+        // against it. (This pass found a static glibc crashing on an
+        // unknown user name: see `redirect::user::use_files_only`.)
+        let release = crate::run::build_release(cargo())?;
+        let mut again = cargo();
+        again
+            .args(["test", "--locked", "--no-fail-fast", "-p", "redirect-tests"])
+            .args(RELEASE_TESTS.iter().flat_map(|t| ["--test", t]))
+            .env(RELEASE_BINARY_ENV, &release);
+        if !is_root() {
+            again.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
+        }
+        again.stdout(Stdio::piped());
+        eprintln!(
+            "xtask: {} again, against the release binary {}",
+            RELEASE_TESTS.join(", "),
+            release.display()
+        );
+        let mut child = again.spawn().context("running cargo test")?;
+        let stdout = child.stdout.take().context("cargo test stdout")?;
+        for line in BufReader::new(stdout).lines() {
+            let line = line?;
+            println!("{line}");
+            totals.add(&line);
+        }
+        ok &= child.wait()?.success();
+    }
     println!(
         "summary: {} passed, {} failed, {} skipped",
         totals.passed, totals.failed, totals.ignored
     );
-    anyhow::ensure!(status.success(), "cargo test failed: {status}");
+    anyhow::ensure!(ok, "cargo test failed");
     if ci {
         anyhow::ensure!(
             totals.ignored == 0,
@@ -71,6 +102,12 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The test files run a second time against the release binary.
+const RELEASE_TESTS: [&str; 6] = ["cli", "grant", "daemon", "oci_hook", "oci", "podman"];
+
+/// tests/src/lib.rs's `REDIRECT_BIN_ENV`: the `redirect` the tests run.
+const RELEASE_BINARY_ENV: &str = "REDIRECT_TEST_BINARY";
 
 /// Where tests/tests/upgrade.rs finds the other build of the programs.
 pub const UPGRADE_OBJECT_ENV: &str = "REDIRECT_TEST_UPGRADE_OBJECT";
