@@ -3,7 +3,7 @@
 
 use std::{
     io::{BufRead as _, BufReader},
-    process::Stdio,
+    process::{Command, Stdio},
 };
 
 use anyhow::Context as _;
@@ -37,27 +37,17 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     status(cargo().args(["build", "--locked", "--bins", "--examples"]))?;
     let upgrade = upgrade_object()?;
 
+    if !is_root() {
+        eprintln!("xtask: not root, running the test binaries through sudo -E");
+    }
+    let mut totals = Totals::default();
     let mut cmd = cargo();
     cmd.args(["test", "--locked", "--no-fail-fast"])
         .env(UPGRADE_OBJECT_ENV, &upgrade);
     if let Some(filter) = &opts.filter {
         cmd.arg(filter);
     }
-    if !is_root() {
-        eprintln!("xtask: not root, running the test binaries through sudo -E");
-        cmd.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
-    }
-    cmd.stdout(Stdio::piped());
-    let mut child = cmd.spawn().context("running cargo test")?;
-    let stdout = child.stdout.take().context("cargo test stdout")?;
-    let mut totals = Totals::default();
-    for line in BufReader::new(stdout).lines() {
-        let line = line?;
-        println!("{line}");
-        totals.add(&line);
-    }
-    let status = child.wait()?;
-    let mut ok = status.success();
+    let mut ok = cargo_test(cmd, &mut totals)?;
     if opts.filter.is_none() {
         // The binary users install is the static-pie release build: the
         // tests that run `redirect` as a process (the CLI, user lookups by
@@ -65,28 +55,17 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         // against it. (This pass found a static glibc crashing on an
         // unknown user name: see `redirect::user::use_files_only`.)
         let release = crate::run::build_release(cargo())?;
-        let mut again = cargo();
-        again
-            .args(["test", "--locked", "--no-fail-fast", "-p", "redirect-tests"])
-            .args(RELEASE_TESTS.iter().flat_map(|t| ["--test", t]))
-            .env(RELEASE_BINARY_ENV, &release);
-        if !is_root() {
-            again.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
-        }
-        again.stdout(Stdio::piped());
         eprintln!(
             "xtask: {} again, against the release binary {}",
             RELEASE_TESTS.join(", "),
             release.display()
         );
-        let mut child = again.spawn().context("running cargo test")?;
-        let stdout = child.stdout.take().context("cargo test stdout")?;
-        for line in BufReader::new(stdout).lines() {
-            let line = line?;
-            println!("{line}");
-            totals.add(&line);
-        }
-        ok &= child.wait()?.success();
+        let mut again = cargo();
+        again
+            .args(["test", "--locked", "--no-fail-fast", "-p", "redirect-tests"])
+            .args(RELEASE_TESTS.iter().flat_map(|t| ["--test", t]))
+            .env(RELEASE_BINARY_ENV, &release);
+        ok &= cargo_test(again, &mut totals)?;
     }
     println!(
         "summary: {} passed, {} failed, {} skipped",
@@ -101,6 +80,24 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Runs `cmd` (a `cargo test`; through `sudo -E` when not root), echoing
+/// its output and adding its results to `totals`; returns whether it
+/// succeeded.
+fn cargo_test(mut cmd: Command, totals: &mut Totals) -> anyhow::Result<bool> {
+    if !is_root() {
+        cmd.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
+    }
+    cmd.stdout(Stdio::piped());
+    let mut child = cmd.spawn().context("running cargo test")?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        totals.add(&line);
+    }
+    Ok(child.wait()?.success())
 }
 
 /// The test files run a second time against the release binary.
