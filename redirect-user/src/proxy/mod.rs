@@ -267,12 +267,8 @@ impl Proxy {
                     .map(|_| bind(bound))
                     .collect::<io::Result<Vec<_>>>()
                     .map_err(|e| bind_error(m, "tcp", bound, e))?;
-                let first = TcpListener::from_std(first).map_err(|e| ProxyError::Io {
-                    op: "registering a listener",
-                    source: e,
-                })?;
                 tcp.push(TcpListeners {
-                    first,
+                    first: register(first)?,
                     siblings,
                     target: Target::Port(m.to),
                 });
@@ -311,9 +307,6 @@ impl Proxy {
     /// TCP connections for up to [`ProxyOptions::drain_timeout`].
     pub async fn run(self, shutdown: impl Future) -> Result<(), ProxyError> {
         let (tx, rx) = watch::channel(false);
-        let stop = |mut rx: watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        };
         let mut tasks = tokio::task::JoinSet::new();
         // Worker i (1..) gets the i-th sibling of every mapping.
         let mut workers: Vec<Vec<WorkerListener>> = Vec::new();
@@ -333,7 +326,7 @@ impl Proxy {
                 self.options.clone(),
                 self.stats.clone(),
                 limit,
-                stop(rx.clone()),
+                stopped(rx.clone()),
             ));
         }
         for (socket, target) in self.udp {
@@ -343,7 +336,7 @@ impl Proxy {
                 target,
                 self.options.clone(),
                 self.stats.clone(),
-                stop(rx.clone()),
+                stopped(rx.clone()),
             );
             tasks.spawn(async move {
                 let res = run.await;
@@ -377,19 +370,45 @@ impl Proxy {
             Some(res) = tasks.join_next() => {
                 // A listener failed: stop the others too.
                 let _ = tx.send(true);
-                let res = res.map_err(|e| ProxyError::Io { op: "proxy task", source: io::Error::other(e) })?;
-                res?;
+                task_result(res)?;
             }
         }
         let _ = tx.send(true);
-        while let Some(res) = tasks.join_next().await {
-            res.map_err(|e| ProxyError::Io {
-                op: "proxy task",
-                source: io::Error::other(e),
-            })??;
-        }
-        Ok(())
+        join_all(&mut tasks).await
     }
+}
+
+/// Resolves once `rx` says stop.
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// A proxy task's outcome: its own error, or its panic as one.
+fn task_result(
+    res: Result<Result<(), ProxyError>, tokio::task::JoinError>,
+) -> Result<(), ProxyError> {
+    res.map_err(|e| ProxyError::Io {
+        op: "proxy task",
+        source: io::Error::other(e),
+    })?
+}
+
+/// Waits for every task; the first failure is returned.
+async fn join_all(
+    tasks: &mut tokio::task::JoinSet<Result<(), ProxyError>>,
+) -> Result<(), ProxyError> {
+    while let Some(res) = tasks.join_next().await {
+        task_result(res)?;
+    }
+    Ok(())
+}
+
+/// Hands a bound listener to the current runtime.
+fn register(listener: std::net::TcpListener) -> Result<TcpListener, ProxyError> {
+    TcpListener::from_std(listener).map_err(|e| ProxyError::Io {
+        op: "registering a listener",
+        source: e,
+    })
 }
 
 /// A listener for a worker thread: the socket, its count in
@@ -415,30 +434,17 @@ fn worker(
     runtime.block_on(async move {
         let mut tasks = tokio::task::JoinSet::new();
         for (listener, guard, target, limit) in listeners {
-            let listener = TcpListener::from_std(listener).map_err(|e| ProxyError::Io {
-                op: "registering a listener",
-                source: e,
-            })?;
-            let mut rx = rx.clone();
             tasks.spawn(tcp::serve(
-                listener,
+                register(listener)?,
                 Some(guard),
                 target,
                 options.clone(),
                 stats.clone(),
                 limit,
-                async move {
-                    let _ = rx.wait_for(|stop| *stop).await;
-                },
+                stopped(rx.clone()),
             ));
         }
-        while let Some(res) = tasks.join_next().await {
-            res.map_err(|e| ProxyError::Io {
-                op: "proxy task",
-                source: io::Error::other(e),
-            })??;
-        }
-        Ok(())
+        join_all(&mut tasks).await
     })
 }
 
