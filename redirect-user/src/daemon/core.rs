@@ -386,6 +386,20 @@ impl Core {
         }))
     }
 
+    /// Detaches a scope and, for a runtime scope, forgets it in the store
+    /// (even when detaching failed: the scope is gone from the daemon).
+    fn remove(&mut self, name: &str) -> Result<(), Error> {
+        let runtime = self
+            .scopes
+            .get(name)
+            .is_some_and(|m| m.origin == Origin::Runtime);
+        let r = self.detach(name);
+        if runtime {
+            self.store.forget(name);
+        }
+        r
+    }
+
     fn detach(&mut self, name: &str) -> Result<(), Error> {
         let managed = self.scopes.remove(name).ok_or(Error::ScopeNotFound {
             name: name.to_owned(),
@@ -446,17 +460,7 @@ impl Core {
                 }
                 r.map(|()| None)
             }
-            Request::RemoveScope { name } => {
-                let runtime = self
-                    .scopes
-                    .get(&name)
-                    .is_some_and(|m| m.origin == Origin::Runtime);
-                let r = self.detach(&name).map_err(failure);
-                if runtime {
-                    self.store.forget(&name);
-                }
-                r.map(|()| None)
-            }
+            Request::RemoveScope { name } => self.remove(&name).map(|()| None).map_err(failure),
             Request::Add { scope, mapping } => self.edit(&scope, &mapping, true),
             Request::Remove { scope, mapping } => self.edit(&scope, &mapping, false),
             Request::Reload => self.reload().map(Some),
@@ -654,12 +658,9 @@ impl Core {
             .collect();
         for name in &gone {
             log::info!("scope {name}: its cgroup is gone, detaching");
-            if let Err(e) = self.detach(name) {
+            if let Err(e) = self.remove(name) {
                 log::warn!("detaching scope {name}: {e}");
             }
-        }
-        if !gone.is_empty() {
-            self.save_runtime_scopes();
         }
         gone
     }
