@@ -247,12 +247,6 @@ fn main() -> ExitCode {
     // come from /etc/passwd and /etc/group only (see `use_files_only`).
     #[cfg(all(target_os = "linux", target_env = "gnu", target_feature = "crt-static"))]
     redirect::user::use_files_only();
-    // The hook runs on every container start: it parses only its own
-    // options (see `cmd::oci_hook::main`).
-    #[cfg(with_ebpf)]
-    if std::env::args_os().nth(1).is_some_and(|a| a == "oci-hook") {
-        return cmd::oci_hook::main(std::env::args_os());
-    }
     let cli = Cli::parse();
     init_logging(cli.verbose);
     // The hook runs on every container start: no runtime to build.

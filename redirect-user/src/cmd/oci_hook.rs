@@ -35,31 +35,6 @@ pub struct OciHookArgs {
 /// The largest state accepted on stdin; real ones are a few KiB.
 const MAX_STATE: u64 = 1 << 20;
 
-/// `redirect oci-hook` parsed on its own, without the rest of the CLI.
-#[derive(clap::Parser, Debug)]
-#[command(name = "redirect oci-hook")]
-struct HookCli {
-    /// Log more.
-    #[arg(short, long, action = clap::ArgAction::Count)]
-    verbose: u8,
-
-    #[command(flatten)]
-    args: OciHookArgs,
-}
-
-/// The hook's entry point when `oci-hook` is the first argument: parses
-/// only the hook's own options. Building the whole CLI would cost every
-/// container start a few hundred microseconds (clap builds every
-/// subcommand's arguments, and `--workers`' default reads the cgroup's CPU
-/// quota through `available_parallelism`).
-pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
-    use clap::Parser as _;
-    // Skips "oci-hook": the program name is the first of what remains.
-    let cli = HookCli::parse_from(args.into_iter().skip(1));
-    crate::init_logging(cli.verbose);
-    run(&cli.args)
-}
-
 /// Runs the hook; never fails past this point: every error is printed and
 /// turned into the exit code.
 pub fn run(args: &OciHookArgs) -> ExitCode {

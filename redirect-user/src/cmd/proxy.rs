@@ -60,8 +60,10 @@ pub struct BackendArgs {
     /// Proxy only: threads accepting and serving TCP connections, each
     /// with its own SO_REUSEPORT listener per mapping (Linux; elsewhere
     /// 1). Default: one per CPU, at most 4.
-    #[arg(long, value_name = "N", default_value_t = redirect::proxy::default_workers())]
-    pub workers: usize,
+    // No `default_value_t`: clap would compute it (reading the cgroup's CPU
+    // quota) each time the CLI is built, for every command.
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
 }
 
 impl BackendArgs {
@@ -73,7 +75,10 @@ impl BackendArgs {
             idle_timeout: (self.idle_timeout > 0).then(|| Duration::from_secs(self.idle_timeout)),
             drain_timeout: Duration::from_secs(self.drain_timeout),
             splice: cfg!(target_os = "linux") && !self.no_splice,
-            workers: self.workers.max(1),
+            workers: self
+                .workers
+                .unwrap_or_else(redirect::proxy::default_workers)
+                .max(1),
             ..ProxyOptions::default()
         }
     }
