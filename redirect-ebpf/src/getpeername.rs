@@ -9,12 +9,14 @@
 //! Minimum kernel version: 5.8.
 
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
-use redirect_common::{ADDR_ANY, Counter, ORIG_DIRECT, PROTO_ANY, REVERSE_SHARED, ScopePort};
+use redirect_common::{
+    ADDR_ANY, CELL_SLOW, CELL_TO, Counter, ORIG_DIRECT, PROTO_ANY, REVERSE_SHARED, ScopePort,
+};
 
 use crate::{
     ALLOW,
     ctx::{self, Family},
-    maps::{ORIG_DST, REVERSE, count, current_scope, is_to_port},
+    maps::{ORIG_DST, REVERSE, count, current_scope, is_to_port, scope_cell},
 };
 
 /// Restores the original peer port of an IPv4 socket.
@@ -38,10 +40,23 @@ fn restore_peer(ctx: &SockAddrContext, family: Family) {
     let peer = ctx::dst_port(ctx);
     // Every restore below needs the peer to be some mapping's TO port:
     // the common call (accept in a scope: the peer is a client's port)
-    // stops here.
+    // stops here, after one read of a global bitmap (cheaper than the
+    // cell's two cache lines).
     if !is_to_port(peer) {
         return;
     }
+    let cell = scope_cell();
+    let fast = match cell {
+        Some(cell) => {
+            let slot = cell.slot(peer);
+            match slot.kind {
+                CELL_SLOW => None,
+                CELL_TO if slot.port == peer => Some(*slot),
+                _ => return,
+            }
+        }
+        None => None,
+    };
     // SAFETY: lookup only (no create); a null result means no record.
     let slot = unsafe { ORIG_DST.get_ptr_mut(ctx) };
     if !slot.is_null() {
@@ -57,8 +72,20 @@ fn restore_peer(ctx: &SockAddrContext, family: Family) {
             return;
         }
     }
-    let Some(scope) = current_scope() else {
+    if let Some(slot) = fast {
+        // The one mapping that targets this port, on any address.
+        if slot.proto == PROTO_ANY || u32::from(slot.proto) == ctx::protocol(ctx) {
+            ctx::set_dst_port(ctx, slot.other);
+            count(Counter::PeerRestored);
+        }
         return;
+    }
+    let scope = match cell {
+        Some(cell) => cell.scope,
+        None => match current_scope() {
+            Some(scope) => scope,
+            None => return,
+        },
     };
     // SAFETY: copied out at once.
     let Some(rev) = unsafe { REVERSE.get(ScopePort::new(scope, peer)) }.copied() else {

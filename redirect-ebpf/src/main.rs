@@ -20,6 +20,9 @@
 
 #![no_std]
 #![no_main]
+// The atomic add of `maps::count_connect` (see there).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod bind;
 mod connect;

@@ -4,10 +4,12 @@
 //! Each static's identifier is the map's name, spelled as in
 //! `redirect_common::maps`.
 
+use core::{cell::UnsafeCell, ffi::c_void};
+
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_NO_PREALLOC, bpf_map_def, bpf_map_type::BPF_MAP_TYPE_CGROUP_STORAGE},
     btf_maps::SkStorage,
-    helpers::generated::bpf_get_current_ancestor_cgroup_id,
+    helpers::generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_local_storage},
     macros::{btf_map, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
 };
@@ -15,8 +17,8 @@ use redirect_common::{
     ADDR_ANY, Addr, Counter, GuardKey, MAX_GRANTS, MAX_LISTENERS, MAX_MAPPINGS, MAX_SCOPE_DEPTHS,
     MAX_SCOPES, MappingKey, MappingStats, MappingValue, OrigDst, Owner, PROTO_ANY, PROTO_TCP,
     PROTO_UDP, REV_NAT_ENTRIES, RevNatKey, RevNatValue, Reverse, SHAPE_ADDR_ANY, SHAPE_ADDR_TCP,
-    SHAPE_ADDR_UDP, SHAPE_ANY_ANY, SHAPE_ANY_TCP, SHAPE_ANY_UDP, ScopePort, SteerConfig,
-    TO_PORT_WORDS, Target, UdpBind,
+    SHAPE_ADDR_UDP, SHAPE_ANY_ANY, SHAPE_ANY_TCP, SHAPE_ANY_UDP, ScopeCell, ScopePort, SlotCounts,
+    SteerConfig, TO_PORT_WORDS, Target, UdpBind,
 };
 
 /// The scope a steering instance serves; set by the loader (0 in the
@@ -30,6 +32,62 @@ pub static STEER: Array<SteerConfig> = Array::with_max_entries(1, 0);
 #[inline(always)]
 pub fn steer_config() -> Option<SteerConfig> {
     STEER.get(0).copied().filter(|c| c.netns != 0)
+}
+
+/// A cgroup storage map: one value per cgroup a program using the map is
+/// attached to, found by `bpf_get_local_storage` (aya-ebpf has no type for
+/// it). The key is the cgroup id alone (`u64`), so every program attached
+/// to one cgroup shares one value (Linux 5.9).
+#[repr(transparent)]
+pub struct CgroupStorage<T> {
+    def: UnsafeCell<bpf_map_def>,
+    _t: core::marker::PhantomData<T>,
+}
+
+// SAFETY: the definition is only read, by the loader; values are reached
+// through the helper, which the kernel serialises with updates (RCU).
+unsafe impl<T: Sync> Sync for CgroupStorage<T> {}
+
+impl<T> CgroupStorage<T> {
+    const fn new() -> Self {
+        CgroupStorage {
+            def: UnsafeCell::new(bpf_map_def {
+                type_: BPF_MAP_TYPE_CGROUP_STORAGE,
+                key_size: size_of::<u64>() as u32,
+                value_size: size_of::<T>() as u32,
+                max_entries: 0,
+                map_flags: 0,
+                id: 0,
+                pinning: 0,
+            }),
+            _t: core::marker::PhantomData,
+        }
+    }
+
+    /// The value of the cgroup the running program is attached to.
+    #[inline(always)]
+    pub fn get(&self) -> &T {
+        // SAFETY: the verifier types the result as a non-null pointer to a
+        // value of this map; the kernel keeps it alive for the program's
+        // run (a userspace update swaps in a new buffer and frees the old
+        // one after an RCU grace period).
+        unsafe { &*bpf_get_local_storage(self.def.get().cast::<c_void>(), 0).cast::<T>() }
+    }
+}
+
+/// Every scope's [`ScopeCell`], in its cgroup's storage.
+#[map]
+pub static SCOPE_CELL: CgroupStorage<ScopeCell> = CgroupStorage::new();
+
+/// The running program's scope cell, if userspace has written it.
+#[inline(always)]
+pub fn scope_cell() -> Option<&'static ScopeCell> {
+    // A test build that stands for the builds before the cell.
+    if cfg!(feature = "no-cell-test") {
+        return None;
+    }
+    let cell = SCOPE_CELL.get();
+    (cell.scope != 0).then_some(cell)
 }
 
 /// cgroup id → scope id of every attached scope.
@@ -109,7 +167,9 @@ pub static REV_NAT: LruHashMap<RevNatKey, RevNatValue> =
     LruHashMap::with_max_entries(REV_NAT_ENTRIES, 0);
 
 /// Per-mapping statistics, keyed by slot; userspace inserts a slot's entry
-/// when its mapping goes live.
+/// when its mapping goes live. No program writes it any more ([`COUNTS`]
+/// replaced it on the hot paths); userspace still adds what earlier
+/// builds counted here.
 ///
 /// Why a hash without preallocation rather than a per-CPU array: the
 /// kernel takes ~20 ms to allocate a 16,384-entry per-CPU array up front, a
@@ -117,6 +177,44 @@ pub static REV_NAT: LruHashMap<RevNatKey, RevNatValue> =
 #[map]
 pub static STATS: PerCpuHashMap<u32, MappingStats> =
     PerCpuHashMap::with_max_entries(MAX_MAPPINGS, BPF_F_NO_PREALLOC);
+
+/// What each mapping slot rewrote (see `redirect_common::maps::COUNTS`).
+#[map]
+pub static COUNTS: Array<SlotCounts> = Array::with_max_entries(MAX_MAPPINGS, 0);
+
+/// A counter of [`SlotCounts`].
+#[derive(Clone, Copy)]
+pub enum Stat {
+    /// `connects`.
+    Connects,
+    /// `datagrams`.
+    Datagrams,
+}
+
+/// Adds one to a counter of the mapping in `slot`, atomically: the entry
+/// is shared by every CPU.
+#[inline(always)]
+pub fn add_stat(slot: u32, stat: Stat) {
+    if let Some(counts) = COUNTS.get_ptr_mut(slot) {
+        // SAFETY: a valid entry of the map, alive for the run.
+        let n = unsafe {
+            match stat {
+                Stat::Connects => &raw mut (*counts).connects,
+                Stat::Datagrams => &raw mut (*counts).datagrams,
+            }
+        };
+        // SAFETY: a valid, aligned u64 of the map, alive for the run;
+        // every writer (programs on other CPUs, userspace's reset) goes
+        // through atomics or a single 8-byte store. The result is unused,
+        // so LLVM emits the plain atomic add every BPF kernel has (the
+        // BPF target has no `AtomicU64::fetch_add`: it lacks CAS).
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                n, 1,
+            );
+        }
+    }
+}
 
 /// Per-CPU event counters, indexed by [`Counter`].
 #[map]
@@ -129,35 +227,6 @@ pub fn count(c: Counter) {
         // SAFETY: per-CPU slot; programs do not migrate CPUs while running.
         unsafe { *slot += 1 };
     }
-}
-
-/// A counter of [`MappingStats`].
-#[derive(Clone, Copy)]
-pub enum Stat {
-    /// `connects`.
-    Connects,
-    /// `datagrams`.
-    Datagrams,
-}
-
-/// Adds `delta` (wrapping: pass `u64::MAX` to subtract one) to this CPU's
-/// copy of a counter of the mapping in `slot`, if the slot still belongs to
-/// `generation`.
-#[inline(always)]
-pub fn add_stat(slot: u32, generation: u32, stat: Stat, delta: u64) {
-    let Some(stats) = STATS.get_ptr_mut(slot) else {
-        return;
-    };
-    // SAFETY: this CPU's copy, valid for the program's run.
-    let stats = unsafe { &mut *stats };
-    if stats.generation != generation {
-        return;
-    }
-    let field = match stat {
-        Stat::Connects => &mut stats.connects,
-        Stat::Datagrams => &mut stats.datagrams,
-    };
-    *field = field.wrapping_add(delta);
 }
 
 /// The scope of the calling process: the id of the first of its cgroup's

@@ -14,14 +14,14 @@
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use aya_log_ebpf::debug;
 use redirect_common::{
-    Addr, Counter, FLAG_UDP_BIND, GLOBAL_UDP, MappingKey, MappingValue, PROTO_UDP, RevNatKey,
-    RevNatValue,
+    ADDR_ANY, Addr, CELL_EMPTY, CELL_FROM, CELL_SLOW, CELL_TO, Counter, FLAG_UDP_BIND, GLOBAL_UDP,
+    MappingKey, MappingValue, PROTO_ANY, PROTO_UDP, RevNatKey, RevNatValue,
 };
 
 use crate::{
     ALLOW,
     ctx::{self, Family},
-    maps::{GLOBAL, MAPPINGS, REV_NAT, Stat, add_stat, count, current_scope, lookup},
+    maps::{GLOBAL, MAPPINGS, REV_NAT, Stat, add_stat, count, current_scope, lookup, scope_cell},
 };
 
 /// Rewrites the destination of an IPv4 `sendto()`.
@@ -73,9 +73,46 @@ fn try_redirect_sendmsg(ctx: &SockAddrContext, family: Family) -> Result<Counter
     if from == 0 {
         return Err(Counter::SkipPortZero);
     }
-    let scope = current_scope().ok_or(Counter::SkipNoScope)?;
+    let cell = scope_cell();
     let addr = ctx::dst_addr(ctx, family);
-    let Some((key, target)) = lookup(scope, &addr, from, PROTO_UDP) else {
+    let fast = match cell {
+        Some(cell) => {
+            let slot = cell.slot(from);
+            match slot.kind {
+                CELL_SLOW => None,
+                CELL_FROM
+                    if slot.port == from
+                        && (slot.proto == PROTO_ANY || slot.proto == PROTO_UDP) =>
+                {
+                    // The mapping the maps would find: any address, this
+                    // protocol shape.
+                    Some((
+                        MappingKey::new(cell.scope, ADDR_ANY, from, slot.proto),
+                        MappingValue {
+                            port: slot.other,
+                            flags: slot.flags,
+                            slot: slot.slot,
+                            generation: slot.generation,
+                        },
+                    ))
+                }
+                CELL_FROM | CELL_TO if slot.port == from => None,
+                _ => return Ok(Counter::ConnectUnmapped),
+            }
+        }
+        None => None,
+    };
+    let found = match fast {
+        Some(found) => Some(found),
+        None => {
+            let scope = match cell {
+                Some(cell) => cell.scope,
+                None => current_scope().ok_or(Counter::SkipNoScope)?,
+            };
+            lookup(scope, &addr, from, PROTO_UDP)
+        }
+    };
+    let Some((key, target)) = found else {
         return Ok(Counter::ConnectUnmapped);
     };
     if target.flags & FLAG_UDP_BIND != 0 {
@@ -84,7 +121,7 @@ fn try_redirect_sendmsg(ctx: &SockAddrContext, family: Family) -> Result<Counter
     }
     remember(ctx, &addr, key, &target)?;
     ctx::set_dst_port(ctx, target.port);
-    add_stat(target.slot, target.generation, Stat::Datagrams, 1);
+    add_stat(target.slot, Stat::Datagrams);
     debug!(
         ctx,
         "sendmsg{}: port {} -> {}",
@@ -133,17 +170,43 @@ fn restore_source(ctx: &SockAddrContext, family: Family) -> Option<Counter> {
     if GLOBAL.get(0).is_none_or(|g| g & GLOBAL_UDP == 0) {
         return None;
     }
+    let source = ctx::dst_port(ctx);
+    let cell = scope_cell();
+    if let Some(cell) = cell {
+        let slot = cell.slot(source);
+        // Only a reply from one of the scope's TO ports can need its
+        // source restored: any other receive stops here, with no cookie
+        // and no LRU lookup.
+        if slot.kind == CELL_EMPTY || (slot.kind != CELL_SLOW && slot.port != source) {
+            return None;
+        }
+    }
     let key = RevNatKey {
         cookie: ctx::cookie(ctx),
         addr: ctx::dst_addr(ctx, family),
-        port: ctx::dst_port(ctx),
+        port: source,
         _pad: [0; 6],
     };
     // SAFETY: copied out at once.
     let entry = *unsafe { REV_NAT.get(key) }?;
-    // Still the same mapping, still pointing at this backend?
-    // SAFETY: copied out at once.
-    let current = unsafe { MAPPINGS.get(entry.mapping) }.copied();
+    // Still the same mapping, still pointing at this backend? The cell
+    // answers when the mapping is its FROM slot's; else the table.
+    let from = cell.map(|c| c.slot(entry.mapping.port)).filter(|s| {
+        s.kind == CELL_FROM
+            && s.port == entry.mapping.port
+            && s.proto == entry.mapping.proto
+            && entry.mapping.addr == ADDR_ANY
+    });
+    let current = match from {
+        Some(s) => Some(MappingValue {
+            port: s.other,
+            flags: s.flags,
+            slot: s.slot,
+            generation: s.generation,
+        }),
+        // SAFETY: copied out at once.
+        None => unsafe { MAPPINGS.get(entry.mapping) }.copied(),
+    };
     match current {
         Some(v) if v.port == key.port && v.generation == entry.generation => {
             ctx::set_dst_port(ctx, entry.mapping.port);

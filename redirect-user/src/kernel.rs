@@ -13,9 +13,10 @@ use aya::util::KernelVersion;
 
 use crate::{Error, Result};
 
-/// The oldest kernel redirect runs on: getpeername4/6 hooks (5.8), and
-/// cgroup `bpf_link`s (5.7).
-pub const MINIMUM: (u8, u8) = (5, 8);
+/// The oldest kernel redirect runs on: cgroup storage shared by every
+/// program of a cgroup (the scope cell, 5.9), getpeername4/6 hooks (5.8),
+/// and cgroup `bpf_link`s (5.7).
+pub const MINIMUM: (u8, u8) = (5, 9);
 
 /// Overrides the running kernel's version for [`require`]
 /// (`REDIRECT_KERNEL_VERSION=5.10.0`): how the tests show what an older
@@ -82,7 +83,7 @@ mod tests {
 
     #[test]
     fn this_kernel_passes() {
-        check_version().expect("the test machine runs Linux >= 5.8");
+        check_version().expect("the test machine runs Linux >= 5.9");
     }
 
     #[test]
@@ -90,12 +91,13 @@ mod tests {
         let old = check("5.4.0-150-generic", Ok(KernelVersion::new(5, 4, 0))).unwrap_err();
         let text = old.to_string();
         assert!(text.contains("5.4.0-150-generic"), "{text}");
-        assert!(text.contains("Linux >= 5.8"), "{text}");
+        assert!(text.contains("Linux >= 5.9"), "{text}");
         let unreadable = check("6.18-rc1", Err("ParseError".into())).unwrap_err();
         assert!(
             unreadable.to_string().contains("cannot be read"),
             "{unreadable}"
         );
-        assert!(check("5.8.0", Ok(KernelVersion::new(5, 8, 0))).is_ok());
+        assert!(check("5.9.0", Ok(KernelVersion::new(5, 9, 0))).is_ok());
+        assert!(check("5.8.0", Ok(KernelVersion::new(5, 8, 0))).is_err());
     }
 }

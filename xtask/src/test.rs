@@ -35,7 +35,8 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     // The integration tests run the `redirect` and `probe` binaries, and
     // the library's container_runtime example.
     status(cargo().args(["build", "--locked", "--bins", "--examples"]))?;
-    let upgrade = upgrade_object()?;
+    let upgrade = test_object("upgrade-test")?;
+    let no_cell = test_object("no-cell-test")?;
 
     if !is_root() {
         eprintln!("xtask: not root, running the test binaries through sudo -E");
@@ -43,7 +44,8 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     let mut totals = Totals::default();
     let mut cmd = cargo();
     cmd.args(["test", "--locked", "--no-fail-fast"])
-        .env(UPGRADE_OBJECT_ENV, &upgrade);
+        .env(UPGRADE_OBJECT_ENV, &upgrade)
+        .env(NO_CELL_OBJECT_ENV, &no_cell);
     if let Some(filter) = &opts.filter {
         cmd.arg(filter);
     }
@@ -109,11 +111,16 @@ const RELEASE_BINARY_ENV: &str = "REDIRECT_TEST_BINARY";
 /// Where tests/tests/upgrade.rs finds the other build of the programs.
 pub const UPGRADE_OBJECT_ENV: &str = "REDIRECT_TEST_UPGRADE_OBJECT";
 
-/// Builds the eBPF object with the `upgrade-test` feature (connect4/6
-/// differ by one harmless helper call), as aya-build builds the embedded
-/// one, in a target directory of its own; returns its path.
-pub fn upgrade_object() -> anyhow::Result<std::path::PathBuf> {
-    let dir = crate::run::target_dir()?.join("ebpf-upgrade");
+/// Where tests/tests/upgrade.rs finds a build of the programs from before
+/// the scope cell.
+pub const NO_CELL_OBJECT_ENV: &str = "REDIRECT_TEST_NO_CELL_OBJECT";
+
+/// Builds the eBPF object with test feature `feature` of `redirect-ebpf`
+/// (`upgrade-test`: connect4/6 differ by one harmless helper call;
+/// `no-cell-test`: no program reads the scope cell), as aya-build builds
+/// the embedded one, in a target directory of its own; returns its path.
+pub fn test_object(feature: &str) -> anyhow::Result<std::path::PathBuf> {
+    let dir = crate::run::target_dir()?.join(format!("ebpf-{feature}"));
     status(
         cargo()
             .args([
@@ -128,7 +135,7 @@ pub fn upgrade_object() -> anyhow::Result<std::path::PathBuf> {
                 "-Z",
                 "build-std=core",
                 "--features",
-                "upgrade-test",
+                feature,
             ])
             .env(
                 "CARGO_ENCODED_RUSTFLAGS",

@@ -208,14 +208,14 @@ mod linux {
             .map(|s| s.trim().to_owned())
             .unwrap_or_else(|e| format!("unknown ({e})"));
         let version = kernel_version(&release);
-        let kernel_ok = version >= (5, 8);
+        let kernel_ok = version >= (5, 9);
         checks.push(if kernel_ok {
             Check::new("kernel", Status::Ok, format!("Linux {release}"))
         } else {
             Check::new(
                 "kernel",
                 Status::Fail,
-                format!("Linux {release}; eBPF redirection needs >= 5.8"),
+                format!("Linux {release}; eBPF redirection needs >= 5.9"),
             )
             .fix("upgrade the kernel, or use --backend proxy")
         });
@@ -319,7 +319,7 @@ mod linux {
             } else if !bpf_caps {
                 "missing CAP_BPF/CAP_NET_ADMIN".into()
             } else if !kernel_ok {
-                format!("kernel {release} is older than 5.8")
+                format!("kernel {release} is older than 5.9")
             } else if bpf.is_err() {
                 "no bpf(2)".into()
             } else {

@@ -18,6 +18,7 @@
 
 mod adopt;
 mod attached;
+mod cell;
 mod established;
 pub mod holders;
 mod listeners;

@@ -32,7 +32,7 @@ use std::{
 
 use redirect_common::{
     GuardKey, LAYOUT_VERSION, MappingKey, MappingStats, MappingValue, Owner, RevNatKey,
-    RevNatValue, Reverse, ScopePort, SteerConfig, Target, UdpBind, maps,
+    RevNatValue, Reverse, ScopeCell, ScopePort, SlotCounts, SteerConfig, Target, UdpBind, maps,
 };
 
 use crate::{Error, Result};
@@ -46,6 +46,10 @@ const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 /// `BPF_LINK_UPDATE`.
 const BPF_LINK_UPDATE: libc::c_long = 29;
+/// `BPF_MAP_UPDATE_ELEM`.
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+/// `BPF_OBJ_GET_INFO_BY_FD`.
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 /// `BPF_F_REPLACE`: update only if the link still runs `old_prog_fd`.
 const BPF_F_REPLACE: u32 = 4;
 /// `BPF_FS_MAGIC` from `<linux/magic.h>`.
@@ -143,9 +147,11 @@ pub fn expected_sizes(name: &str) -> Option<(u32, u32)> {
         maps::REV_NAT => s(size_of::<RevNatKey>(), size_of::<RevNatValue>()),
         maps::STATS => s(size_of::<u32>(), size_of::<MappingStats>()),
         maps::COUNTERS => s(size_of::<u32>(), size_of::<u64>()),
+        maps::COUNTS => s(size_of::<u32>(), size_of::<SlotCounts>()),
         maps::LISTENERS => s(size_of::<u32>(), size_of::<u64>()),
         maps::GUARDS => s(size_of::<GuardKey>(), size_of::<u32>()),
         maps::STEER => s(size_of::<u32>(), size_of::<SteerConfig>()),
+        maps::SCOPE_CELL => s(size_of::<u64>(), size_of::<ScopeCell>()),
         _ => None,
     }
 }
@@ -230,6 +236,72 @@ pub fn prog_fd_by_id(id: u32) -> std::io::Result<OwnedFd> {
     )?;
     // SAFETY: the kernel returned a new fd that we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The ids of the maps program `prog` uses (`BPF_OBJ_GET_INFO_BY_FD`,
+/// `nr_map_ids`/`map_ids` of `struct bpf_prog_info`; Linux 4.15).
+pub fn prog_map_ids(prog: BorrowedFd<'_>) -> std::io::Result<Vec<u32>> {
+    /// Offsets in `struct bpf_prog_info`.
+    const NR_MAP_IDS: usize = 52;
+    const MAP_IDS: usize = 56;
+    let mut ids = vec![0u32; 64];
+    // The info up to `map_ids`, 8-byte aligned as the kernel's struct.
+    let mut info = [0u64; 8];
+    {
+        let bytes = info.as_mut_ptr().cast::<u8>();
+        // SAFETY: both offsets are inside `info` (64 bytes) and aligned.
+        unsafe {
+            *bytes.add(NR_MAP_IDS).cast::<u32>() = ids.len() as u32;
+            *bytes.add(MAP_IDS).cast::<u64>() = ids.as_mut_ptr() as u64;
+        }
+    }
+    #[repr(C)]
+    struct Attr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let attr = Attr {
+        bpf_fd: prog.as_raw_fd() as u32,
+        info_len: size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    bpf(
+        BPF_OBJ_GET_INFO_BY_FD,
+        (&raw const attr).cast(),
+        size_of::<Attr>(),
+    )?;
+    // SAFETY: as above; the kernel wrote the program's map count there.
+    let n = unsafe { *info.as_ptr().cast::<u8>().add(NR_MAP_IDS).cast::<u32>() } as usize;
+    ids.truncate(n.min(ids.len()));
+    Ok(ids)
+}
+
+/// Writes `value` under `key` in the map `map` (`BPF_MAP_UPDATE_ELEM`,
+/// `BPF_ANY`), for map types aya 0.14 has no typed API for (cgroup
+/// storage).
+pub fn map_update<K, V>(map: BorrowedFd<'_>, key: &K, value: &V) -> std::io::Result<()> {
+    #[repr(C)]
+    struct Attr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let attr = Attr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        value: std::ptr::from_ref(value) as u64,
+        flags: 0,
+    };
+    bpf(
+        BPF_MAP_UPDATE_ELEM,
+        (&raw const attr).cast(),
+        size_of::<Attr>(),
+    )
+    .map(drop)
 }
 
 /// Makes the link `link` run `new_prog` instead of `old_prog`, atomically

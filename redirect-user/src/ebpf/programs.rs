@@ -40,13 +40,15 @@ use aya_log::EbpfLogger;
 use redirect_common::{
     ADDR_ANY, Addr, Counter, FLAG_SHARED_TO, FLAG_UDP_BIND, GLOBAL_UDP, GuardKey, MAX_LEVEL,
     MAX_MAPPINGS, MAX_SCOPE_DEPTHS, MAX_SCOPES, MappingKey, MappingStats, MappingValue, Owner,
-    PROTO_ANY, PROTO_TCP, PROTO_UDP, REVERSE_SHARED, Reverse, SHAPE_TARGET, ScopePort, SteerConfig,
-    TO_PORT_WORDS, Target, UdpBind, globals, listener_key, maps, programs, shape,
+    PROTO_ANY, PROTO_TCP, PROTO_UDP, REVERSE_SHARED, Reverse, SHAPE_TARGET, ScopePort, SlotCounts,
+    SteerConfig, TO_PORT_WORDS, Target, UdpBind, globals, listener_key, maps, programs, shape,
 };
 
 use super::{
-    Counters, Logger, MappingCounts, PortOwner, attach_error, check_privileges, listeners,
-    map_error, pin, probe_kernel, raise_memlock_limit, steering::SteerPool,
+    Counters, Logger, MappingCounts, PortOwner, attach_error,
+    cell::{CellState, Uses},
+    check_privileges, listeners, map_error, pin, probe_kernel, raise_memlock_limit,
+    steering::SteerPool,
 };
 use crate::{Error, Mapping, MappingSet, Proto, Result, cgroup::CgroupDir};
 
@@ -123,7 +125,9 @@ pub const BIND_PROGRAMS: [&str; 2] = [programs::BIND4, programs::BIND6];
 pub const GUARD_PROGRAMS: [&str; 2] = [programs::GUARD4, programs::GUARD6];
 
 /// The maps of the shared instance that are pinned and reused.
-const SHARED_MAPS: [&str; 16] = [
+const SHARED_MAPS: [&str; 18] = [
+    maps::SCOPE_CELL,
+    maps::COUNTS,
     maps::SCOPES,
     maps::REVERSE,
     maps::TO_PORTS,
@@ -207,6 +211,11 @@ pub(super) struct ScopeState {
     /// With `--guard-cgroup`: the cookie of the namespace whose TO ports
     /// are guarded (see [`Shared::attach_guard`]).
     pub(super) guard: Option<u64>,
+    /// The scope's cell (see `cell.rs`), kept up to date with `index`.
+    cell: CellState,
+    /// Whether the scope's cell exists (its programs are linked) and so
+    /// is rewritten on every change.
+    cell_live: bool,
 }
 
 /// The scope's mappings by FROM and by TO port, so that writing the tables
@@ -241,6 +250,12 @@ impl PortIndex {
 
     fn to(&self, port: u16) -> &[Mapping] {
         self.by_to.get(&port).map_or(&[], Vec::as_slice)
+    }
+
+    /// Every port some mapping uses, as FROM or as TO (a port may come
+    /// twice).
+    fn ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.by_from.keys().chain(self.by_to.keys()).copied()
     }
 }
 
@@ -330,6 +345,10 @@ pub(super) struct Shared {
     /// at load, then kept up to date, so that a new scope's id is found
     /// without walking the SCOPES map).
     taken: HashSet<u32>,
+    /// The kernel's id of the SCOPE_CELL map: a pinned link whose program
+    /// does not use this map was made by an older build and is re-created
+    /// rather than updated (see [`link_or_adopt`]).
+    cell_map_id: u32,
 }
 
 impl Programs {
@@ -420,6 +439,10 @@ impl Programs {
             *to_refs.entry(*port).or_default() += 1;
         }
         write_to_ports(&mut ebpf, &to_refs)?;
+        let cell_map_id = cell_map(&ebpf)?
+            .info()
+            .map_err(|e| map_error("reading", maps::SCOPE_CELL, e))?
+            .id();
         let steer_pool = SteerPool::new(options.steer_pool, options.ebpf_debug_log, set_retval);
         steer_pool.fill(std::time::Duration::ZERO);
         Ok(Programs {
@@ -436,6 +459,7 @@ impl Programs {
                 taken,
                 reverse_keys,
                 to_refs,
+                cell_map_id,
             })),
         })
     }
@@ -713,6 +737,8 @@ impl Shared {
             links: Vec::new(),
             steer: None,
             guard: None,
+            cell: CellState::new(id),
+            cell_live: false,
         };
         let result = self.build_scope(&mut scope, &dir, &req, adopted.is_some());
         match result {
@@ -828,6 +854,11 @@ impl Shared {
             let link = self.link_cgroup(id, name, dir)?;
             scope.links.push(link);
         }
+        // The programs are linked, so the cell exists: fill it from every
+        // mapping (adopted ones included).
+        scope.cell_live = true;
+        let ports: Vec<u16> = scope.index.ports().collect();
+        self.update_cell(scope, &ports)?;
         if scope.netns.is_some() {
             self.attach_steer(scope, dir)?;
         }
@@ -850,7 +881,8 @@ impl Shared {
             .pin_dir
             .as_ref()
             .map(|d| pin::scope_dir(d, id).join("links").join(name));
-        link_or_adopt(&mut self.ebpf, name, AttachTo::Cgroup(dir), pin_path)
+        let cell = BASE_PROGRAMS.contains(&name).then_some(self.cell_map_id);
+        link_or_adopt(&mut self.ebpf, name, AttachTo::Cgroup(dir), pin_path, cell)
     }
 
     /// Gets the scope's steering instance (maps of its own; its `STEER`
@@ -905,7 +937,7 @@ impl Shared {
             programs::POST_BIND6,
             programs::SOCK_LISTEN,
         ] {
-            let link = link_or_adopt(steer, name, AttachTo::Cgroup(dir), pin(name))?;
+            let link = link_or_adopt(steer, name, AttachTo::Cgroup(dir), pin(name), None)?;
             scope.links.push(link);
         }
         let link = link_or_adopt(
@@ -913,6 +945,7 @@ impl Shared {
             programs::STEER,
             AttachTo::Netns(&netns_path),
             pin(programs::STEER),
+            None,
         )?;
         scope.links.push(link);
         Ok(())
@@ -1050,14 +1083,76 @@ impl Shared {
         // A mapping that now shares its TO with this one needs its flag;
         // only the second mapping to a TO changes the others' (a third
         // finds them flagged already), so adding stays O(1) per mapping.
+        let mut changed = vec![m.from, m.to];
         if scope.index.to(m.to).len() == 2 {
             self.refresh_values(scope, m.to)?;
+            // The other mapping to this TO leaves the fast path.
+            changed.extend(scope.index.to(m.to).iter().map(|o| o.from));
         }
+        self.update_cell(scope, &changed)?;
         if scope.netns.is_some() && !scope.links.is_empty() {
             self.register_existing(scope, &[m.to].into())?;
         }
         self.guard_port(scope, m.to)?;
         Ok(())
+    }
+
+    /// Recomputes the cell slots of `ports` (see `cell.rs`) and, once the
+    /// scope's programs are linked, writes the cell to its cgroup's
+    /// storage: the last step of a change, so that the fast paths only
+    /// see a mapping once the maps behind it are complete.
+    fn update_cell(&mut self, scope: &mut ScopeState, ports: &[u16]) -> Result<()> {
+        let id = scope.id;
+        let steers = scope.netns.is_some();
+        let ScopeState {
+            cell, index, slots, ..
+        } = scope;
+        let uses = |port: u16| -> Uses {
+            let from = index
+                .from(port)
+                .iter()
+                .map(|m| {
+                    // A mapping without a slot (none is expected) counts
+                    // nothing: generation 0 never matches.
+                    let slot = slots.get(&table_key(id, m)).copied().unwrap_or(Slot {
+                        index: 0,
+                        generation: 0,
+                    });
+                    (*m, value_in(steers, index, m, slot))
+                })
+                .collect();
+            (from, index.to(port).to_vec())
+        };
+        for port in ports {
+            cell.update(*port, uses);
+        }
+        if scope.cell_live {
+            self.write_cell(scope)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the scope's cell to its cgroup's storage (which exists
+    /// while the scope's programs are linked).
+    ///
+    /// No storage (ENOENT) means the linked programs do not read the cell
+    /// (an object given with `REDIRECT_EBPF_OBJECT` from a build before
+    /// it): they answer everything from the maps, so there is nothing to
+    /// write.
+    fn write_cell(&self, scope: &ScopeState) -> Result<()> {
+        let map = cell_map(&self.ebpf)?;
+        match pin::map_update(map.fd().as_fd(), &scope.cgroup_id, &scope.cell.cell) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                log::debug!("scope {}: its programs use no scope cell", scope.name);
+                Ok(())
+            }
+            Err(e) => Err(Error::io(
+                "writing the scope's cell (cgroup storage) for",
+                &scope.cgroup,
+                e,
+            )),
+        }
     }
 
     /// Loads bind4/6 (once per program set) and links them to the scope's
@@ -1146,6 +1241,15 @@ impl Shared {
         }
         scope.mappings.remove(&existing);
         scope.index.remove(&existing);
+        if existing.proto != Proto::Tcp {
+            scope.cell.retire(existing.to);
+        }
+        let mut changed = vec![existing.from, existing.to];
+        // The last mapping left on a TO comes back to the fast path.
+        if let [other] = scope.index.to(existing.to) {
+            changed.push(other.from);
+        }
+        self.update_cell(scope, &changed)?;
         self.write_shared_tables(scope.id, &scope.index, existing.from, existing.to)?;
         if let Some(steer) = scope.steer.as_mut() {
             write_tables(steer, scope.id, &scope.index, existing.from, existing.to)?;
@@ -1298,6 +1402,7 @@ impl Shared {
         scope: &ScopeState,
     ) -> Result<Vec<(Mapping, MappingCounts)>> {
         let stats = map::<PerCpuHashMap<_, u32, MappingStats>>(&self.ebpf, maps::STATS)?;
+        let fast = map::<Array<_, SlotCounts>>(&self.ebpf, maps::COUNTS)?;
         let established = super::established::count(&scope.cgroup, &scope.mappings);
         scope
             .mappings
@@ -1306,14 +1411,22 @@ impl Shared {
                 let Some(slot) = scope.slots.get(&table_key(scope.id, &m)) else {
                     return Ok((m, MappingCounts::default()));
                 };
+                let now = fast
+                    .get(&slot.index, 0)
+                    .map_err(|e| map_error("reading", maps::COUNTS, e))?;
+                let mut counts = MappingCounts {
+                    connects: now.connects,
+                    datagrams: now.datagrams,
+                    ..MappingCounts::default()
+                };
                 let per_cpu = match stats.get(&slot.index, 0) {
                     Ok(v) => v,
                     Err(aya::maps::MapError::KeyNotFound) => {
-                        return Ok((m, MappingCounts::default()));
+                        counts.established = established.get(&m).copied().unwrap_or(0);
+                        return Ok((m, counts));
                     }
                     Err(e) => return Err(map_error("reading", maps::STATS, e)),
                 };
-                let mut counts = MappingCounts::default();
                 for s in per_cpu.iter().filter(|s| s.generation == slot.generation) {
                     counts.connects = counts.connects.wrapping_add(s.connects);
                     counts.datagrams = counts.datagrams.wrapping_add(s.datagrams);
@@ -1510,7 +1623,10 @@ impl Shared {
             .map_err(|e| Error::io("building per-CPU stats for", name, e))?;
         map_mut::<PerCpuHashMap<_, u32, MappingStats>>(&mut self.ebpf, name)?
             .insert(slot.index, values, 0)
-            .map_err(|e| map_error("writing", name, e))
+            .map_err(|e| map_error("writing", name, e))?;
+        map_mut::<Array<_, SlotCounts>>(&mut self.ebpf, maps::COUNTS)?
+            .set(slot.index, SlotCounts::default(), 0)
+            .map_err(|e| map_error("writing", maps::COUNTS, e))
     }
 }
 
@@ -1607,11 +1723,17 @@ fn reverse_of(index: &PortIndex, id: u32, to: u16) -> Option<Reverse> {
 
 /// The MAPPINGS value of `m` in `scope`, with stats slot `slot`.
 fn value_of(scope: &ScopeState, m: &Mapping, slot: Slot) -> MappingValue {
+    value_in(scope.netns.is_some(), &scope.index, m, slot)
+}
+
+/// [`value_of`] from the parts of a scope it reads: whether the scope
+/// steers a namespace, and its index.
+fn value_in(steers: bool, index: &PortIndex, m: &Mapping, slot: Slot) -> MappingValue {
     let mut flags = 0;
-    if scope.netns.is_some() && m.proto != Proto::Tcp {
+    if steers && m.proto != Proto::Tcp {
         flags |= FLAG_UDP_BIND;
     }
-    if scope.index.to(m.to).len() > 1 {
+    if index.to(m.to).len() > 1 {
         flags |= FLAG_SHARED_TO;
     }
     MappingValue {
@@ -1647,7 +1769,7 @@ fn target_of(index: &PortIndex, id: u32, to: u16) -> Target {
     }
 }
 
-fn proto_number(p: Proto) -> u8 {
+pub(super) fn proto_number(p: Proto) -> u8 {
     match p {
         Proto::Any => PROTO_ANY,
         Proto::Tcp => PROTO_TCP,
@@ -1828,25 +1950,55 @@ impl Shared {
     }
 }
 
+/// Links program `name` to `target`, or adopts the link pinned at
+/// `pin_path` and swaps its program for this build's in place.
+///
+/// `cell` is the id of the SCOPE_CELL map when the program uses it. The
+/// kernel creates a cgroup's storage when a program using the map is
+/// *attached*, not when a link's program is replaced, so a pinned link
+/// whose program does not use that map (made by a build before the cell)
+/// must not be updated to one that does: its program would find no
+/// storage. Such a link is re-created instead: the new link is attached
+/// and pinned in its place, then the old one is closed. For that moment
+/// both run, one after the other; the new program leaves a connect the
+/// old one already rewrote alone, since its cell is not written yet and
+/// the maps path records the dial of a TO port as direct, so at worst
+/// getpeername reports TO for a connection made in that instant.
 fn link_or_adopt(
     ebpf: &mut Ebpf,
     name: &'static str,
     target: AttachTo<'_>,
     pin_path: Option<PathBuf>,
+    cell: Option<u32>,
 ) -> Result<ScopeLink> {
+    let mut replaced = None;
     if let Some(path) = &pin_path
         && let Some(adopted) = pin::adopt_link(path)?
     {
-        let prog = ebpf
-            .program(name)
-            .ok_or(Error::Missing {
-                kind: "program",
-                name,
-            })?
-            .fd()
-            .map_err(load_error(name))?;
-        pin::replace_program(&adopted, prog.as_fd(), path)?;
-        return Ok(ScopeLink::Pinned(path.clone()));
+        let compatible = match cell {
+            None => true,
+            Some(id) => pin::prog_fd_by_id(adopted.prog_id)
+                .and_then(|old| pin::prog_map_ids(old.as_fd()))
+                .map_err(|e| Error::io("reading the program of the pinned link", path, e))?
+                .contains(&id),
+        };
+        if compatible {
+            let prog = ebpf
+                .program(name)
+                .ok_or(Error::Missing {
+                    kind: "program",
+                    name,
+                })?
+                .fd()
+                .map_err(load_error(name))?;
+            pin::replace_program(&adopted, prog.as_fd(), path)?;
+            return Ok(ScopeLink::Pinned(path.clone()));
+        }
+        log::info!(
+            "{}: made by an older build (no scope cell): linking anew",
+            path.display()
+        );
+        replaced = Some(adopted);
     }
     let program = ebpf.program_mut(name).ok_or(Error::Missing {
         kind: "program",
@@ -1886,7 +2038,20 @@ fn link_or_adopt(
             });
         }
     };
-    pin_link(link, pin_path)
+    let Some(old) = replaced else {
+        return pin_link(link, pin_path);
+    };
+    // Pinned beside the old link, then renamed over its pin: the scope is
+    // never without a pinned link. Closing the old link's last fd (here)
+    // detaches it.
+    let path = pin_path.expect("a replaced link was pinned");
+    // bpffs refuses names with a dot.
+    let fresh = path.with_file_name(format!("{name}_new"));
+    let _ = std::fs::remove_file(&fresh);
+    pin_link(link, Some(fresh.clone()))?;
+    std::fs::rename(&fresh, &path).map_err(|e| Error::io("renaming", &fresh, e))?;
+    drop(old);
+    Ok(ScopeLink::Pinned(path))
 }
 
 /// Pins `link` at `path` when given (it then outlives the process), or
@@ -1909,6 +2074,18 @@ fn pin_link(link: FdLink, path: Option<PathBuf>) -> Result<ScopeLink> {
             })?;
             Ok(ScopeLink::Pinned(path))
         }
+    }
+}
+
+/// The SCOPE_CELL map of `ebpf` (aya 0.14 has no typed view of cgroup
+/// storage).
+fn cell_map(ebpf: &Ebpf) -> Result<&aya::maps::MapData> {
+    match ebpf.map(maps::SCOPE_CELL) {
+        Some(aya::maps::Map::CgroupStorage(data)) => Ok(data),
+        _ => Err(Error::Missing {
+            kind: "cgroup storage map",
+            name: maps::SCOPE_CELL,
+        }),
     }
 }
 
