@@ -97,6 +97,10 @@ pub mod maps {
     /// kernel creates a scope's value when the first program using this
     /// map is attached to its cgroup and frees it with the last one.
     pub const SCOPE_CELL: &str = "SCOPE_CELL";
+    /// Array of one [`ScopeCell`](crate::ScopeCell) in each steering
+    /// instance: its scope's cell, so that sk_lookup finds a plain
+    /// mapping's TO in one array read instead of two hash lookups.
+    pub const STEER_CELL: &str = "STEER_CELL";
 }
 
 /// Names of the eBPF programs, as the loader looks them up in the object.

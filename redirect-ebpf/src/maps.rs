@@ -90,6 +90,11 @@ pub fn scope_cell() -> Option<&'static ScopeCell> {
     (cell.scope != 0).then_some(cell)
 }
 
+/// A steering instance's copy of its scope's cell (sk_lookup runs in the
+/// namespace, not in a cgroup, so it has no cgroup storage).
+#[map]
+pub static STEER_CELL: Array<ScopeCell> = Array::with_max_entries(1, 0);
+
 /// cgroup id → scope id of every attached scope.
 #[map]
 pub static SCOPES: HashMap<u64, u32> = HashMap::with_max_entries(MAX_SCOPES, 0);

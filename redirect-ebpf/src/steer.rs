@@ -14,9 +14,11 @@ use core::ptr::{addr_of, read_volatile};
 
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
 use aya_log_ebpf::debug;
-use redirect_common::{AF_INET6, Addr, Counter, PROTO_TCP, listener_key};
+use redirect_common::{
+    AF_INET6, Addr, CELL_FROM, CELL_SLOW, Counter, PROTO_ANY, PROTO_TCP, listener_key,
+};
 
-use crate::maps::{LISTENERS, count, lookup, steer_config};
+use crate::maps::{LISTENERS, STEER_CELL, count, lookup, steer_config};
 
 /// `SK_PASS`: carry on with the kernel's normal socket lookup.
 const SK_PASS: u32 = 1;
@@ -41,17 +43,38 @@ pub fn steer(ctx: SkLookupContext) -> u32 {
     }
     // local_port is in host byte order here (unlike remote_port).
     let port = port as u16;
-    let addr = local_addr(&ctx, family);
     let Some(config) = steer_config() else {
         return SK_PASS;
     };
-    let Some((_, target)) = lookup(config.scope, &addr, port, PROTO_TCP) else {
-        return SK_PASS;
+    // The cell answers for a plain mapping (any address) and for a port
+    // that is no FROM of the scope; the tables for the rest.
+    let cell = STEER_CELL.get(0).filter(|c| c.scope != 0);
+    let to = match cell.map(|c| c.slot(port)) {
+        Some(slot) if slot.kind == CELL_SLOW => None,
+        Some(slot)
+            if slot.kind == CELL_FROM
+                && slot.port == port
+                && (slot.proto == PROTO_ANY || slot.proto == PROTO_TCP) =>
+        {
+            Some(slot.other)
+        }
+        Some(_) => return SK_PASS,
+        None => None,
+    };
+    let to = match to {
+        Some(to) => to,
+        None => {
+            let addr = local_addr(&ctx, family);
+            match lookup(config.scope, &addr, port, PROTO_TCP) {
+                Some((_, target)) => target.port,
+                None => return SK_PASS,
+            }
+        }
     };
     // The listener of the connection's own family first; an IPv4
     // connection may also go to a dual-stack IPv6 listener.
-    let own = listener_key(family, target.port);
-    let dual = listener_key(AF_INET6, target.port);
+    let own = listener_key(family, to);
+    let dual = listener_key(AF_INET6, to);
     let mut result = LISTENERS.redirect_sk_lookup(&ctx, own, 0);
     if result.is_err() && family == AF_INET {
         result = LISTENERS.redirect_sk_lookup(&ctx, dual, 0);
@@ -71,7 +94,7 @@ pub fn steer(ctx: SkLookupContext) -> u32 {
             });
             debug!(
                 &ctx,
-                "sk_lookup: port {} has no listener on {}, refused", port, target.port
+                "sk_lookup: port {} has no listener on {}, refused", port, to
             );
             SK_DROP
         }

@@ -96,7 +96,10 @@ fn try_redirect_sendmsg(ctx: &SockAddrContext, family: Family) -> Result<Counter
                         },
                     ))
                 }
-                CELL_FROM | CELL_TO if slot.port == from => None,
+                CELL_FROM if slot.port == from => None,
+                // Any other port, a TO included (a datagram sent to TO
+                // directly needs no record: recvmsg reports its true
+                // source unless this socket has a reverse entry for it).
                 _ => return Ok(Counter::ConnectUnmapped),
             }
         }
@@ -165,20 +168,25 @@ pub fn remember(
 
 #[inline(always)]
 fn restore_source(ctx: &SockAddrContext, family: Family) -> Option<Counter> {
-    // Every UDP receive of the scope comes here: with no UDP mapping
-    // anywhere, one array read and out (no cookie, no LRU lookup).
-    if GLOBAL.get(0).is_none_or(|g| g & GLOBAL_UDP == 0) {
-        return None;
-    }
+    // Every UDP receive of the scope comes here.
     let source = ctx::dst_port(ctx);
     let cell = scope_cell();
-    if let Some(cell) = cell {
-        let slot = cell.slot(source);
-        // Only a reply from one of the scope's TO ports can need its
-        // source restored: any other receive stops here, with no cookie
-        // and no LRU lookup.
-        if slot.kind == CELL_EMPTY || (slot.kind != CELL_SLOW && slot.port != source) {
-            return None;
+    match cell {
+        Some(cell) => {
+            let slot = cell.slot(source);
+            // Only a reply from one of the scope's TO ports can need its
+            // source restored: any other receive stops here, with no
+            // cookie and no LRU lookup.
+            if slot.kind == CELL_EMPTY || (slot.kind != CELL_SLOW && slot.port != source) {
+                return None;
+            }
+        }
+        // Without a cell: with no UDP mapping anywhere, one array read
+        // and out.
+        None => {
+            if GLOBAL.get(0).is_none_or(|g| g & GLOBAL_UDP == 0) {
+                return None;
+            }
         }
     }
     let key = RevNatKey {

@@ -152,6 +152,7 @@ pub fn expected_sizes(name: &str) -> Option<(u32, u32)> {
         maps::GUARDS => s(size_of::<GuardKey>(), size_of::<u32>()),
         maps::STEER => s(size_of::<u32>(), size_of::<SteerConfig>()),
         maps::SCOPE_CELL => s(size_of::<u64>(), size_of::<ScopeCell>()),
+        maps::STEER_CELL => s(size_of::<u32>(), size_of::<ScopeCell>()),
         _ => None,
     }
 }

@@ -40,8 +40,9 @@ use aya_log::EbpfLogger;
 use redirect_common::{
     ADDR_ANY, Addr, Counter, FLAG_SHARED_TO, FLAG_UDP_BIND, GLOBAL_UDP, GuardKey, MAX_LEVEL,
     MAX_MAPPINGS, MAX_SCOPE_DEPTHS, MAX_SCOPES, MappingKey, MappingStats, MappingValue, Owner,
-    PROTO_ANY, PROTO_TCP, PROTO_UDP, REVERSE_SHARED, Reverse, SHAPE_TARGET, ScopePort, SlotCounts,
-    SteerConfig, TO_PORT_WORDS, Target, UdpBind, globals, listener_key, maps, programs, shape,
+    PROTO_ANY, PROTO_TCP, PROTO_UDP, REVERSE_SHARED, Reverse, SHAPE_TARGET, ScopeCell, ScopePort,
+    SlotCounts, SteerConfig, TO_PORT_WORDS, Target, UdpBind, globals, listener_key, maps, programs,
+    shape,
 };
 
 use super::{
@@ -1125,6 +1126,11 @@ impl Shared {
         };
         for port in ports {
             cell.update(*port, uses);
+        }
+        if let Some(steer) = scope.steer.as_mut() {
+            map_mut::<Array<_, ScopeCell>>(steer, maps::STEER_CELL)?
+                .set(0, scope.cell.cell, 0)
+                .map_err(|e| map_error("writing", maps::STEER_CELL, e))?;
         }
         if scope.cell_live {
             self.write_cell(scope)?;

@@ -40,7 +40,8 @@ use crate::{Error, Result};
 const REFILL_DELAY: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// The maps a steering instance really uses, and the size of each there.
-const STEER_MAPS: [(&str, u32); 6] = [
+const STEER_MAPS: [(&str, u32); 7] = [
+    (maps::STEER_CELL, 1),
     (maps::MAPPINGS, 1024),
     // Written with the other per-port tables (unused by steering).
     (maps::REVERSE, 1024),
@@ -52,7 +53,8 @@ const STEER_MAPS: [(&str, u32); 6] = [
 
 /// Maps a steering instance has (it is the same object) but never uses:
 /// made as small as the kernel allows.
-const STEER_UNUSED: [&str; 7] = [
+const STEER_UNUSED: [&str; 8] = [
+    maps::COUNTS,
     maps::GUARDS,
     maps::TO_PORTS,
     maps::SCOPES,
