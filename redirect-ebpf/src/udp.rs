@@ -14,7 +14,7 @@
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use aya_log_ebpf::debug;
 use redirect_common::{
-    ADDR_ANY, Addr, CELL_EMPTY, CELL_FROM, CELL_SLOW, CELL_TO, Counter, FLAG_UDP_BIND, GLOBAL_UDP,
+    ADDR_ANY, Addr, CELL_EMPTY, CELL_FROM, CELL_SLOW, Counter, FLAG_UDP_BIND, GLOBAL_UDP,
     MappingKey, MappingValue, PROTO_ANY, PROTO_UDP, RevNatKey, RevNatValue,
 };
 
