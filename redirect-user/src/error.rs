@@ -28,7 +28,7 @@ pub enum Error {
 
     /// The kernel lacks a feature redirect needs.
     #[error(
-        "this kernel does not support {feature}: redirect needs Linux >= 5.8 built with \
+        "this kernel does not support {feature}: redirect needs Linux >= 5.9 built with \
          CONFIG_CGROUP_BPF=y and CONFIG_BPF_SYSCALL=y{detail}"
     )]
     KernelUnsupported {
@@ -42,7 +42,7 @@ pub enum Error {
     /// be read (aya would then attach with legacy `BPF_PROG_ATTACH`, which
     /// outlives the process).
     #[error(
-        "kernel {release}: {reason}; redirect needs Linux >= 5.8 with a version it can read \
+        "kernel {release}: {reason}; redirect needs Linux >= 5.9 with a version it can read \
          (otherwise programs would be attached in a way that outlives redirect)"
     )]
     KernelVersion {

@@ -58,7 +58,7 @@ Examples:
   # What every live redirector is doing (no privileges needed):
   redirect status --json
 
-Requirements: Linux >= 5.8 with cgroup v2, and root or CAP_BPF + CAP_NET_ADMIN.
+Requirements: Linux >= 5.9 with cgroup v2, and root or CAP_BPF + CAP_NET_ADMIN.
 Nothing outlives the process: the programs are detached when it exits.";
 
 /// Sends connections aimed at one port to another, transparently, with eBPF.
