@@ -46,6 +46,12 @@ pub mod maps {
     pub const TO_PORTS: &str = "TO_PORTS";
     /// Array of one `u32` of `GLOBAL_*` bits about every scope.
     pub const GLOBAL: &str = "GLOBAL";
+    /// Array of [`TO_PORT_WORDS`](crate::TO_PORT_WORDS) `u32`: bit `p` is
+    /// set whenever some scope has a mapping whose FROM is port `p` (a
+    /// bit left over may stay set: harmless), so that sendmsg to any other
+    /// port (every datagram a scope's server sends to its clients) returns
+    /// after one array read.
+    pub const FROM_PORTS: &str = "FROM_PORTS";
     /// LRU hash from [`RevNatKey`](crate::RevNatKey) to
     /// [`RevNatValue`](crate::RevNatValue): how to report the source of a
     /// UDP reply to a rewritten datagram.

@@ -152,6 +152,18 @@ pub fn is_to_port(port: u16) -> bool {
         .is_some_and(|word| word & (1 << (port & 31)) != 0)
 }
 
+/// Bit per port: some scope has a mapping from it.
+#[map]
+pub static FROM_PORTS: Array<u32> = Array::with_max_entries(TO_PORT_WORDS, 0);
+
+/// Whether any scope maps from `port` (one array read).
+#[inline(always)]
+pub fn is_from_port(port: u16) -> bool {
+    FROM_PORTS
+        .get(u32::from(port >> 5))
+        .is_some_and(|word| word & (1 << (port & 31)) != 0)
+}
+
 #[map]
 pub static GLOBAL: Array<u32> = Array::with_max_entries(1, 0);
 

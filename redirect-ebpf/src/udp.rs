@@ -21,7 +21,10 @@ use redirect_common::{
 use crate::{
     ALLOW,
     ctx::{self, Family},
-    maps::{GLOBAL, MAPPINGS, REV_NAT, Stat, add_stat, count, current_scope, lookup, scope_cell},
+    maps::{
+        GLOBAL, MAPPINGS, REV_NAT, Stat, add_stat, count, current_scope, is_from_port, is_to_port,
+        lookup, scope_cell,
+    },
 };
 
 /// Rewrites the destination of an IPv4 `sendto()`.
@@ -72,6 +75,11 @@ fn try_redirect_sendmsg(ctx: &SockAddrContext, family: Family) -> Result<Counter
     let from = ctx::dst_port(ctx);
     if from == 0 {
         return Err(Counter::SkipPortZero);
+    }
+    // The common datagram (a server answering its clients) goes to a
+    // port no scope maps: one array read and out.
+    if !is_from_port(from) {
+        return Ok(Counter::ConnectUnmapped);
     }
     let cell = scope_cell();
     let addr = ctx::dst_addr(ctx, family);
@@ -168,8 +176,14 @@ pub fn remember(
 
 #[inline(always)]
 fn restore_source(ctx: &SockAddrContext, family: Family) -> Option<Counter> {
-    // Every UDP receive of the scope comes here.
+    // Every UDP receive of the scope comes here. Only a reply from some
+    // scope's TO can need its source restored: one array read for the
+    // rest (a removed UDP mapping's TO keeps its bit, so that its stale
+    // reverse entries are still found and deleted).
     let source = ctx::dst_port(ctx);
+    if !is_to_port(source) {
+        return None;
+    }
     let cell = scope_cell();
     match cell {
         Some(cell) => {

@@ -24,6 +24,7 @@ pub mod holders;
 mod listeners;
 mod loader;
 pub mod pin;
+mod port_bits;
 mod privileges;
 mod programs;
 pub use programs::OBJECT_ENV;

@@ -136,6 +136,7 @@ pub fn expected_sizes(name: &str) -> Option<(u32, u32)> {
         maps::SCOPES => s(size_of::<u64>(), size_of::<u32>()),
         maps::REVERSE => s(size_of::<ScopePort>(), size_of::<Reverse>()),
         maps::TO_PORTS => s(size_of::<u32>(), size_of::<u32>()),
+        maps::FROM_PORTS => s(size_of::<u32>(), size_of::<u32>()),
         maps::GLOBAL => s(size_of::<u32>(), size_of::<u32>()),
         maps::LEVELS => s(size_of::<u32>(), size_of::<u32>()),
         maps::MAPPINGS => s(size_of::<MappingKey>(), size_of::<MappingValue>()),

@@ -41,14 +41,15 @@ use redirect_common::{
     ADDR_ANY, Addr, Counter, FLAG_SHARED_TO, FLAG_UDP_BIND, GLOBAL_UDP, GuardKey, MAX_LEVEL,
     MAX_MAPPINGS, MAX_SCOPE_DEPTHS, MAX_SCOPES, MappingKey, MappingStats, MappingValue, Owner,
     PROTO_ANY, PROTO_TCP, PROTO_UDP, REVERSE_SHARED, Reverse, SHAPE_TARGET, ScopeCell, ScopePort,
-    SlotCounts, SteerConfig, TO_PORT_WORDS, Target, UdpBind, globals, listener_key, maps, programs,
-    shape,
+    SlotCounts, SteerConfig, Target, UdpBind, globals, listener_key, maps, programs, shape,
 };
 
 use super::{
     Counters, Logger, MappingCounts, PortOwner, attach_error,
     cell::{CellState, Uses},
-    check_privileges, listeners, map_error, pin, probe_kernel, raise_memlock_limit,
+    check_privileges, listeners, map_error, pin,
+    port_bits::PortBits,
+    probe_kernel, raise_memlock_limit,
     steering::SteerPool,
 };
 use crate::{Error, Mapping, MappingSet, Proto, Result, cgroup::CgroupDir};
@@ -126,7 +127,8 @@ pub const BIND_PROGRAMS: [&str; 2] = [programs::BIND4, programs::BIND6];
 pub const GUARD_PROGRAMS: [&str; 2] = [programs::GUARD4, programs::GUARD6];
 
 /// The maps of the shared instance that are pinned and reused.
-const SHARED_MAPS: [&str; 18] = [
+const SHARED_MAPS: [&str; 19] = [
+    maps::FROM_PORTS,
     maps::SCOPE_CELL,
     maps::COUNTS,
     maps::SCOPES,
@@ -339,9 +341,9 @@ pub(super) struct Shared {
     cpus: usize,
     /// The REVERSE keys of the shared instance (scope, TO port), and how
     /// many there are per port: the TO_PORTS bits (read once at load).
-    reverse_keys: HashSet<(u32, u16)>,
-    /// See `reverse_keys`.
-    to_refs: StdHashMap<u16, u32>,
+    to_ports: PortBits,
+    /// The (scope, port) pairs with a FROM, behind the FROM_PORTS bits.
+    from_ports: PortBits,
     /// Scope ids in use: this process's scopes and those pinned (read once
     /// at load, then kept up to date, so that a new scope's id is found
     /// without walking the SCOPES map).
@@ -429,17 +431,22 @@ impl Programs {
         }
         // TO_PORTS from REVERSE (a pin directory made before TO_PORTS
         // existed, or any restart: the bits are rebuilt, never trusted).
-        let reverse_keys: HashSet<(u32, u16)> =
+        let to_ports = PortBits::new(
             map::<HashMap<_, ScopePort, Reverse>>(&ebpf, maps::REVERSE)?
                 .keys()
                 .filter_map(|k| k.ok())
-                .map(|k| (k.scope, k.port))
-                .collect();
-        let mut to_refs: StdHashMap<u16, u32> = StdHashMap::new();
-        for (_, port) in &reverse_keys {
-            *to_refs.entry(*port).or_default() += 1;
-        }
-        write_to_ports(&mut ebpf, &to_refs)?;
+                .map(|k| (k.scope, k.port)),
+        );
+        write_port_bits(&mut ebpf, maps::TO_PORTS, &to_ports)?;
+        // FROM_PORTS likewise, from the PORTS entries with a FROM shape.
+        let from_ports = PortBits::new(
+            map::<HashMap<_, ScopePort, u8>>(&ebpf, maps::PORTS)?
+                .iter()
+                .filter_map(|r| r.ok())
+                .filter(|(_, shapes)| shapes & !SHAPE_TARGET != 0)
+                .map(|(k, _)| (k.scope, k.port)),
+        );
+        write_port_bits(&mut ebpf, maps::FROM_PORTS, &from_ports)?;
         let cell_map_id = cell_map(&ebpf)?
             .info()
             .map_err(|e| map_error("reading", maps::SCOPE_CELL, e))?
@@ -458,8 +465,8 @@ impl Programs {
                 logger,
                 cpus,
                 taken,
-                reverse_keys,
-                to_refs,
+                to_ports,
+                from_ports,
                 cell_map_id,
             })),
         })
@@ -1040,6 +1047,11 @@ impl Shared {
         if udp_bind {
             self.link_bind_if_live(scope)?;
         }
+        if m.proto != Proto::Tcp {
+            // recvmsg must still reach this TO's reverse entries after
+            // the mapping is gone, to find them stale and delete them.
+            self.to_ports.stick(m.to);
+        }
         let value = value_of(scope, &m, slot);
         let written = self.reset_stats(slot).and_then(|()| {
             self.write_shared_tables(scope.id, &scope.index, m.from, m.to)?;
@@ -1386,14 +1398,11 @@ impl Shared {
         purge!(maps::GRANTS, ScopePort, u8, |k: &ScopePort| k.scope);
         purge!(maps::UDP_BINDS, ScopePort, UdpBind, |k: &ScopePort| k.scope);
         purge!(maps::REVERSE, ScopePort, Reverse, |k: &ScopePort| k.scope);
-        let gone: Vec<u16> = self
-            .reverse_keys
-            .iter()
-            .filter(|(s, _)| *s == id)
-            .map(|(_, p)| *p)
-            .collect();
-        for port in gone {
-            self.sync_to_port(id, port, false)?;
+        for port in self.to_ports.ports_of(id) {
+            self.sync_port(maps::TO_PORTS, id, port, false)?;
+        }
+        for port in self.from_ports.ports_of(id) {
+            self.sync_port(maps::FROM_PORTS, id, port, false)?;
         }
         purge!(maps::OWNERS, u32, Owner, |k: &u32| *k);
         self.taken.remove(&id);
@@ -1572,7 +1581,7 @@ impl Shared {
     }
 
     /// [`write_tables`] on the shared instance, keeping TO_PORTS in step
-    /// with its REVERSE entries.
+    /// with its REVERSE entries and FROM_PORTS with its FROM ports.
     fn write_shared_tables(
         &mut self,
         id: u32,
@@ -1581,38 +1590,26 @@ impl Shared {
         to: u16,
     ) -> Result<()> {
         write_tables(&mut self.ebpf, id, index, from, to)?;
-        self.sync_to_port(id, to, reverse_of(index, id, to).is_some())
+        self.sync_port(maps::TO_PORTS, id, to, reverse_of(index, id, to).is_some())?;
+        for port in [from, to] {
+            self.sync_port(maps::FROM_PORTS, id, port, !index.from(port).is_empty())?;
+        }
+        Ok(())
     }
 
-    /// Records whether scope `id` has a REVERSE entry for `port`, and
-    /// flips the port's TO_PORTS bit when the first scope gets one or the
-    /// last loses it.
-    fn sync_to_port(&mut self, id: u32, port: u16, present: bool) -> Result<()> {
-        let flipped = if present {
-            self.reverse_keys.insert((id, port)) && {
-                let n = self.to_refs.entry(port).or_default();
-                *n += 1;
-                *n == 1
-            }
+    /// Records whether scope `id` has `port` in the role of bitmap `name`
+    /// (`TO_PORTS`: a REVERSE entry; `FROM_PORTS`: a mapping's FROM), and
+    /// writes the port's word when its bit flips.
+    fn sync_port(&mut self, name: &'static str, id: u32, port: u16, present: bool) -> Result<()> {
+        let bits = if name == maps::TO_PORTS {
+            &mut self.to_ports
         } else {
-            self.reverse_keys.remove(&(id, port)) && {
-                let n = self.to_refs.entry(port).or_default();
-                *n = n.saturating_sub(1);
-                *n == 0
-            }
+            &mut self.from_ports
         };
-        if flipped {
-            let word = u32::from(port >> 5);
-            let bits = (0..32u16)
-                .filter(|b| {
-                    self.to_refs
-                        .get(&((word as u16) << 5 | b))
-                        .is_some_and(|n| *n > 0)
-                })
-                .fold(0u32, |w, b| w | 1 << b);
-            map_mut::<Array<_, u32>>(&mut self.ebpf, maps::TO_PORTS)?
-                .set(word, bits, 0)
-                .map_err(|e| map_error("writing", maps::TO_PORTS, e))?;
+        if let Some((word, value)) = bits.set(id, port, present) {
+            map_mut::<Array<_, u32>>(&mut self.ebpf, name)?
+                .set(word, value, 0)
+                .map_err(|e| map_error("writing", name, e))?;
         }
         Ok(())
     }
@@ -1687,25 +1684,20 @@ fn write_tables(ebpf: &mut Ebpf, id: u32, index: &PortIndex, from: u16, to: u16)
     }
 }
 
-/// Writes every TO_PORTS word from per-port counts.
-fn write_to_ports(ebpf: &mut Ebpf, refs: &StdHashMap<u16, u32>) -> Result<()> {
-    let mut words = vec![0u32; TO_PORT_WORDS as usize];
-    for (port, n) in refs {
-        if *n > 0 {
-            words[usize::from(port >> 5)] |= 1 << (port & 31);
-        }
-    }
-    let mut array = map_mut::<Array<_, u32>>(ebpf, maps::TO_PORTS)?;
+/// Writes every word of bitmap `name` (TO_PORTS, FROM_PORTS) with a bit
+/// set in `bits`.
+fn write_port_bits(ebpf: &mut Ebpf, name: &'static str, bits: &PortBits) -> Result<()> {
+    let mut array = map_mut::<Array<_, u32>>(ebpf, name)?;
     // Only words with a bit to set are written. The other words are not
     // read back to be cleared (that was 2,048 lookups on every load): a
     // fresh array is all zeroes, and a bit a previous process left set
-    // for a port with no REVERSE entry any more only sends getpeername on
-    // to its REVERSE lookup, which misses. A missing bit would be wrong;
-    // an extra one costs a lookup.
-    for (i, w) in words.into_iter().enumerate().filter(|(_, w)| *w != 0) {
+    // for a port nobody has any more only sends a program on to its cell
+    // or tables, which miss. A missing bit would be wrong; an extra one
+    // costs a lookup.
+    for (i, w) in bits.words() {
         array
-            .set(i as u32, w, 0)
-            .map_err(|e| map_error("writing", maps::TO_PORTS, e))?;
+            .set(i, w, 0)
+            .map_err(|e| map_error("writing", name, e))?;
     }
     Ok(())
 }

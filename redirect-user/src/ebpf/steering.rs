@@ -53,8 +53,9 @@ const STEER_MAPS: [(&str, u32); 7] = [
 
 /// Maps a steering instance has (it is the same object) but never uses:
 /// made as small as the kernel allows.
-const STEER_UNUSED: [&str; 8] = [
+const STEER_UNUSED: [&str; 9] = [
     maps::COUNTS,
+    maps::FROM_PORTS,
     maps::GUARDS,
     maps::TO_PORTS,
     maps::SCOPES,
