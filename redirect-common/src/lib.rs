@@ -437,6 +437,20 @@ impl Default for ScopeCell {
     }
 }
 
+impl CellSlot {
+    /// The [`MappingValue`] of a [`CELL_FROM`] slot's mapping, as the
+    /// `MAPPINGS` table holds it.
+    #[inline(always)]
+    pub fn value(&self) -> MappingValue {
+        MappingValue {
+            port: self.other,
+            flags: self.flags,
+            slot: self.slot,
+            generation: self.generation,
+        }
+    }
+}
+
 impl ScopeCell {
     /// The slot of `port`.
     #[inline(always)]

@@ -34,9 +34,7 @@ use redirect_common::{
 use crate::{
     ALLOW,
     ctx::{self, Family, IPPROTO_TCP, IPPROTO_UDP},
-    maps::{
-        ORIG_DST, Stat, add_stat, count, current_scope, lookup_shapes, port_shapes, scope_cell,
-    },
+    maps::{ORIG_DST, Stat, add_stat, count, lookup_shapes, port_shapes, scope_cell, scope_of},
     udp,
 };
 
@@ -120,10 +118,7 @@ fn try_redirect_connect<const F: u8>(ctx: &SockAddrContext) -> Result<Counter, C
             }
         }
     }
-    let scope = match cell {
-        Some(cell) => cell.scope,
-        None => current_scope().ok_or(Counter::SkipNoScope)?,
-    };
+    let scope = scope_of(cell).ok_or(Counter::SkipNoScope)?;
     let Some(shapes) = port_shapes(scope, from) else {
         // The common case: a port the scope does not map. A UDP socket may
         // connect again, so an earlier record must not outlive it.

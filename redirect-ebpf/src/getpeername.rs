@@ -16,7 +16,7 @@ use redirect_common::{
 use crate::{
     ALLOW,
     ctx::{self, Family},
-    maps::{ORIG_DST, REVERSE, count, current_scope, is_to_port, scope_cell},
+    maps::{ORIG_DST, REVERSE, count, is_to_port, scope_cell, scope_of},
 };
 
 /// Restores the original peer port of an IPv4 socket.
@@ -80,12 +80,8 @@ fn restore_peer(ctx: &SockAddrContext, family: Family) {
         }
         return;
     }
-    let scope = match cell {
-        Some(cell) => cell.scope,
-        None => match current_scope() {
-            Some(scope) => scope,
-            None => return,
-        },
+    let Some(scope) = scope_of(cell) else {
+        return;
     };
     // SAFETY: copied out at once.
     let Some(rev) = unsafe { REVERSE.get(ScopePort::new(scope, peer)) }.copied() else {

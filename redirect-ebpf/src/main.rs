@@ -20,7 +20,7 @@
 
 #![no_std]
 #![no_main]
-// The atomic add of `maps::count_connect` (see there).
+// The atomic add of `maps::add_stat` (see there).
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 

@@ -79,6 +79,16 @@ impl<T> CgroupStorage<T> {
 #[map]
 pub static SCOPE_CELL: CgroupStorage<ScopeCell> = CgroupStorage::new();
 
+/// The scope of the running program: its cell's, or, before userspace
+/// wrote the cell, the one [`current_scope`] finds.
+#[inline(always)]
+pub fn scope_of(cell: Option<&ScopeCell>) -> Option<u32> {
+    match cell {
+        Some(cell) => Some(cell.scope),
+        None => current_scope(),
+    }
+}
+
 /// The running program's scope cell, if userspace has written it.
 #[inline(always)]
 pub fn scope_cell() -> Option<&'static ScopeCell> {
@@ -147,7 +157,13 @@ pub static TO_PORTS: Array<u32> = Array::with_max_entries(TO_PORT_WORDS, 0);
 /// Whether any scope has a REVERSE entry for `port` (one array read).
 #[inline(always)]
 pub fn is_to_port(port: u16) -> bool {
-    TO_PORTS
+    port_bit(&TO_PORTS, port)
+}
+
+/// Bit `port` of a port bitmap (`TO_PORTS`, `FROM_PORTS`).
+#[inline(always)]
+fn port_bit(bitmap: &Array<u32>, port: u16) -> bool {
+    bitmap
         .get(u32::from(port >> 5))
         .is_some_and(|word| word & (1 << (port & 31)) != 0)
 }
@@ -159,9 +175,7 @@ pub static FROM_PORTS: Array<u32> = Array::with_max_entries(TO_PORT_WORDS, 0);
 /// Whether any scope maps from `port` (one array read).
 #[inline(always)]
 pub fn is_from_port(port: u16) -> bool {
-    FROM_PORTS
-        .get(u32::from(port >> 5))
-        .is_some_and(|word| word & (1 << (port & 31)) != 0)
+    port_bit(&FROM_PORTS, port)
 }
 
 #[map]

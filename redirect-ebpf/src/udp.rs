@@ -22,8 +22,8 @@ use crate::{
     ALLOW,
     ctx::{self, Family},
     maps::{
-        GLOBAL, MAPPINGS, REV_NAT, Stat, add_stat, count, current_scope, is_from_port, is_to_port,
-        lookup, scope_cell,
+        GLOBAL, MAPPINGS, REV_NAT, Stat, add_stat, count, is_from_port, is_to_port, lookup,
+        scope_cell, scope_of,
     },
 };
 
@@ -96,12 +96,7 @@ fn try_redirect_sendmsg(ctx: &SockAddrContext, family: Family) -> Result<Counter
                     // protocol shape.
                     Some((
                         MappingKey::new(cell.scope, ADDR_ANY, from, slot.proto),
-                        MappingValue {
-                            port: slot.other,
-                            flags: slot.flags,
-                            slot: slot.slot,
-                            generation: slot.generation,
-                        },
+                        slot.value(),
                     ))
                 }
                 CELL_FROM if slot.port == from => None,
@@ -116,10 +111,7 @@ fn try_redirect_sendmsg(ctx: &SockAddrContext, family: Family) -> Result<Counter
     let found = match fast {
         Some(found) => Some(found),
         None => {
-            let scope = match cell {
-                Some(cell) => cell.scope,
-                None => current_scope().ok_or(Counter::SkipNoScope)?,
-            };
+            let scope = scope_of(cell).ok_or(Counter::SkipNoScope)?;
             lookup(scope, &addr, from, PROTO_UDP)
         }
     };
@@ -220,12 +212,7 @@ fn restore_source(ctx: &SockAddrContext, family: Family) -> Option<Counter> {
             && entry.mapping.addr == ADDR_ANY
     });
     let current = match from {
-        Some(s) => Some(MappingValue {
-            port: s.other,
-            flags: s.flags,
-            slot: s.slot,
-            generation: s.generation,
-        }),
+        Some(s) => Some(s.value()),
         // SAFETY: copied out at once.
         None => unsafe { MAPPINGS.get(entry.mapping) }.copied(),
     };

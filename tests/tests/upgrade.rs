@@ -1,46 +1,53 @@
-//! Upgrading the daemon to another build of the programs: the new programs
-//! replace the old ones behind the same links (`BPF_LINK_UPDATE`), with
-//! zero failed connections.
+//! Upgrading the daemon to another build of the programs, with zero failed
+//! connections:
+//! - to a build with the same maps: the new programs replace the old ones
+//!   behind the same links (`BPF_LINK_UPDATE`);
+//! - from a build whose programs do not read the scope cell: those links
+//!   are re-created (the kernel gives cgroup storage only to programs
+//!   attached with it).
 //!
-//! The other build is the eBPF object with the `upgrade-test` feature
-//! (connect4/6 differ by one harmless helper call), which `cargo xtask
-//! test` builds and names in `REDIRECT_TEST_UPGRADE_OBJECT`; the daemon
-//! loads it through `REDIRECT_EBPF_OBJECT`.
+//! The other builds are the eBPF object with the `upgrade-test` feature
+//! (connect4/6 differ by one harmless helper call) and with the
+//! `no-cell-test` feature, which `cargo xtask test` builds and names in
+//! `REDIRECT_TEST_UPGRADE_OBJECT` and `REDIRECT_TEST_NO_CELL_OBJECT`; the
+//! daemon loads one through `REDIRECT_EBPF_OBJECT`.
 
 use std::{
     collections::BTreeMap,
     ffi::OsString,
-    path::PathBuf,
+    net::SocketAddr,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
 };
 
 use redirect_tests::{
-    Pair, RedirectProcess, Spawn, binary,
+    Pair, RedirectProcess, Spawn, TcpServer, binary,
     daemon::TestDaemon,
     parse_probe, privileged, probe,
     redirect::ebpf::{OBJECT_ENV, attached_programs},
     test_cgroup,
 };
 
-/// The upgrade object `cargo xtask test` built; required under CI.
-fn upgrade_object() -> Option<PathBuf> {
-    let path = std::env::var_os("REDIRECT_TEST_UPGRADE_OBJECT").map(PathBuf::from);
+/// The object `cargo xtask test` built and named in `env`; required
+/// under CI.
+fn test_object(env: &str) -> Option<PathBuf> {
+    let path = std::env::var_os(env).map(PathBuf::from);
     match path {
         Some(p) if p.exists() => Some(p),
         _ => {
             assert!(
                 std::env::var("CI").as_deref() != Ok("true"),
-                "CI=true: REDIRECT_TEST_UPGRADE_OBJECT names no file; run `cargo xtask test`"
+                "CI=true: {env} names no file; run `cargo xtask test`"
             );
-            eprintln!("skipped: REDIRECT_TEST_UPGRADE_OBJECT unset (run `cargo xtask test`)");
+            eprintln!("skipped: {env} unset (run `cargo xtask test`)");
             None
         }
     }
 }
 
 /// hook → (program id, tag) of every program attached to `cgroup`.
-fn programs(cgroup: &std::path::Path) -> BTreeMap<&'static str, (u32, u64)> {
+fn programs(cgroup: &Path) -> BTreeMap<&'static str, (u32, u64)> {
     attached_programs(cgroup)
         .unwrap()
         .into_iter()
@@ -48,15 +55,18 @@ fn programs(cgroup: &std::path::Path) -> BTreeMap<&'static str, (u32, u64)> {
         .collect()
 }
 
-/// A `probe loop` client dialing `addr` for 2.5 s, started now as `spawn`
-/// says.
-fn client_loop(spawn: Spawn<'_>, addr: std::net::SocketAddr) -> std::process::Child {
-    let mut loop_cmd = Command::new(binary("probe"));
-    loop_cmd
-        .args(["loop", &addr.to_string(), "2.5"])
-        .stdout(Stdio::piped());
-    spawn.apply(&mut loop_cmd);
-    loop_cmd.spawn().expect("start the probe loop")
+/// The config of one scope, `web`, redirecting `pair` in `cgroup`.
+fn web_scope(cgroup: &Path, pair: &Pair<TcpServer>) -> String {
+    format!(
+        "[[scope]]\nname = \"web\"\ncgroup = {:?}\nmaps = [{:?}]\n",
+        cgroup.display().to_string(),
+        pair.mapping()
+    )
+}
+
+/// The ids of the links of the daemon's first scope.
+fn links(daemon: &TestDaemon) -> serde_json::Value {
+    daemon.status()["scopes"][0]["links"].clone()
 }
 
 /// SIGKILLs `daemon` and starts `redirect daemon` on its config again,
@@ -75,44 +85,53 @@ fn replace_daemon(daemon: &mut TestDaemon, env: &[OsString]) {
     daemon.process = Some(upgraded);
 }
 
-#[test]
-fn an_upgrade_replaces_the_programs_in_place_without_a_failed_connection() {
-    if !privileged("an_upgrade_replaces_the_programs_in_place_without_a_failed_connection") {
-        return;
-    }
-    let Some(object) = upgrade_object() else {
-        return;
-    };
-    let cg = test_cgroup("daemon-upgrade-build");
-    let pair = Pair::tcp("127.0.0.1");
-    let scopes = format!(
-        "[[scope]]\nname = \"web\"\ncgroup = {:?}\nmaps = [{:?}]\n",
-        cg.path().display().to_string(),
-        pair.mapping()
-    );
-    let mut daemon = TestDaemon::start("upgrade-build", "", &scopes);
-    let links = |d: &TestDaemon| d.status()["scopes"][0]["links"].clone();
-    let (links_before, before) = (links(&daemon), programs(cg.path()));
-
-    // A client loop in the scope, through the upgrade.
-    let client = client_loop(
-        Spawn {
-            cgroup: Some(&cg),
-            unprivileged: true,
-        },
-        pair.decoy.addr,
-    );
+/// [`replace_daemon`] while a client, started as `spawn` says, dials
+/// `addr` in a loop (2.5 s, from 0.5 s before the replacement): none of
+/// its connections may fail.
+fn replace_under_load(
+    daemon: &mut TestDaemon,
+    env: &[OsString],
+    spawn: Spawn<'_>,
+    addr: SocketAddr,
+) {
+    let mut loop_cmd = Command::new(binary("probe"));
+    loop_cmd
+        .args(["loop", &addr.to_string(), "2.5"])
+        .stdout(Stdio::piped());
+    spawn.apply(&mut loop_cmd);
+    let client = loop_cmd.spawn().expect("start the probe loop");
     std::thread::sleep(Duration::from_millis(500));
-    let mut env_arg = OsString::from(format!("{OBJECT_ENV}="));
-    env_arg.push(&object);
-    replace_daemon(&mut daemon, &[env_arg]);
-
+    replace_daemon(daemon, env);
     let report = parse_probe(&client.wait_with_output().unwrap());
     assert_eq!(
         report.get("failed"),
         "0",
         "no connection may fail: {report:?}"
     );
+}
+
+#[test]
+fn an_upgrade_replaces_the_programs_in_place_without_a_failed_connection() {
+    if !privileged("an_upgrade_replaces_the_programs_in_place_without_a_failed_connection") {
+        return;
+    }
+    let Some(object) = test_object("REDIRECT_TEST_UPGRADE_OBJECT") else {
+        return;
+    };
+    let cg = test_cgroup("daemon-upgrade-build");
+    let pair = Pair::tcp("127.0.0.1");
+    let mut daemon = TestDaemon::start("upgrade-build", "", &web_scope(cg.path(), &pair));
+    let (links_before, before) = (links(&daemon), programs(cg.path()));
+
+    // A client loop in the scope, through the upgrade.
+    let mut env_arg = OsString::from(format!("{OBJECT_ENV}="));
+    env_arg.push(&object);
+    let spawn = Spawn {
+        cgroup: Some(&cg),
+        unprivileged: true,
+    };
+    replace_under_load(&mut daemon, &[env_arg], spawn, pair.decoy.addr);
+
     assert_eq!(links(&daemon), links_before, "the same links");
     let after = programs(cg.path());
     assert_eq!(
@@ -133,23 +152,6 @@ fn an_upgrade_replaces_the_programs_in_place_without_a_failed_connection() {
     assert!(r.reply().starts_with("to:"), "still redirected: {r:?}");
 }
 
-/// The build of the programs from before the scope cell that `cargo xtask
-/// test` built; required under CI.
-fn no_cell_object() -> Option<PathBuf> {
-    let path = std::env::var_os("REDIRECT_TEST_NO_CELL_OBJECT").map(PathBuf::from);
-    match path {
-        Some(p) if p.exists() => Some(p),
-        _ => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI=true: REDIRECT_TEST_NO_CELL_OBJECT names no file; run `cargo xtask test`"
-            );
-            eprintln!("skipped: REDIRECT_TEST_NO_CELL_OBJECT unset (run `cargo xtask test`)");
-            None
-        }
-    }
-}
-
 /// A daemon whose links run programs without the scope cell (a build from
 /// before it) is upgraded to this build: the kernel gives a cgroup's
 /// storage only to programs *attached* with it, so those links must be
@@ -160,24 +162,18 @@ fn links_made_before_the_scope_cell_are_recreated_without_a_failed_connection() 
     if !privileged("links_made_before_the_scope_cell_are_recreated_without_a_failed_connection") {
         return;
     }
-    let Some(object) = no_cell_object() else {
+    let Some(object) = test_object("REDIRECT_TEST_NO_CELL_OBJECT") else {
         return;
     };
     let cg = test_cgroup("daemon-upgrade-cell");
     let pair = Pair::tcp("127.0.0.1");
-    let scopes = format!(
-        "[[scope]]\nname = \"web\"\ncgroup = {:?}\nmaps = [{:?}]\n",
-        cg.path().display().to_string(),
-        pair.mapping()
-    );
     // The old build: this binary with the object that has no cell.
     let mut daemon = TestDaemon::start_wrapped(
         "upgrade-cell",
         "",
-        &scopes,
+        &web_scope(cg.path(), &pair),
         vec!["env".into(), format!("{OBJECT_ENV}={}", object.display())],
     );
-    let links = |d: &TestDaemon| d.status()["scopes"][0]["links"].clone();
     let (links_before, before) = (links(&daemon), programs(cg.path()));
     let r = probe(Some(&cg), "tcp", pair.decoy.addr);
     assert!(
@@ -185,22 +181,12 @@ fn links_made_before_the_scope_cell_are_recreated_without_a_failed_connection() 
         "the old build redirects: {r:?}"
     );
 
-    let client = client_loop(
-        Spawn {
-            cgroup: Some(&cg),
-            unprivileged: true,
-        },
-        pair.decoy.addr,
-    );
-    std::thread::sleep(Duration::from_millis(500));
-    replace_daemon(&mut daemon, &[]);
+    let spawn = Spawn {
+        cgroup: Some(&cg),
+        unprivileged: true,
+    };
+    replace_under_load(&mut daemon, &[], spawn, pair.decoy.addr);
 
-    let report = parse_probe(&client.wait_with_output().unwrap());
-    assert_eq!(
-        report.get("failed"),
-        "0",
-        "no connection may fail: {report:?}"
-    );
     assert_ne!(links(&daemon), links_before, "new links");
     let after = programs(cg.path());
     assert_eq!(

@@ -1996,7 +1996,7 @@ fn link_or_adopt(
             "{}: made by an older build (no scope cell): linking anew",
             path.display()
         );
-        replaced = Some(adopted);
+        replaced = Some((adopted, path.clone()));
     }
     let program = ebpf.program_mut(name).ok_or(Error::Missing {
         kind: "program",
@@ -2036,13 +2036,12 @@ fn link_or_adopt(
             });
         }
     };
-    let Some(old) = replaced else {
+    let Some((old, path)) = replaced else {
         return pin_link(link, pin_path);
     };
     // Pinned beside the old link, then renamed over its pin: the scope is
     // never without a pinned link. Closing the old link's last fd (here)
     // detaches it.
-    let path = pin_path.expect("a replaced link was pinned");
     // bpffs refuses names with a dot.
     let fresh = path.with_file_name(format!("{name}_new"));
     let _ = std::fs::remove_file(&fresh);
