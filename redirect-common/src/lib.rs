@@ -56,6 +56,11 @@ pub mod maps {
     /// [`RevNatValue`](crate::RevNatValue): how to report the source of a
     /// UDP reply to a rewritten datagram.
     pub const REV_NAT: &str = "REV_NAT";
+    /// Socket storage holding a [`UdpPeers`](crate::UdpPeers) for every
+    /// socket whose `sendto()` was rewritten: the reverse entries of up to
+    /// [`UDP_PEER_SLOTS`](crate::UDP_PEER_SLOTS) backends, read by recvmsg
+    /// before [`REV_NAT`]; freed with the socket.
+    pub const UDP_PEERS: &str = "UDP_PEERS";
     /// Per-CPU hash from a mapping's slot (`u32`) to its
     /// [`MappingStats`](crate::MappingStats).
     pub const STATS: &str = "STATS";
@@ -586,6 +591,37 @@ pub struct RevNatValue {
     pub mapping: MappingKey,
     /// The mapping's slot generation when the entry was written.
     pub generation: u32,
+}
+
+/// Backends one socket's [`UdpPeers`] remembers; a socket that sends
+/// through mappings to more backends than this keeps the rest in
+/// [`maps::REV_NAT`].
+pub const UDP_PEER_SLOTS: usize = 4;
+
+/// One backend a socket sent rewritten datagrams to, in its [`UdpPeers`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UdpPeer {
+    /// Backend address (the destination, unchanged by the rewrite).
+    pub addr: Addr,
+    /// Backend port (TO), host byte order; 0 marks a free entry.
+    pub port: u16,
+    /// Always zero.
+    pub _pad: [u8; 2],
+    /// What to report instead, checked against the mapping on every use,
+    /// as a [`maps::REV_NAT`] entry is.
+    pub value: RevNatValue,
+}
+
+/// Value of [`maps::UDP_PEERS`]: the reverse entries of one socket that
+/// sends with `sendto()`, in socket storage instead of [`maps::REV_NAT`].
+/// Reading them needs neither the socket cookie nor a hash lookup, and
+/// they are freed with the socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UdpPeers {
+    /// The entries, in no order.
+    pub peers: [UdpPeer; UDP_PEER_SLOTS],
 }
 
 /// [`Owner::kind`]: anyone may bind the TO ports.

@@ -165,7 +165,7 @@ fn try_redirect_connect<const F: u8>(ctx: &SockAddrContext) -> Result<Counter, C
     }
     if proto == IPPROTO_UDP {
         // A connected UDP socket may still ask recvfrom() for the source.
-        udp::remember(ctx, &addr, key, &target)?;
+        udp::remember(ctx, &addr, key, &target, udp::Record::Shared)?;
     }
     ctx::set_dst_port(ctx, target.port);
     add_stat(target.slot, Stat::Connects);

@@ -18,7 +18,7 @@ use redirect_common::{
     MAX_SCOPES, MappingKey, MappingStats, MappingValue, OrigDst, Owner, PROTO_ANY, PROTO_TCP,
     PROTO_UDP, REV_NAT_ENTRIES, RevNatKey, RevNatValue, Reverse, SHAPE_ADDR_ANY, SHAPE_ADDR_TCP,
     SHAPE_ADDR_UDP, SHAPE_ANY_ANY, SHAPE_ANY_TCP, SHAPE_ANY_UDP, ScopeCell, ScopePort, SlotCounts,
-    SteerConfig, TO_PORT_WORDS, Target, UdpBind,
+    SteerConfig, TO_PORT_WORDS, Target, UdpBind, UdpPeers,
 };
 
 /// The scope a steering instance serves; set by the loader (0 in the
@@ -190,6 +190,12 @@ pub static PORTS: HashMap<ScopePort, u8> = HashMap::with_max_entries(MAX_MAPPING
 /// nothing here outlives the connection.
 #[btf_map]
 pub static ORIG_DST: SkStorage<OrigDst> = SkStorage::new();
+
+/// Reverse translation for the backends a socket sent to with `sendto()`
+/// (see `UdpPeers`); freed with the socket. Read before `REV_NAT`, which
+/// holds what does not fit and what connect remembers.
+#[btf_map]
+pub static UDP_PEERS: SkStorage<UdpPeers> = SkStorage::new();
 
 /// Reverse translation for unconnected UDP, keyed by socket cookie and
 /// backend (Cilium's `LB4_REVERSE_NAT_SK_MAP`). Bounded: LRU.

@@ -130,6 +130,50 @@ fn changing_a_udp_target_invalidates_the_old_reverse_entries() {
     client.finish();
 }
 
+/// One socket sending through a mapping to more backends than its own
+/// reverse entries hold (`UDP_PEER_SLOTS`, the rest go to `REV_NAT`): every
+/// reply is reported from FROM on its backend's address, the first time
+/// and every time after.
+#[test]
+fn one_socket_talking_to_many_backends_gets_every_source_restored() {
+    if !privileged("udp-many") {
+        return;
+    }
+    const BACKENDS: u8 = 6;
+    let servers = Pair::udp("127.0.0.1");
+    let to = servers.target.addr.port();
+    // The same TO port on other loopback addresses; kept alive to the end.
+    let others: Vec<UdpServer> = (2..=BACKENDS)
+        .map(|i| UdpServer::start(&format!("127.0.0.{i}:{to}"), "to"))
+        .collect();
+    let cgroup = test_cgroup("udp-many");
+    let redirector = attach(cgroup.path(), &format!("{}/udp", servers.mapping()));
+    let from = servers.decoy.addr.port();
+
+    let mut client = Interactive::start(&cgroup, &["session", &servers.decoy.addr.to_string()]);
+    for round in 0..2 {
+        for i in 1..=BACKENDS {
+            let via = format!("127.0.0.{i}:{from}");
+            client.send(&format!("sendto {via} r{round}"));
+            assert_eq!(client.line(), "sent");
+            client.send("recv");
+            assert_eq!(
+                client.line(),
+                format!("from={via} data=to:r{round}"),
+                "backend {i}, round {round}"
+            );
+        }
+    }
+    client.finish();
+    assert!(servers.decoy.peers().is_empty(), "nothing reached FROM");
+    assert!(others.iter().all(|s| s.peers().len() == 2));
+
+    let counters = redirector.counters().unwrap();
+    let n = 2 * u64::from(BACKENDS);
+    assert_eq!(counters.get(Counter::RecvmsgRestored), n, "{counters:?}");
+    assert_eq!(counters.get(Counter::RevNatStale), 0, "{counters:?}");
+}
+
 /// A real DNS exchange: `dig @127.0.0.1 -p FROM` from inside the scope is
 /// answered by a dnsmasq listening on an unprivileged port TO.
 #[test]

@@ -32,7 +32,8 @@ use std::{
 
 use redirect_common::{
     GuardKey, LAYOUT_VERSION, MappingKey, MappingStats, MappingValue, Owner, RevNatKey,
-    RevNatValue, Reverse, ScopeCell, ScopePort, SlotCounts, SteerConfig, Target, UdpBind, maps,
+    RevNatValue, Reverse, ScopeCell, ScopePort, SlotCounts, SteerConfig, Target, UdpBind, UdpPeers,
+    maps,
 };
 
 use crate::{Error, Result};
@@ -146,6 +147,7 @@ pub fn expected_sizes(name: &str) -> Option<(u32, u32)> {
         maps::OWNERS => s(size_of::<u32>(), size_of::<Owner>()),
         maps::UDP_BINDS => s(size_of::<ScopePort>(), size_of::<UdpBind>()),
         maps::REV_NAT => s(size_of::<RevNatKey>(), size_of::<RevNatValue>()),
+        maps::UDP_PEERS => s(size_of::<u32>(), size_of::<UdpPeers>()),
         maps::STATS => s(size_of::<u32>(), size_of::<MappingStats>()),
         maps::COUNTERS => s(size_of::<u32>(), size_of::<u64>()),
         maps::COUNTS => s(size_of::<u32>(), size_of::<SlotCounts>()),

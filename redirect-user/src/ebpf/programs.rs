@@ -8,7 +8,7 @@
 //! - shared (one copy): every map the cgroup programs use, keyed by scope
 //!   id (`MAPPINGS`, `PORTS`, `TARGETS`, `GRANTS`, `OWNERS`, `UDP_BINDS`),
 //!   plus `SCOPES` (cgroup id → scope id), `LEVELS`, `STATS`, `REV_NAT`,
-//!   `ORIG_DST`, `COUNTERS`;
+//!   `ORIG_DST`, `UDP_PEERS`, `COUNTERS`;
 //! - per scope: one `bpf_link` per cgroup hook on the scope's cgroup, and,
 //!   when the scope steers a network namespace, a small *steering
 //!   instance*: `sk_lookup` on the namespace and `sockops_listen` on the
@@ -127,7 +127,7 @@ pub const BIND_PROGRAMS: [&str; 2] = [programs::BIND4, programs::BIND6];
 pub const GUARD_PROGRAMS: [&str; 2] = [programs::GUARD4, programs::GUARD6];
 
 /// The maps of the shared instance that are pinned and reused.
-const SHARED_MAPS: [&str; 19] = [
+const SHARED_MAPS: [&str; 20] = [
     maps::FROM_PORTS,
     maps::SCOPE_CELL,
     maps::COUNTS,
@@ -146,6 +146,7 @@ const SHARED_MAPS: [&str; 19] = [
     maps::STATS,
     maps::COUNTERS,
     maps::ORIG_DST,
+    maps::UDP_PEERS,
     maps::GUARDS,
 ];
 

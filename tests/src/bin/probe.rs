@@ -169,6 +169,15 @@ fn session(addr: SocketAddr) {
                 Ok(_) => println!("sent"),
                 Err(e) => println!("error={e}"),
             }
+        } else if let Some((to, msg)) = line
+            .strip_prefix("sendto ")
+            .and_then(|rest| rest.split_once(' '))
+        {
+            let to: SocketAddr = to.parse().expect("sendto ADDR MSG");
+            match socket.send_to(msg.as_bytes(), to) {
+                Ok(_) => println!("sent"),
+                Err(e) => println!("error={e}"),
+            }
         } else if line == "recv" {
             match socket.recv_from(&mut buf) {
                 Ok((n, from)) => {
