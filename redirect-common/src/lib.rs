@@ -593,10 +593,24 @@ pub struct RevNatValue {
     pub generation: u32,
 }
 
-/// Backends one socket's [`UdpPeers`] remembers; a socket that sends
-/// through mappings to more backends than this keeps the rest in
-/// [`maps::REV_NAT`].
+/// Entries in one socket's [`UdpPeers`] (a power of two): each backend
+/// may use one, [`udp_peer_index`]; a backend whose entry another backend
+/// holds has its reverse entry in [`maps::REV_NAT`].
 pub const UDP_PEER_SLOTS: usize = 4;
+const _: () = assert!(UDP_PEER_SLOTS.is_power_of_two());
+
+/// The entry of a socket's [`UdpPeers`] that the backend (`addr`, `port`)
+/// may use: every byte of both folded together, so that backends differing
+/// in any byte (127.0.0.1 and 127.0.0.2, or ports 5353 and 5354) spread.
+/// One entry to compare, where scanning them all would cost the verifier
+/// (and the load) more than it saves.
+#[inline(always)]
+pub fn udp_peer_index(addr: &Addr, port: u16) -> usize {
+    let mut h = addr[0] ^ addr[1] ^ addr[2] ^ addr[3] ^ u32::from(port);
+    h ^= h >> 16;
+    h ^= h >> 8;
+    (h as usize) & (UDP_PEER_SLOTS - 1)
+}
 
 /// One backend a socket sent rewritten datagrams to, in its [`UdpPeers`].
 #[repr(C)]
@@ -810,4 +824,32 @@ mod pod {
     unsafe impl aya::Pod for super::GuardKey {}
     unsafe impl aya::Pod for super::ScopeCell {}
     unsafe impl aya::Pod for super::SlotCounts {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v4(ip: [u8; 4]) -> Addr {
+        [
+            0,
+            0,
+            u32::from_ne_bytes([0, 0, 0xff, 0xff]),
+            u32::from_ne_bytes(ip),
+        ]
+    }
+
+    #[test]
+    fn backends_that_differ_in_one_byte_get_their_own_udp_peer_entries() {
+        for port in [53, 5353, 8053] {
+            let mut used = [false; UDP_PEER_SLOTS];
+            for i in 1..=UDP_PEER_SLOTS as u8 {
+                let index = udp_peer_index(&v4([127, 0, 0, i]), port);
+                assert!(!used[index], "127.0.0.{i}:{port} shares entry {index}");
+                used[index] = true;
+            }
+        }
+        let a = udp_peer_index(&v4([10, 0, 0, 1]), 5353);
+        assert_ne!(a, udp_peer_index(&v4([10, 0, 0, 1]), 5354));
+    }
 }

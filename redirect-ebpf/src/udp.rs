@@ -9,11 +9,13 @@
 //! reported, so no reply is ever attributed to a port it did not come from.
 //!
 //! - A `sendto()` socket keeps its entries in its own storage
-//!   (`UDP_PEERS`, up to `UDP_PEER_SLOTS` backends, freed with the
-//!   socket): a reply is answered with one socket-storage read, where the
+//!   (`UDP_PEERS`, `UDP_PEER_SLOTS` entries, one per backend chosen by its
+//!   address and port, freed with the socket): a reply is answered with
+//!   one socket-storage read and one entry compared, where the
 //!   shared table cost the socket cookie and a hash lookup on each side
 //!   (−15 % of eBPF time per round trip on the bench VM).
-//! - The rest, and every connected socket's entry, go to `REV_NAT`, an LRU
+//! - A backend whose entry another holds, and every connected socket's
+//!   entry, go to `REV_NAT`, an LRU
 //!   hash keyed by socket cookie (Cilium's socket load balancer): a
 //!   connected UDP socket often lives for one query, where creating socket
 //!   storage costs more than an LRU entry.
@@ -24,8 +26,8 @@ use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use aya_log_ebpf::debug;
 use redirect_common::{
     ADDR_ANY, Addr, CELL_EMPTY, CELL_FROM, CELL_SLOW, Counter, FLAG_UDP_BIND, GLOBAL_UDP,
-    MappingKey, MappingValue, PROTO_ANY, PROTO_UDP, RevNatKey, RevNatValue, ScopeCell,
-    UDP_PEER_SLOTS, UdpPeer,
+    MappingKey, MappingValue, PROTO_ANY, PROTO_UDP, RevNatKey, RevNatValue, ScopeCell, UdpPeer,
+    udp_peer_index,
 };
 
 use crate::{
@@ -194,8 +196,9 @@ pub fn remember(
 }
 
 /// Puts the entry in the socket's `UDP_PEERS` (creating them on its first
-/// rewritten datagram); false when all of its entries hold other backends
-/// or the storage cannot be made. The program runs under the socket's lock
+/// rewritten datagram), in the one entry its backend may use
+/// ([`udp_peer_index`]); false when another backend holds that entry or
+/// the storage cannot be made. The program runs under the socket's lock
 /// (`BPF_CGROUP_RUN_SA_PROG_LOCK`), so entries are never written by two
 /// runs at once.
 #[inline(always)]
@@ -206,22 +209,17 @@ fn remember_per_socket(ctx: &SockAddrContext, addr: &Addr, port: u16, value: Rev
         return false;
     }
     // SAFETY: non-null storage returned by the kernel for this socket.
-    let peers = unsafe { &mut (*peers).peers };
-    let mut free = UDP_PEER_SLOTS;
-    for (i, peer) in peers.iter_mut().enumerate() {
-        if peer.port == port && peer.addr == *addr {
-            if peer.value != value {
-                peer.value = value;
-            }
-            return true;
+    let peer = unsafe { &mut (*peers).peers[udp_peer_index(addr, port)] };
+    if peer.port == port && peer.addr == *addr {
+        if peer.value != value {
+            peer.value = value;
         }
-        if peer.port == 0 && free == UDP_PEER_SLOTS {
-            free = i;
-        }
+        return true;
     }
-    let Some(peer) = peers.get_mut(free) else {
+    if peer.port != 0 {
+        // Never displaced: its backend's replies would find no entry.
         return false;
-    };
+    }
     *peer = UdpPeer {
         addr: *addr,
         port,
@@ -267,19 +265,16 @@ fn restore_source(ctx: &SockAddrContext, family: Family) -> Option<Counter> {
     if !peers.is_null() {
         // SAFETY: non-null storage returned by the kernel for this socket;
         // the program runs under the socket's lock.
-        let peers = unsafe { &mut (*peers).peers };
-        for peer in peers.iter_mut() {
-            if peer.port == source && peer.addr == addr {
-                if still_current(&peer.value, source, cell) {
-                    ctx::set_dst_port(ctx, peer.value.mapping.port);
-                    return Some(Counter::RecvmsgRestored);
-                }
-                // Stale: free the entry; REV_NAT may still hold a current
-                // one (a connect of the same socket).
-                peer.port = 0;
-                count(Counter::RevNatStale);
-                break;
+        let peer = unsafe { &mut (*peers).peers[udp_peer_index(&addr, source)] };
+        if peer.port == source && peer.addr == addr {
+            if still_current(&peer.value, source, cell) {
+                ctx::set_dst_port(ctx, peer.value.mapping.port);
+                return Some(Counter::RecvmsgRestored);
             }
+            // Stale: free the entry; REV_NAT may still hold a current one
+            // (a connect of the same socket).
+            peer.port = 0;
+            count(Counter::RevNatStale);
         }
     }
     let key = RevNatKey {

@@ -131,9 +131,9 @@ fn changing_a_udp_target_invalidates_the_old_reverse_entries() {
 }
 
 /// One socket sending through a mapping to more backends than its own
-/// reverse entries hold (`UDP_PEER_SLOTS`, the rest go to `REV_NAT`): every
-/// reply is reported from FROM on its backend's address, the first time
-/// and every time after.
+/// reverse entries hold (`UDP_PEER_SLOTS`; a backend whose entry another
+/// holds goes to `REV_NAT`): every reply is reported from FROM on its
+/// backend's address, the first time and every time after.
 #[test]
 fn one_socket_talking_to_many_backends_gets_every_source_restored() {
     if !privileged("udp-many") {
