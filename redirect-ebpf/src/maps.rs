@@ -193,12 +193,14 @@ pub static ORIG_DST: SkStorage<OrigDst> = SkStorage::new();
 
 /// Reverse translation for the backends a socket sent to with `sendto()`
 /// (see `UdpPeers`); freed with the socket. Read before `REV_NAT`, which
-/// holds what does not fit and what connect remembers.
+/// holds a backend whose entry another backend holds, and what connect
+/// remembers.
 #[btf_map]
 pub static UDP_PEERS: SkStorage<UdpPeers> = SkStorage::new();
 
-/// Reverse translation for unconnected UDP, keyed by socket cookie and
-/// backend (Cilium's `LB4_REVERSE_NAT_SK_MAP`). Bounded: LRU.
+/// Reverse translation for UDP replies that `UDP_PEERS` does not hold
+/// (connected sockets, a backend whose entry is taken), keyed by socket
+/// cookie and backend (Cilium's `LB4_REVERSE_NAT_SK_MAP`). Bounded: LRU.
 #[map]
 pub static REV_NAT: LruHashMap<RevNatKey, RevNatValue> =
     LruHashMap::with_max_entries(REV_NAT_ENTRIES, 0);

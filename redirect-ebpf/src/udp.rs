@@ -13,7 +13,7 @@
 //!   address and port, freed with the socket): a reply is answered with
 //!   one socket-storage read and one entry compared, where the
 //!   shared table cost the socket cookie and a hash lookup on each side
-//!   (−15 % of eBPF time per round trip on the bench VM).
+//!   (−12 % of eBPF time per round trip on the bench VM).
 //! - A backend whose entry another holds, and every connected socket's
 //!   entry, go to `REV_NAT`, an LRU
 //!   hash keyed by socket cookie (Cilium's socket load balancer): a
@@ -150,8 +150,8 @@ fn try_redirect_sendmsg(ctx: &SockAddrContext, family: Family) -> Result<Counter
 /// Where [`remember`] keeps a socket's reverse entry.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Record {
-    /// In the socket's own `UDP_PEERS` storage, `REV_NAT` once it is full:
-    /// for `sendto()`, whose sockets are usually long-lived, so that each
+    /// In the socket's own `UDP_PEERS` storage, `REV_NAT` when another
+    /// backend holds the entry this one would use: for `sendto()`, whose sockets are usually long-lived, so that each
     /// reply is answered without the socket cookie or a hash lookup.
     PerSocket,
     /// In `REV_NAT`: for connect, whose UDP sockets often live for one

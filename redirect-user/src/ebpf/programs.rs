@@ -2124,7 +2124,6 @@ where
     M::try_from(map).map_err(|e| map_error("opening", name, e))
 }
 
-/// The program `name` of `ebpf`, as its type `P`.
 /// Loads the named sock_addr programs that are not loaded yet, on as many
 /// threads as there are CPUs (at most 4).
 ///
@@ -2140,10 +2139,7 @@ fn load_in_parallel(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<()> {
             continue;
         };
         found.push(name);
-        let p: &mut CgroupSockAddr = p.try_into().map_err(|e| Error::LoadProgram {
-            program: name,
-            source: Box::new(e),
-        })?;
+        let p: &mut CgroupSockAddr = p.try_into().map_err(load_error(name))?;
         if p.fd().is_err() {
             todo.push((name, p));
         }
@@ -2189,6 +2185,7 @@ fn load_in_parallel(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<()> {
     })
 }
 
+/// The program `name` of `ebpf`, as its type `P`.
 pub(super) fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P>
 where
     &'a mut P: TryFrom<&'a mut Program, Error = aya::programs::ProgramError>,
@@ -2199,10 +2196,7 @@ where
             name,
         })?
         .try_into()
-        .map_err(|e| Error::LoadProgram {
-            program: name,
-            source: Box::new(e),
-        })
+        .map_err(load_error(name))
 }
 
 #[cfg(test)]
