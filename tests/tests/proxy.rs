@@ -865,6 +865,52 @@ fn cli_slow_reader_does_not_grow_memory() {
     );
 }
 
+#[test]
+fn cli_proxy_raises_its_open_files_limit_to_serve_many_clients() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    raise_nofile();
+    let server = TcpServer::start("127.0.0.1:0", "to");
+    // Started with a soft limit of 128 descriptors (room for ~60
+    // connections) under a hard limit of 4,096.
+    let from = free_port();
+    let mut p = RedirectProcess::start_program(
+        tool("prlimit"),
+        [
+            "--nofile=128:4096".to_owned(),
+            binary("redirect").display().to_string(),
+            "run".into(),
+            "--backend".into(),
+            "proxy".into(),
+            "--map".into(),
+            format!("127.0.0.1:{from}:{}", server.addr.port()),
+        ],
+    );
+    p.wait_ready();
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", p.child.id())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert_eq!(
+        line.split_whitespace().collect::<Vec<_>>()[3..5],
+        ["4096", "4096"],
+        "{line}"
+    );
+    // 300 clients at once, each answered while all are open.
+    let mut conns = Vec::new();
+    for i in 0..300 {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", from)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        writeln!(c, "client {i}").unwrap();
+        conns.push(c);
+    }
+    for (i, c) in conns.iter().enumerate() {
+        let mut reply = String::new();
+        BufReader::new(c).read_line(&mut reply).unwrap();
+        assert_eq!(reply, format!("to:client {i}\n"));
+    }
+}
+
 /// Runs `redirect ARGS` under `setpriv` with CAP_BPF, CAP_SYS_ADMIN,
 /// CAP_NET_ADMIN and CAP_PERFMON removed from the bounding set (so root
 /// cannot load eBPF programs).

@@ -89,6 +89,7 @@ impl BackendArgs {
 pub async fn run(mappings: &MappingSet, args: &BackendArgs, why: &str) -> anyhow::Result<ExitCode> {
     // Handlers first: a signal while binding is then handled like one after.
     let shutdown = shutdown_signal()?;
+    raise_open_files_limit();
     let proxy = Proxy::bind(mappings, args.proxy_options()).map_err(explain)?;
     let addrs: Vec<String> = proxy
         .local_addrs()
@@ -115,6 +116,17 @@ pub async fn run(mappings: &MappingSet, args: &BackendArgs, why: &str) -> anyhow
         .await?;
     log::debug!("proxy stopped: {stats:?}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Room for as many connections as the hard limit on open files allows
+/// (the usual soft limit, 1,024, holds ~500). A failure only means the
+/// limit stays as it was: a proxy that runs out logs it at accept time.
+fn raise_open_files_limit() {
+    match redirect::proxy::raise_open_files_limit() {
+        Ok(Some(n)) => log::debug!("open files limit: {n}"),
+        Ok(None) => {}
+        Err(e) => log::warn!("raising the open files limit: {e}; keeping the current one"),
+    }
 }
 
 fn explain(e: ProxyError) -> anyhow::Error {

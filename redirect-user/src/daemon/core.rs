@@ -343,6 +343,12 @@ impl Core {
     /// binding is retried for up to [`REBIND_PATIENCE`].
     fn start_proxy(&mut self, name: &str, mappings: MappingSet) -> Result<Runner, Error> {
         if self.proxy_runtime.is_none() {
+            // Room for as many connections as the hard limit allows; when
+            // it cannot be raised, the proxy logs running out at accept.
+            match crate::proxy::raise_open_files_limit() {
+                Ok(n) => log::debug!("open files limit: {n:?}"),
+                Err(e) => log::warn!("raising the open files limit: {e}; keeping the current one"),
+            }
             let runtime = crate::proxy::runtime()
                 .map_err(|e| Error::io("starting", "the proxy runtime", e))?;
             self.proxy_runtime = Some(runtime);

@@ -22,12 +22,17 @@
 //! - [`proxy_protocol`]: PROXY v1/v2 headers.
 //! - `splice` (Linux): the zero-copy pump through a pipe.
 //! - [`bind_hint`]: what to do when FROM cannot be bound, per OS.
+//! - [`raise_open_files_limit`]: room for as many connections as the
+//!   hard limit on open files allows.
 
+mod limits;
 pub mod proxy_protocol;
 #[cfg(target_os = "linux")]
 mod splice;
 pub mod tcp;
 pub mod udp;
+
+pub use limits::raise_open_files_limit;
 
 use std::{
     future::Future,
@@ -241,6 +246,10 @@ impl Proxy {
     /// Binds FROM for every mapping (TCP and/or UDP as the mapping says;
     /// the mapping's address, or every address, IPv4 and IPv6). Fails,
     /// with what to do, if any FROM cannot be bound.
+    ///
+    /// Each connection holds two descriptors or more: a program whose
+    /// proxy should reach [`ProxyOptions::max_connections`] calls
+    /// [`raise_open_files_limit`] first (the `redirect` command does).
     pub fn bind(mappings: &MappingSet, options: ProxyOptions) -> Result<Self, ProxyError> {
         let mut tcp = Vec::new();
         let mut udp = Vec::new();
