@@ -24,6 +24,9 @@
 //!   (`--nice`, default -10; `env::prioritize`), so compile jobs running
 //!   beside it take less of its CPU.
 //! - **eBPF cost**: a pass of its own with `bpf_stats` on (`bpfstats.rs`).
+//! - **The proxy's memory**: once, after the rounds: RSS with 1,000 idle
+//!   connections through `redirect run --backend proxy` and over a 60 s
+//!   connection-rate run (`memory.rs`).
 //!
 //! Every load loop is bounded in time; all traffic stays in two network
 //! namespaces the bench creates (see `env.rs`).
@@ -34,6 +37,7 @@ mod bpfstats;
 mod chart;
 mod control;
 mod env;
+mod memory;
 mod paths;
 mod report;
 mod workloads;
@@ -141,6 +145,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     let mut env = env;
     measure_all(&mut env, &paths, &mut results)?;
     measure_costs(&env, &paths, durations, &mut results);
+    measure_proxy_memory(&env, opts.quick, &mut results);
     drop(env);
 
     results.load_end = loadavg();
@@ -390,6 +395,25 @@ fn cost_tables(env: &Env, path: &dyn BenchPath, d: Durations) -> anyhow::Result<
     }
     drop(guard);
     Ok(tables)
+}
+
+/// The fallback proxy's memory, once (see `memory.rs`): 60 s of
+/// connection rate, 6 s with `--quick`. A failure becomes a note.
+fn measure_proxy_memory(env: &Env, quick: bool, results: &mut Results) {
+    if results.skipped.iter().any(|(n, _)| *n == "redirect-proxy") {
+        return;
+    }
+    let secs = if quick { 6.0 } else { 60.0 };
+    results.memory_secs = secs;
+    eprintln!("xtask: bench: the proxy's memory ({secs} s)");
+    match memory::measure(env, secs) {
+        Ok(figures) => {
+            for (name, kib) in figures {
+                results.control.entry(name).or_default().push(kib);
+            }
+        }
+        Err(e) => results.notes.push(format!("the proxy's memory: {e:#}")),
+    }
 }
 
 /// /proc/loadavg as it reads.

@@ -193,22 +193,38 @@ impl BenchPath for RedirectProxy {
         }
     }
     fn start(&self, env: &Env) -> anyhow::Result<Box<dyn Any>> {
-        let redirect = env.redirect.display().to_string();
-        let maps = [ECHO, IPERF, UDP].map(|(from, to)| format!("{from}:{to}"));
-        let mut args = vec![redirect.as_str(), "run", "--backend", "proxy"];
-        for m in &maps {
-            args.extend(["--map", m]);
-        }
-        let mut child = env
-            .command(Side::Local, false, &args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("starting redirect run --backend proxy")?;
-        wait_ready(&mut child)?;
-        let proc = Process(child);
-        wait_listening(env, &[ECHO.0, IPERF.0])?;
-        Ok(Box::new(proc))
+        start_proxy(env, &[ECHO, IPERF, UDP]).map(|(_, guard)| guard)
     }
+}
+
+/// `redirect run --backend proxy` for `maps` (FROM, TO) in the server
+/// namespace, once it listens: its pid (`ip netns exec` execs it) and a
+/// guard that stops it.
+pub fn start_proxy(env: &Env, maps_in: &[(u16, u16)]) -> anyhow::Result<(u32, Box<dyn Any>)> {
+    let redirect = env.redirect.display().to_string();
+    let maps: Vec<String> = maps_in
+        .iter()
+        .map(|(from, to)| format!("{from}:{to}"))
+        .collect();
+    let mut args = vec![redirect.as_str(), "run", "--backend", "proxy"];
+    for m in &maps {
+        args.extend(["--map", m]);
+    }
+    let mut child = env
+        .command(Side::Local, false, &args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting redirect run --backend proxy")?;
+    let pid = child.id();
+    wait_ready(&mut child)?;
+    let proc = Process(child);
+    let tcp: Vec<u16> = maps_in
+        .iter()
+        .filter(|m| **m != UDP)
+        .map(|(from, _)| *from)
+        .collect();
+    wait_listening(env, &tcp)?;
+    Ok((pid, Box::new(proc)))
 }
 
 /// `redirect run --cgroup BENCH --map M… EXTRA…`, once it is ready.

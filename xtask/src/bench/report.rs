@@ -51,8 +51,12 @@ pub struct Results {
     pub cost_notes: Vec<String>,
     /// Workloads that failed (and were left out), with the reason.
     pub notes: Vec<String>,
-    /// Control-plane timings (µs) per round, by workload name.
+    /// Control-plane timings (µs) per round, by workload name; also the
+    /// proxy's memory figures (KiB, see `memory.rs`).
     pub control: BTreeMap<&'static str, Vec<f64>>,
+    /// The length of the proxy memory measurement's connection-rate run
+    /// (s).
+    pub memory_secs: f64,
     /// Absolute figures per repetition.
     pub values: BTreeMap<(&'static str, Metric), Vec<f64>>,
     /// Ratios against the same side's direct path, per repetition.
@@ -539,6 +543,35 @@ pub fn targets(r: &Results) -> Vec<Target> {
             verdict: judge(a, b * 1.05, false, None),
         });
     }
+    if let Some(v) = r.control.get(PROXY_HWM) {
+        let s = Stat::of(v);
+        let idle = r
+            .control
+            .get(PROXY_RSS_IDLE)
+            .map_or(f64::NAN, |v| Stat::of(v).median);
+        out.push(Target {
+            text: format!(
+                "redirect-proxy peak RSS ≤ 20 MiB with 1,000 idle connections open: {} KiB \
+                 (with them open: {} KiB)",
+                num(s.max),
+                num(idle)
+            ),
+            verdict: judge(s.max, 20_480.0, false, None),
+        });
+    }
+    if let (Some(warm), Some(end)) = (r.control.get(PROXY_RSS_WARM), r.control.get(PROXY_RSS_END)) {
+        let (w, e) = (Stat::of(warm).median, Stat::of(end).median);
+        out.push(Target {
+            text: format!(
+                "redirect-proxy RSS does not grow over a {:.0} s connection-rate run (within 5 %): \
+                 {} → {} KiB",
+                r.memory_secs,
+                num(w),
+                num(e)
+            ),
+            verdict: judge(e, w * 1.05, false, None),
+        });
+    }
     if let (Some(before), Some(after)) = (
         r.control.get(HOOK_LINKS_BEFORE),
         r.control.get(HOOK_LINKS_AFTER),
@@ -587,6 +620,16 @@ pub const HOOK_LINKS_AFTER: &str = "daemon: pinned links after 100 containers";
 
 /// Name of the control-plane timing of `Redirector::insert`.
 pub const ADD_MAPPING: &str = "add a mapping (p50)";
+/// The proxy's RSS with [`memory::IDLE_CONNS`](super::memory::IDLE_CONNS)
+/// idle connections open.
+pub const PROXY_RSS_IDLE: &str = "redirect-proxy: RSS with 1,000 idle connections (KiB)";
+/// The proxy's RSS 5 s into the long connection-rate run.
+pub const PROXY_RSS_WARM: &str = "redirect-proxy: RSS 5 s into the connection-rate run (KiB)";
+/// The proxy's RSS at the end of the long connection-rate run.
+pub const PROXY_RSS_END: &str = "redirect-proxy: RSS at the end of the connection-rate run (KiB)";
+/// The proxy's peak RSS over the whole measurement (VmHWM, or a larger
+/// sample).
+pub const PROXY_HWM: &str = "redirect-proxy: peak RSS (KiB)";
 
 /// The markdown report.
 pub fn markdown(r: &Results) -> String {

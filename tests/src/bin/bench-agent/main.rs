@@ -25,6 +25,10 @@
 //!                                        one program set: CGROUP's scope and
 //!                                        EXTRA more (children of PARENT);
 //!                                        `ready`, hold until stdin closes
+//! bench-agent proxy-memory PID ADDR CONNS SECS
+//!                                        the proxy PID's RSS with CONNS idle
+//!                                        connections through ADDR, then over
+//!                                        a SECS connection-rate run
 //! bench-agent daemon REDIRECT PARENT SCOPES CONTAINERS
 //!                                        `REDIRECT daemon`: cold start, SCOPES
 //!                                        scopes and 200 mappings through its
@@ -60,6 +64,7 @@
 //! two identical runs.
 
 mod daemon;
+mod memory;
 
 use std::{
     io::{self, BufRead as _, ErrorKind, Read as _, Write as _},
@@ -126,6 +131,12 @@ fn main() {
             arg(2),
             arg(3).parse().expect("SCOPES"),
             arg(4).parse().expect("CONTAINERS"),
+        ),
+        "proxy-memory" => memory::proxy_memory(
+            arg(1).parse().expect("PID"),
+            arg(2).parse().expect("ADDR"),
+            arg(3).parse().expect("CONNS"),
+            Duration::from_secs_f64(arg(4).parse().expect("SECS")),
         ),
         _ => usage(),
     }

@@ -1,0 +1,103 @@
+//! `proxy-memory`: what a proxy process holds in memory (issue 12's
+//! targets: ≤ 20 MiB with 1,000 idle connections open, and no growth over
+//! a long connection-rate run).
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    thread,
+    time::{Duration, Instant},
+};
+
+use mio::{Events, Poll};
+
+use super::{ConnCounts, IO_TIMEOUT, Slot, burst};
+
+/// `proxy-memory PID ADDR CONNS SECS`: `PID` is the proxy that `ADDR`
+/// reaches. Prints its VmRSS before, with `CONNS` idle connections open
+/// through it (each has echoed one byte, so both of its legs exist), 5 s
+/// into a `SECS` connection-rate run (8 in flight) and at its end, and its
+/// peak (VmHWM, or a larger sample); all in KiB.
+pub fn proxy_memory(pid: u32, addr: SocketAddr, conns: usize, secs: Duration) {
+    raise_nofile();
+    let before = vm_kib(pid, "VmRSS:");
+    let mut held = Vec::with_capacity(conns);
+    for i in 0..conns {
+        let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+            .unwrap_or_else(|e| panic!("connection {i} through the proxy: {e}"));
+        s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+        s.write_all(b"E").expect("send");
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b)
+            .unwrap_or_else(|e| panic!("echo on connection {i}: {e}"));
+        held.push(s);
+    }
+    let idle = vm_kib(pid, "VmRSS:");
+    drop(held);
+    thread::sleep(Duration::from_millis(200));
+
+    let mut poll = Poll::new().expect("epoll");
+    let mut events = Events::with_capacity(16);
+    let mut slots: Vec<Slot> = (0..8)
+        .map(|_| Slot {
+            stream: None,
+            sent: false,
+            got: 0,
+        })
+        .collect();
+    let mut counts = ConnCounts::default();
+    let mut samples = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < secs {
+        let until = Instant::now() + Duration::from_secs(1);
+        burst(
+            addr,
+            &mut poll,
+            &mut events,
+            &mut slots,
+            until,
+            IO_TIMEOUT,
+            false,
+            &mut counts,
+        );
+        samples.push(vm_kib(pid, "VmRSS:"));
+    }
+    let warm = samples[samples.len().min(5) - 1];
+    let end = *samples.last().expect("one sample at least");
+    // VmHWM is updated lazily (it can read below a VmRSS sampled
+    // earlier): the peak is the larger of it and every sample.
+    let peak = samples
+        .iter()
+        .copied()
+        .chain([idle, vm_kib(pid, "VmHWM:")])
+        .max()
+        .unwrap_or(0);
+    println!(
+        "rss_before_kib={before} rss_idle_kib={idle} rss_warm_kib={warm} rss_end_kib={end} \
+         peak_kib={peak} done={} errors={}",
+        counts.done, counts.errors
+    );
+}
+
+/// A `/proc/PID/status` field in KiB.
+fn vm_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// The soft open-files limit up to the hard one: `CONNS` connections.
+fn raise_nofile() {
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
