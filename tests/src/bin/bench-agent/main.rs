@@ -333,16 +333,7 @@ struct ConnCounts {
 /// 64-byte `C` request, 64-byte reply, close; for `secs` in all, in turns
 /// (see [`Turns`]). Prints the rate over the time spent in its turns.
 fn conn_rate(addr: SocketAddr, secs: Duration, inflight: usize, linger0: bool, turns: Turns) {
-    let mut poll = Poll::new().expect("epoll");
-    let mut events = Events::with_capacity(inflight.max(1) * 2);
-    let mut slots: Vec<Slot> = (0..inflight)
-        .map(|_| Slot {
-            stream: None,
-            sent: false,
-            got: 0,
-        })
-        .collect();
-    let mut counts = ConnCounts::default();
+    let mut load = ConnLoad::new(inflight);
     // In turns, the connections still in flight when a turn ends get a
     // short grace and are then abandoned (not counted): waiting for a
     // straggler (a SYN dropped by a full backlog is retried after 1 s)
@@ -353,125 +344,140 @@ fn conn_rate(addr: SocketAddr, secs: Duration, inflight: usize, linger0: bool, t
         IO_TIMEOUT
     };
     let busy = turns.run(secs, Duration::ZERO, |until| {
-        burst(
-            addr,
-            &mut poll,
-            &mut events,
-            &mut slots,
-            until,
-            grace,
-            linger0,
-            &mut counts,
-        );
+        load.burst(addr, until, grace, linger0);
     });
     let ConnCounts {
         done,
         opened,
         errors,
-    } = counts;
+    } = load.counts;
     println!(
         "value={:.1} n={done} opened={opened} errors={errors}",
         done as f64 / busy.as_secs_f64()
     );
 }
 
-/// Keeps `slots` full of connections until `until`, then lets those in
-/// flight finish (counted too: the time they take is part of the burst)
-/// for up to `grace`.
-#[allow(clippy::too_many_arguments)]
-fn burst(
-    addr: SocketAddr,
-    poll: &mut Poll,
-    events: &mut Events,
-    slots: &mut [Slot],
-    until: Instant,
-    grace: Duration,
-    linger0: bool,
-    counts: &mut ConnCounts,
-) {
-    let mut buf = [0u8; 256];
-    let registry = poll.registry().try_clone().expect("epoll registry");
-    let open = |slot: &mut Slot, i: usize| -> io::Result<()> {
-        let mut stream = MioStream::connect(addr)?;
-        registry.register(
-            &mut stream,
-            Token(i),
-            Interest::READABLE | Interest::WRITABLE,
-        )?;
-        *slot = Slot {
-            stream: Some(stream),
-            sent: false,
-            got: 0,
-        };
-        Ok(())
-    };
-    for (i, slot) in slots.iter_mut().enumerate() {
-        open(slot, i).expect("connect");
-        counts.opened += 1;
+/// A connection-rate load: a fixed table of slots (the connections in
+/// flight) on one epoll, and what they have counted so far.
+struct ConnLoad {
+    poll: Poll,
+    events: Events,
+    slots: Vec<Slot>,
+    counts: ConnCounts,
+}
+
+impl ConnLoad {
+    /// `inflight` empty slots.
+    fn new(inflight: usize) -> Self {
+        ConnLoad {
+            poll: Poll::new().expect("epoll"),
+            events: Events::with_capacity(inflight.max(1) * 2),
+            slots: (0..inflight)
+                .map(|_| Slot {
+                    stream: None,
+                    sent: false,
+                    got: 0,
+                })
+                .collect(),
+            counts: ConnCounts::default(),
+        }
     }
-    let mut open_slots = slots.len();
-    let mut now = Instant::now();
-    // Stops opening at `until`; the connections in flight then finish (or
-    // are abandoned after a grace period).
-    while open_slots > 0 && now < until + grace {
-        let left = (until + grace).saturating_duration_since(now);
-        poll.poll(events, Some(left.min(Duration::from_millis(100))))
-            .or_else(|e| {
-                if e.kind() == ErrorKind::Interrupted {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            })
-            .expect("epoll_wait");
-        now = Instant::now();
-        for event in events.iter() {
-            let i = event.token().0;
-            let slot = &mut slots[i];
-            let Some(stream) = slot.stream.as_mut() else {
-                continue;
+
+    /// Keeps the slots full of connections to `addr` until `until`, then
+    /// lets those in flight finish (counted too: the time they take is
+    /// part of the burst) for up to `grace`.
+    fn burst(&mut self, addr: SocketAddr, until: Instant, grace: Duration, linger0: bool) {
+        let ConnLoad {
+            poll,
+            events,
+            slots,
+            counts,
+        } = self;
+        let mut buf = [0u8; 256];
+        let registry = poll.registry().try_clone().expect("epoll registry");
+        let open = |slot: &mut Slot, i: usize| -> io::Result<()> {
+            let mut stream = MioStream::connect(addr)?;
+            registry.register(
+                &mut stream,
+                Token(i),
+                Interest::READABLE | Interest::WRITABLE,
+            )?;
+            *slot = Slot {
+                stream: Some(stream),
+                sent: false,
+                got: 0,
             };
-            let failed = event.is_error();
-            let finished = match step(stream, slot.sent, failed, &mut slot.got, &mut buf, linger0) {
-                Step::Sent => {
-                    slot.sent = true;
-                    false
-                }
-                Step::Wait => false,
-                Step::Done => {
-                    counts.done += 1;
-                    true
-                }
-                Step::Failed => {
-                    counts.errors += 1;
-                    true
-                }
-            };
-            if finished {
-                slot.stream = None; // close
-                if now < until {
-                    if let Err(e) = open(slot, i) {
-                        counts.errors += 1;
-                        eprintln!("bench-agent: connect: {e}");
-                        open_slots -= 1;
+            Ok(())
+        };
+        for (i, slot) in slots.iter_mut().enumerate() {
+            open(slot, i).expect("connect");
+            counts.opened += 1;
+        }
+        let mut open_slots = slots.len();
+        let mut now = Instant::now();
+        // Stops opening at `until`; the connections in flight then finish (or
+        // are abandoned after a grace period).
+        while open_slots > 0 && now < until + grace {
+            let left = (until + grace).saturating_duration_since(now);
+            poll.poll(events, Some(left.min(Duration::from_millis(100))))
+                .or_else(|e| {
+                    if e.kind() == ErrorKind::Interrupted {
+                        Ok(())
                     } else {
-                        counts.opened += 1;
+                        Err(e)
                     }
-                } else {
-                    open_slots -= 1;
+                })
+                .expect("epoll_wait");
+            now = Instant::now();
+            for event in events.iter() {
+                let i = event.token().0;
+                let slot = &mut slots[i];
+                let Some(stream) = slot.stream.as_mut() else {
+                    continue;
+                };
+                let failed = event.is_error();
+                let finished =
+                    match step(stream, slot.sent, failed, &mut slot.got, &mut buf, linger0) {
+                        Step::Sent => {
+                            slot.sent = true;
+                            false
+                        }
+                        Step::Wait => false,
+                        Step::Done => {
+                            counts.done += 1;
+                            true
+                        }
+                        Step::Failed => {
+                            counts.errors += 1;
+                            true
+                        }
+                    };
+                if finished {
+                    slot.stream = None; // close
+                    if now < until {
+                        if let Err(e) = open(slot, i) {
+                            counts.errors += 1;
+                            eprintln!("bench-agent: connect: {e}");
+                            open_slots -= 1;
+                        } else {
+                            counts.opened += 1;
+                        }
+                    } else {
+                        open_slots -= 1;
+                    }
                 }
             }
+            assert!(
+                counts.errors <= 100 + counts.done / 100,
+                "conn-rate: {} failed connections ({} done): see the server",
+                counts.errors,
+                counts.done
+            );
         }
-        assert!(
-            counts.errors <= 100 + counts.done / 100,
-            "conn-rate: {} failed connections ({} done): see the server",
-            counts.errors,
-            counts.done
-        );
-    }
-    // Abandoned after the grace period: closed here.
-    for slot in slots.iter_mut() {
-        slot.stream = None;
+        // Abandoned after the grace period: closed here.
+        for slot in slots.iter_mut() {
+            slot.stream = None;
+        }
     }
 }
 

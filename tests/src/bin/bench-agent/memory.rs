@@ -9,9 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mio::{Events, Poll};
-
-use super::{ConnCounts, IO_TIMEOUT, Slot, burst};
+use super::{ConnLoad, IO_TIMEOUT};
 
 /// `proxy-memory PID ADDR CONNS SECS`: `PID` is the proxy that `ADDR`
 /// reaches. Prints its VmRSS before, with `CONNS` idle connections open
@@ -36,29 +34,15 @@ pub fn proxy_memory(pid: u32, addr: SocketAddr, conns: usize, secs: Duration) {
     drop(held);
     thread::sleep(Duration::from_millis(200));
 
-    let mut poll = Poll::new().expect("epoll");
-    let mut events = Events::with_capacity(16);
-    let mut slots: Vec<Slot> = (0..8)
-        .map(|_| Slot {
-            stream: None,
-            sent: false,
-            got: 0,
-        })
-        .collect();
-    let mut counts = ConnCounts::default();
+    let mut load = ConnLoad::new(8);
     let mut samples = Vec::new();
     let start = Instant::now();
     while start.elapsed() < secs {
-        let until = Instant::now() + Duration::from_secs(1);
-        burst(
+        load.burst(
             addr,
-            &mut poll,
-            &mut events,
-            &mut slots,
-            until,
+            Instant::now() + Duration::from_secs(1),
             IO_TIMEOUT,
             false,
-            &mut counts,
         );
         samples.push(vm_kib(pid, "VmRSS:"));
     }
@@ -75,7 +59,7 @@ pub fn proxy_memory(pid: u32, addr: SocketAddr, conns: usize, secs: Duration) {
     println!(
         "rss_before_kib={before} rss_idle_kib={idle} rss_warm_kib={warm} rss_end_kib={end} \
          peak_kib={peak} done={} errors={}",
-        counts.done, counts.errors
+        load.counts.done, load.counts.errors
     );
 }
 
