@@ -679,6 +679,26 @@ impl Drop for Interactive {
     }
 }
 
+/// A field of `/proc/PID/status` in KiB (`field` with its colon:
+/// `"VmRSS:"`, `"VmHWM:"`); `None` if the process or the field is gone.
+pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Resident memory of process `pid` in KiB (`VmRSS`); panics if the
+/// process is gone.
+pub fn vm_rss_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmRSS:").unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
+}
+
 /// `redirect status --json`, parsed.
 pub fn status_json() -> serde_json::Value {
     let out = redirect_output(["status", "--json"], false);

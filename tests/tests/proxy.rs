@@ -333,20 +333,10 @@ async fn half_close_is_passed_on_both_ways() {
 /// Raises the soft open-files limit to the hard one (1,000 connections
 /// through an in-process proxy take 4,000 descriptors).
 fn raise_nofile() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls on a local struct.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
-        lim.rlim_cur = lim.rlim_max;
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
-    }
+    let limit = proxy::raise_open_files_limit().expect("raising RLIMIT_NOFILE to the hard limit");
     assert!(
-        lim.rlim_cur >= 5000,
-        "RLIMIT_NOFILE hard limit too low: {}",
-        lim.rlim_max
+        limit.is_some_and(|n| n >= 5000),
+        "RLIMIT_NOFILE hard limit too low: {limit:?}"
     );
 }
 
@@ -773,7 +763,7 @@ async fn proxy_protocol_v1_and_v2_accepted_by_haproxy() {
 // ---------------------------------------------------------------------------
 // The `redirect` command with the proxy backend.
 
-use redirect_tests::{RedirectProcess, TcpServer, binary};
+use redirect_tests::{RedirectProcess, TcpServer, binary, vm_rss_kib};
 
 /// `redirect run --backend proxy --map FROM:TO` with a FROM picked free on
 /// loopback; waits for the ready line.
@@ -790,15 +780,6 @@ fn run_proxy(to: u16, extra: &[&str]) -> (RedirectProcess, u16, String) {
     let mut p = RedirectProcess::start(args);
     let ready = p.wait_ready();
     (p, from, ready)
-}
-
-fn vm_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
 }
 
 #[test]

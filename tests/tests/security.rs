@@ -9,17 +9,8 @@ use std::{
 };
 
 use redirect_tests::{
-    Interactive, RedirectProcess, privileged, redirect, status_json, test_cgroup,
+    Interactive, RedirectProcess, privileged, redirect, status_json, test_cgroup, vm_rss_kib,
 };
-
-/// Resident memory of process `pid` in KiB (`VmRSS` of /proc/PID/status).
-fn vm_rss_kib(pid: u32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
-    text.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status")
-}
 
 /// `redirect run ARGS… --cgroup CGROUP`, ready.
 fn run_on(cgroup: &Path, args: &[String]) -> RedirectProcess {

@@ -307,14 +307,8 @@ fn hold(addr: SocketAddr, n: usize) {
 /// `n` connections to a unix socket that never read, held until stdin
 /// closes.
 fn idle_unix(path: &str, n: usize) {
-    // SAFETY: plain syscalls with valid pointers.
-    unsafe {
-        let mut lim: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
+    // n connections: the soft open-files limit up to the hard one.
+    let _ = redirect::proxy::raise_open_files_limit();
     let mut held = Vec::with_capacity(n);
     for _ in 0..n {
         match std::os::unix::net::UnixStream::connect(path) {

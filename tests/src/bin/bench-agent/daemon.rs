@@ -236,14 +236,7 @@ fn hook(redirect: &str, control: &Path, state: &serde_json::Value) -> Duration {
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
+    redirect_tests::proc_status_kib(pid, "VmRSS:").unwrap_or(0)
 }
 
 fn fds(pid: u32) -> usize {

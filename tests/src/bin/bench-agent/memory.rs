@@ -9,6 +9,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use redirect_tests::{proc_status_kib, vm_rss_kib};
+
 use super::{ConnLoad, IO_TIMEOUT};
 
 /// `proxy-memory PID ADDR CONNS SECS`: `PID` is the proxy that `ADDR`
@@ -17,8 +19,9 @@ use super::{ConnLoad, IO_TIMEOUT};
 /// into a `SECS` connection-rate run (8 in flight) and at its end, and its
 /// peak (VmHWM, or a larger sample); all in KiB.
 pub fn proxy_memory(pid: u32, addr: SocketAddr, conns: usize, secs: Duration) {
-    raise_nofile();
-    let before = vm_kib(pid, "VmRSS:");
+    // CONNS connections: the soft open-files limit up to the hard one.
+    let _ = redirect::proxy::raise_open_files_limit();
+    let before = vm_rss_kib(pid);
     let mut held = Vec::with_capacity(conns);
     for i in 0..conns {
         let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
@@ -30,7 +33,7 @@ pub fn proxy_memory(pid: u32, addr: SocketAddr, conns: usize, secs: Duration) {
             .unwrap_or_else(|e| panic!("echo on connection {i}: {e}"));
         held.push(s);
     }
-    let idle = vm_kib(pid, "VmRSS:");
+    let idle = vm_rss_kib(pid);
     drop(held);
     thread::sleep(Duration::from_millis(200));
 
@@ -44,7 +47,7 @@ pub fn proxy_memory(pid: u32, addr: SocketAddr, conns: usize, secs: Duration) {
             IO_TIMEOUT,
             false,
         );
-        samples.push(vm_kib(pid, "VmRSS:"));
+        samples.push(vm_rss_kib(pid));
     }
     let warm = samples[samples.len().min(5) - 1];
     let end = *samples.last().expect("one sample at least");
@@ -53,7 +56,10 @@ pub fn proxy_memory(pid: u32, addr: SocketAddr, conns: usize, secs: Duration) {
     let peak = samples
         .iter()
         .copied()
-        .chain([idle, vm_kib(pid, "VmHWM:")])
+        .chain([
+            idle,
+            proc_status_kib(pid, "VmHWM:").expect("VmHWM in /proc/PID/status"),
+        ])
         .max()
         .unwrap_or(0);
     println!(
@@ -61,27 +67,4 @@ pub fn proxy_memory(pid: u32, addr: SocketAddr, conns: usize, secs: Duration) {
          peak_kib={peak} done={} errors={}",
         load.counts.done, load.counts.errors
     );
-}
-
-/// A `/proc/PID/status` field in KiB.
-fn vm_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"));
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-}
-
-/// The soft open-files limit up to the hard one: `CONNS` connections.
-fn raise_nofile() {
-    // SAFETY: plain syscalls on a local struct.
-    unsafe {
-        let mut lim: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
 }
